@@ -1,0 +1,253 @@
+"""EngineCore: add_request / step / abort over one model and one paged KV cache.
+
+step() = schedule -> run -> postprocess; nothing else. A plain class (no Ray), driven by the
+prefill and decode deployments, the CLI chat and the tests alike.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from engine.batch_scheduler import BatchScheduler
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig, ModelConfig
+from engine.errors import InvalidRequestError
+from engine.output import OutputState, RequestOutput
+from engine.runner import ModelRunner
+from engine.sampling_params import SamplingParams
+from engine.sequence import FinishReason, Sequence, SequenceStatus
+from engine.tokenizer import Tokenizer
+from kvstore.keys import chain_keys, root_key
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class SequenceKV:
+    """A sequence's computed KV as Full Blocks, ready to move to another engine or a tier.
+
+    `data` is `[num_blocks, layers, 2, block_size, kv_heads, head_dim]`; the last block may be
+    partial (only the first `num_tokens % block_size` slots are meaningful).
+    """
+
+    token_ids: list[int]
+    block_keys: list[bytes]  # keys of the full blocks, in order
+    data: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, tokenizer: Tokenizer | None = None):
+        self.config = config
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        self.model_config = ModelConfig.from_dir(config.model)
+        self.model_id = config.model.name
+        self.max_model_len = config.resolve_max_model_len(self.model_config)
+        self.tokenizer = tokenizer or Tokenizer(config.model)
+        num_blocks = config.resolve_num_blocks(self.model_config)
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = BatchScheduler(
+            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
+        )
+        self.runner = ModelRunner(config, self.model_config, num_blocks)
+        self.eos_token_ids = set(self.tokenizer.eos_token_ids or self.model_config.eos_token_ids)
+        self.seqs: dict[str, Sequence] = {}
+        self.states: dict[str, OutputState] = {}
+        self._arrivals = itertools.count()
+        logger.info(
+            "engine ready",
+            extra={"model": self.model_id, "dtype": config.dtype, "num_kv_blocks": num_blocks,
+                   "block_size": config.block_size, "max_model_len": self.max_model_len},
+        )
+
+    # ------------------------------------------------------------------ requests
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams | None = None,
+        tenant_salt: bytes = b"",
+        kv: SequenceKV | None = None,
+    ) -> None:
+        """Queue a request.
+
+        Args:
+            request_id: unique among unfinished requests.
+            prompt_token_ids: the full prompt (already templated and tokenised).
+            params: sampling parameters (defaults: temperature 1, max_tokens 256).
+            tenant_salt: enters every block key, so tenants never share cached KV.
+            kv: KV already computed elsewhere for a prefix of the prompt (PD handoff).
+
+        Raises:
+            InvalidRequestError: empty/too-long prompt, unknown token ids, duplicate id,
+                KV that does not belong to this prompt.
+        """
+        params = params or SamplingParams()
+        self._validate(request_id, prompt_token_ids, params, kv)
+        seq = Sequence(
+            request_id=request_id,
+            token_ids=list(prompt_token_ids),
+            params=params,
+            root_key=root_key(self.model_id, tenant_salt),
+            arrival_index=next(self._arrivals),
+        )
+        if kv is not None:
+            self._import_kv(seq, kv)
+        self.seqs[request_id] = seq
+        self.states[request_id] = OutputState(self.tokenizer, params)
+        if kv is not None:
+            seq.status = SequenceStatus.RUNNING
+            self.scheduler.running.append(seq)
+        else:
+            self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its blocks. Returns False if it is unknown/finished."""
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            return False
+        self._finish(seq, FinishReason.ABORT)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.seqs)
+
+    # ------------------------------------------------------------------ step
+    def step(self) -> list[RequestOutput]:
+        """Run one batch step; return what each sampled request produced."""
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return []
+        sampled, result = self.runner.run(plan)
+        for chunk in plan.chunks:
+            chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
+            self.block_manager.cache_full_blocks(chunk.seq)
+        if result is None:
+            return []
+        outputs = []
+        for seq, token_id, logprob in zip(sampled, result.token_ids, result.logprobs, strict=True):
+            seq.token_ids.append(token_id)
+            if logprob is not None:
+                seq.output_logprobs.append(logprob)
+            outputs.append(self._postprocess(seq, token_id, logprob))
+        return outputs
+
+    def _postprocess(self, seq: Sequence, token_id: int, logprob) -> RequestOutput:
+        p = seq.params
+        reason: FinishReason | None = None
+        is_stop_token = (token_id in p.stop_token_ids) or (
+            token_id in self.eos_token_ids and not p.ignore_eos
+        )
+        if is_stop_token and seq.num_output_tokens > p.min_tokens:
+            reason = FinishReason.STOP
+        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = FinishReason.LENGTH
+        state = self.states[seq.request_id]
+        emit_ids = [] if reason is FinishReason.STOP else [token_id]
+        delta, stop_hit = state.update(emit_ids, finishing=reason is not None)
+        if stop_hit and seq.num_output_tokens > p.min_tokens:
+            reason = FinishReason.STOP
+        output = RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=[token_id],
+            new_text=delta,
+            finished=reason is not None,
+            finish_reason=reason.value if reason else None,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+            num_output_tokens=seq.num_output_tokens,
+            new_logprobs=[logprob] if logprob is not None else [],
+            text=state.text,
+        )
+        if reason is not None:
+            self._finish(seq, reason)
+        return output
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        self.scheduler.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        del self.seqs[seq.request_id]
+        del self.states[seq.request_id]
+
+    # ------------------------------------------------------------------ KV handoff
+    def export_kv(self, request_id: str) -> SequenceKV:
+        """Copy out the computed KV of an unfinished request as Full Blocks."""
+        seq = self.seqs[request_id]
+        n = seq.num_computed_tokens
+        blocks = seq.block_table[: self.block_manager.num_blocks_for(n)]
+        data = self.runner.kv_cache.export_blocks(blocks)
+        return SequenceKV(list(seq.token_ids[:n]), list(seq.block_keys), data)
+
+    def _import_kv(self, seq: Sequence, kv: SequenceKV) -> None:
+        bm = self.block_manager
+        if chain_keys(seq.root_key, kv.token_ids, bm.block_size) != kv.block_keys:
+            # NOTE: keys bind KV to model + tenant + tokens; a mismatch is never imported.
+            raise InvalidRequestError("imported KV block keys do not match this prompt/tenant")
+        if kv.data.shape[0] != bm.num_blocks_for(kv.num_tokens):
+            raise InvalidRequestError("imported KV has the wrong number of blocks")
+        if not bm.can_allocate(seq):
+            raise InvalidRequestError("not enough free KV blocks to import this request")
+        bm.ensure_slots(seq, seq.num_tokens)
+        blocks = seq.block_table[: bm.num_blocks_for(kv.num_tokens)]
+        self.runner.kv_cache.import_blocks(blocks, kv.data)
+        seq.num_computed_tokens = kv.num_tokens
+        bm.cache_full_blocks(seq)
+
+    # ------------------------------------------------------------------ helpers
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+    ) -> list[RequestOutput]:
+        """Run prompts to completion (offline use, tests); returns one final output each."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"gen-{next(self._arrivals)}" for _ in prompts]
+        for rid, prompt, p in zip(ids, prompts, params_list, strict=True):
+            self.add_request(rid, prompt, p)
+        tokens: dict[str, list[int]] = {rid: [] for rid in ids}
+        finals: dict[str, RequestOutput] = {}
+        while any(rid not in finals for rid in ids):
+            for out in self.step():
+                if out.request_id in tokens:
+                    tokens[out.request_id].extend(out.new_token_ids)
+                    if out.finished:
+                        out.new_token_ids = tokens[out.request_id]
+                        finals[out.request_id] = out
+        return [finals[rid] for rid in ids]
+
+    def _validate(
+        self, request_id: str, prompt: list[int], params: SamplingParams, kv: SequenceKV | None
+    ) -> None:
+        if request_id in self.seqs:
+            raise InvalidRequestError(f"request id {request_id!r} is already running")
+        if not prompt:
+            raise InvalidRequestError("prompt is empty", param="messages", code="empty_prompt")
+        vocab = self.model_config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise InvalidRequestError(f"prompt has token ids outside [0, {vocab})", param="prompt")
+        if len(prompt) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {len(prompt)} tokens; this model's context is "
+                f"{self.max_model_len} tokens including the reply",
+                param="messages", code="context_length_exceeded",
+            )
+        bm = self.block_manager
+        worst = min(len(prompt) + params.max_tokens, self.max_model_len)
+        if bm.num_blocks_for(worst) > bm.num_blocks:
+            raise InvalidRequestError(
+                f"prompt + max_tokens ({worst} tokens) exceeds the KV cache "
+                f"({bm.num_blocks * bm.block_size} tokens)",
+                param="max_tokens", code="context_length_exceeded",
+            )
+        if kv is not None:
+            if not 0 < kv.num_tokens < len(prompt) or prompt[: kv.num_tokens] != kv.token_ids:
+                raise InvalidRequestError("imported KV is not a strict prefix of the prompt")

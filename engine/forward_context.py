@@ -1,0 +1,41 @@
+"""Per-step inputs to attention, built once by the runner and passed explicitly to layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(slots=True)
+class PrefillSpan:
+    """One sequence's chunk in the flat token batch, attending to `context_len` cached tokens."""
+
+    query_start: int
+    query_len: int
+    context_len: int  # tokens of KV visible to the chunk's last query (prefix + chunk)
+    block_table: torch.Tensor  # [num_blocks] long, covering context_len
+    mask: torch.Tensor | None  # [query_len, context_len] bool, None when purely causal
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Where each new token's KV goes and what each query attends to.
+
+    Decode queries (one token each) are batched: their block tables are padded to the same
+    width and `decode_mask` hides the padding. Prefill chunks are handled one span each.
+    """
+
+    slot_mapping: torch.Tensor  # [num_tokens] long: flat slot of each new token's KV
+    decode_token_idx: torch.Tensor | None = None  # [num_decodes] positions in the flat batch
+    decode_block_tables: torch.Tensor | None = None  # [num_decodes, max_blocks] long
+    decode_context_len: int = 0  # longest decode context; keys are cut to this length
+    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, decode_context_len] bool
+    prefills: list[PrefillSpan] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ForwardContext:
+    positions: torch.Tensor  # [num_tokens] long
+    attn: AttentionMetadata
+    kv_caches: list[torch.Tensor]  # per layer: [2, num_blocks, block_size, kv_heads, head_dim]

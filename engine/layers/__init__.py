@@ -1,0 +1,1 @@
+"""Model building blocks, one per file: norm, rotary embedding, paged attention."""

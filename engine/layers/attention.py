@@ -1,0 +1,65 @@
+"""Paged attention over the block KV cache (torch path; runs on CPU and CUDA).
+
+The cache of one layer is `[2, num_blocks, block_size, kv_heads, head_dim]`. New tokens'
+K/V are written to their slots first, then every query reads its context through its
+block table, so a prefix-cache hit and freshly computed KV are read the same way.
+GQA is handled by folding query heads into [kv_heads, group] instead of repeating K/V.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.forward_context import AttentionMetadata
+
+
+def write_kv(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor) -> None:
+    """Store k, v [T, KVH, D] into the cache at flat slots [T]."""
+    _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
+    flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
+    flat[0].index_copy_(0, slot_mapping, k)
+    flat[1].index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+    meta: AttentionMetadata, scale: float,
+) -> torch.Tensor:
+    """Causal attention of q [T, H, D] over the cache after writing k, v [T, KVH, D].
+
+    Returns:
+        [T, H * D] attention output in q's dtype.
+    """
+    write_kv(kv_cache, meta.slot_mapping, k, v)
+    num_tokens, num_heads, head_dim = q.shape
+    kv_heads = kv_cache.shape[3]
+    group = num_heads // kv_heads
+    out = torch.empty_like(q)
+    k_blocks, v_blocks = kv_cache[0], kv_cache[1]
+
+    if meta.decode_token_idx is not None:
+        tables = meta.decode_block_tables
+        num_decodes = tables.shape[0]
+        # [B, max_blocks, bs, KVH, D] -> [B, KVH, L, D]
+        max_len = meta.decode_context_len
+        keys = k_blocks[tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
+        values = v_blocks[tables].flatten(1, 2)[:, :max_len].transpose(1, 2)
+        queries = q[meta.decode_token_idx].view(num_decodes, kv_heads, group, head_dim)
+        attn = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=meta.decode_mask, scale=scale
+        )
+        out[meta.decode_token_idx] = attn.reshape(num_decodes, num_heads, head_dim)
+
+    for span in meta.prefills:
+        keys = k_blocks[span.block_table].flatten(0, 1)[: span.context_len].transpose(0, 1)
+        values = v_blocks[span.block_table].flatten(0, 1)[: span.context_len].transpose(0, 1)
+        rows = slice(span.query_start, span.query_start + span.query_len)
+        queries = q[rows].transpose(0, 1)  # [H, n, D]
+        attn = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=span.mask, is_causal=span.mask is None,
+            scale=scale, enable_gqa=group > 1,
+        )
+        out[rows] = attn.transpose(0, 1)
+    return out.view(num_tokens, num_heads * head_dim)

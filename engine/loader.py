@@ -1,0 +1,55 @@
+"""Load a Hugging Face safetensors checkpoint into our (fused) model parameters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+
+def load_weights(model: nn.Module, model_dir: Path) -> None:
+    """Copy every checkpoint tensor into `model`, fusing split projections.
+
+    Raises:
+        FileNotFoundError: no *.safetensors in `model_dir`.
+        ValueError: a checkpoint tensor has no home, or a model parameter was not loaded.
+    """
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    fused: dict[str, tuple[str, int]] = getattr(model, "fused_shards", {})
+    loaded: set[str] = set()
+    shards_seen: dict[str, dict[int, torch.Tensor]] = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118  (safe_open is not a Mapping)
+                ours = name.removeprefix("model.")
+                parts = ours.split(".")
+                target = next((p for p in parts if p in fused), None)
+                if target is not None:
+                    fused_name, index = fused[target]
+                    ours = ours.replace(target, fused_name)
+                    shards_seen.setdefault(ours, {})[index] = f.get_tensor(name)
+                    continue
+                if ours not in params:
+                    raise ValueError(f"checkpoint tensor {name} has no matching parameter")
+                _copy(params[ours], f.get_tensor(name), name)
+                loaded.add(ours)
+    for ours, shards in shards_seen.items():
+        _copy(params[ours], torch.cat([shards[i] for i in sorted(shards)], dim=0), ours)
+        loaded.add(ours)
+    if "lm_head.weight" not in loaded and "embed_tokens.weight" in loaded:
+        loaded.add("lm_head.weight")  # tied embeddings
+    missing = set(params) - loaded
+    if missing:
+        raise ValueError(f"parameters missing from checkpoint: {sorted(missing)[:5]}")
+
+
+def _copy(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
+    if param.shape != tensor.shape:
+        raise ValueError(f"{name}: shape {tuple(tensor.shape)} != model {tuple(param.shape)}")
+    with torch.no_grad():
+        param.copy_(tensor.to(param.dtype))

@@ -1,0 +1,1 @@
+"""Model definitions; `registry.py` maps a config's architecture name to a class."""

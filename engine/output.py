@@ -1,0 +1,65 @@
+"""Per-request output processing: detokenise, apply stop strings, hold back partial stops."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.sampling_params import SamplingParams
+from engine.sequence import TokenLogprob
+from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """What one step produced for one request (deltas), plus running totals."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    num_output_tokens: int
+    new_logprobs: list[TokenLogprob] = field(default_factory=list)
+    text: str = ""  # all text emitted so far, including new_text
+
+
+class OutputState:
+    """Tracks emitted text for one request.
+
+    NOTE: while unfinished, the last `max(len(stop)) - 1` characters are held back, so a
+    client never receives the beginning of a stop string that is then cut.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, params: SamplingParams):
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.stop = params.stop
+        self.include_stop = params.include_stop_str_in_output
+        self.holdback = max((len(s) for s in self.stop), default=1) - 1
+        self.emitted = 0
+        self.final_text: str | None = None
+
+    def update(self, token_ids: list[int], finishing: bool) -> tuple[str, bool]:
+        """Feed new tokens; return (text delta to emit, whether a stop string was hit)."""
+        before = len(self.detok.text)
+        self.detok.add(token_ids)
+        text = self.detok.text
+        stop_hit = False
+        if self.stop:
+            search_from = max(0, before - self.holdback)
+            hits = [(i, s) for s in self.stop if (i := text.find(s, search_from)) >= 0]
+            if hits:
+                idx, s = min(hits)
+                text = text[: idx + len(s)] if self.include_stop else text[:idx]
+                stop_hit = True
+        end = len(text) if (finishing or stop_hit) else max(self.emitted, len(text) - self.holdback)
+        delta = text[self.emitted : end]
+        self.emitted = end
+        if finishing or stop_hit:
+            self.final_text = text
+        return delta, stop_hit
+
+    @property
+    def text(self) -> str:
+        return self.final_text if self.final_text is not None else self.detok.text[: self.emitted]

@@ -1,0 +1,103 @@
+"""ModelRunner: build tensors from a StepPlan, run the model, sample. No policy here."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.batch_scheduler import StepPlan
+from engine.config import EngineConfig, ModelConfig
+from engine.forward_context import AttentionMetadata, ForwardContext, PrefillSpan
+from engine.kv_cache import KVCache
+from engine.loader import load_weights
+from engine.models.registry import resolve_model_class
+from engine.sampler import SampleResult, Sampler
+from engine.sequence import Sequence
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, num_blocks: int):
+        self.config = config
+        self.model_config = model_config
+        self.device = torch.device(config.device)
+        self.block_size = config.block_size
+        max_len = config.resolve_max_model_len(model_config)
+        model_cls = resolve_model_class(model_config.architectures)
+        with torch.device(self.device):
+            self.model = model_cls(model_config, max_positions=max_len)
+        load_weights(self.model, config.model)
+        self.model.to(dtype=config.torch_dtype).eval()
+        # Rotary tables stay float32 whatever the weight dtype.
+        for module in self.model.modules():
+            if hasattr(module, "cos"):
+                module.float()
+        self.kv_cache = KVCache(
+            model_config, num_blocks, config.block_size, config.torch_dtype, self.device
+        )
+        self.kv_layers = self.kv_cache.layer_views()
+        self.sampler = Sampler(config.seed)
+
+    @torch.inference_mode()
+    def run(self, plan: StepPlan) -> tuple[list[Sequence], SampleResult | None]:
+        """Execute one step; return the sequences that sampled and their new tokens."""
+        input_ids, ctx, sample_idx, sample_seqs = self._prepare(plan)
+        hidden = self.model(input_ids, ctx)
+        if not sample_seqs:
+            return [], None
+        logits = self.model.compute_logits(hidden[sample_idx]).cpu()
+        return sample_seqs, self.sampler(logits, sample_seqs)
+
+    def _prepare(self, plan: StepPlan):
+        bs = self.block_size
+        dev = self.device
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        decode_idx: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[PrefillSpan] = []
+        sample_idx: list[int] = []
+        sample_seqs: list[Sequence] = []
+        for chunk in plan.chunks:
+            seq, start, n = chunk.seq, chunk.start, chunk.num_tokens
+            t = len(input_ids)
+            end = start + n
+            table = seq.block_table[: -(-end // bs)]
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            if n == 1:
+                decode_idx.append(t)
+                decode_tables.append(table)
+                decode_lens.append(end)
+            else:
+                mask = None
+                if start > 0:  # chunk after a cached prefix: causal, offset by `start`
+                    q_pos = torch.arange(start, end, device=dev).unsqueeze(1)
+                    mask = torch.arange(end, device=dev).unsqueeze(0) <= q_pos
+                prefills.append(PrefillSpan(
+                    t, n, end, torch.tensor(table, dtype=torch.long, device=dev), mask
+                ))
+            if chunk.samples:
+                sample_idx.append(t + n - 1)
+                sample_seqs.append(seq)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev), prefills=prefills
+        )
+        if decode_idx:
+            width = max(len(t) for t in decode_tables)
+            padded = [t + [0] * (width - len(t)) for t in decode_tables]
+            max_len = max(decode_lens)
+            meta.decode_token_idx = torch.tensor(decode_idx, dtype=torch.long, device=dev)
+            meta.decode_block_tables = torch.tensor(padded, dtype=torch.long, device=dev)
+            meta.decode_context_len = max_len
+            if min(decode_lens) != max_len:
+                lens = torch.tensor(decode_lens, device=dev)
+                mask = torch.arange(max_len, device=dev).unsqueeze(0) < lens.unsqueeze(1)
+                meta.decode_mask = mask[:, None, None, :]
+        ctx = ForwardContext(
+            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            attn=meta, kv_caches=self.kv_layers,
+        )
+        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
+        return ids, ctx, torch.tensor(sample_idx, dtype=torch.long, device=dev), sample_seqs

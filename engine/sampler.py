@@ -1,0 +1,91 @@
+"""Turn a batch of logits into next tokens, one set of SamplingParams per row.
+
+Order per row: penalties -> (greedy | temperature -> top-k -> top-p -> draw). Logprobs are
+reported from the model's raw distribution (before penalties and temperature), as the
+OpenAI API does. A row with a seed draws from its own generator, so its tokens do not
+depend on what else shares the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.sequence import Sequence, TokenLogprob
+
+
+@dataclass(slots=True)
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None]
+
+
+class Sampler:
+    def __init__(self, seed: int = 0):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @torch.inference_mode()
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
+        """Sample one token per row of `logits` [B, V] (float32) for the matching `seqs`."""
+        raw = logits
+        logits = self._apply_penalties(logits, seqs)
+        greedy = torch.tensor([s.params.is_greedy for s in seqs])
+        token_ids = logits.argmax(dim=-1)
+        if not bool(greedy.all()):
+            rows = (~greedy).nonzero().flatten().tolist()
+            sampled = self._sample_rows(logits[rows], [seqs[i] for i in rows])
+            token_ids[rows] = sampled
+        token_list = token_ids.tolist()
+        logprobs: list[TokenLogprob | None] = [None] * len(seqs)
+        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        if want:
+            lp = torch.log_softmax(raw[want], dim=-1)
+            for row, i in enumerate(want):
+                chosen = token_list[i]
+                top_n = seqs[i].params.logprobs or 0
+                top = lp[row].topk(top_n) if top_n else None
+                logprobs[i] = TokenLogprob(
+                    token_id=chosen,
+                    logprob=float(lp[row, chosen]),
+                    top=list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+                    if top is not None else [],
+                )
+        return SampleResult(token_list, logprobs)
+
+    def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        rows = [i for i, s in enumerate(seqs) if s.params.has_penalties and s.num_output_tokens]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        vocab = logits.shape[-1]
+        for i in rows:
+            p = seqs[i].params
+            counts = torch.bincount(torch.tensor(seqs[i].output_token_ids), minlength=vocab)
+            counts = counts[:vocab].to(logits.dtype)
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+        return logits
+
+    def _sample_rows(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        temps = torch.tensor([s.params.temperature for s in seqs], dtype=logits.dtype)
+        logits = logits / temps.unsqueeze(1)
+        top_k = [s.params.top_k for s in seqs]
+        if any(top_k):
+            vocab = logits.shape[-1]
+            k = torch.tensor([k if k > 0 else vocab for k in top_k])
+            kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        top_p = torch.tensor([s.params.top_p for s in seqs], dtype=logits.dtype)
+        if bool((top_p < 1.0).any()):
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            sorted_probs = sorted_logits.softmax(dim=-1)
+            # drop a token when the mass strictly before it already reaches top_p
+            drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p.unsqueeze(1)
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+        probs = logits.softmax(dim=-1)
+        out = torch.empty(len(seqs), dtype=torch.long)
+        for i, seq in enumerate(seqs):
+            gen = seq.generator or self.generator
+            out[i] = torch.multinomial(probs[i], 1, generator=gen)
+        return out

