@@ -62,6 +62,7 @@ class BatchScheduler:
         )
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
 
     @property
     def num_unfinished(self) -> int:
@@ -127,3 +128,4 @@ class BatchScheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         plan.preempted.append(seq)
+        self.num_preemptions += 1

@@ -196,7 +196,7 @@ class EngineCore:
             raise InvalidRequestError("imported KV block keys do not match this prompt/tenant")
         if kv.data.shape[0] != bm.num_blocks_for(kv.num_tokens):
             raise InvalidRequestError("imported KV has the wrong number of blocks")
-        if not bm.can_allocate(seq):
+        if bm.num_blocks_for(seq.num_tokens) > bm.num_free_blocks:
             raise InvalidRequestError("not enough free KV blocks to import this request")
         bm.ensure_slots(seq, seq.num_tokens)
         blocks = seq.block_table[: bm.num_blocks_for(kv.num_tokens)]
