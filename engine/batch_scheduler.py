@@ -58,7 +58,9 @@ class BatchScheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.watermark_blocks = (
-            max(1, block_manager.num_blocks // 100) if watermark_blocks is None else watermark_blocks
+            max(1, block_manager.num_blocks // 100)
+            if watermark_blocks is None
+            else watermark_blocks
         )
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []

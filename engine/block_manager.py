@@ -45,7 +45,9 @@ class BlockManager:
         parent = seq.root_key
         max_blocks = (seq.num_tokens - 1) // self.block_size
         for i in range(max_blocks):
-            parent = chain_key(parent, seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
+            parent = chain_key(
+                parent, seq.token_ids[i * self.block_size : (i + 1) * self.block_size]
+            )
             block_id = self.key_to_block.get(parent)
             if block_id is None:
                 break

@@ -137,5 +137,6 @@ class EngineConfig(BaseModel):
         return max(1, self.kv_cache_bytes // self.kv_bytes_per_block(model))
 
     def resolve_max_model_len(self, model: ModelConfig) -> int:
-        return min(self.max_model_len or model.max_position_embeddings,
-                   model.max_position_embeddings)
+        return min(
+            self.max_model_len or model.max_position_embeddings, model.max_position_embeddings
+        )

@@ -66,8 +66,13 @@ class EngineCore:
         self._arrivals = itertools.count()
         logger.info(
             "engine ready",
-            extra={"model": self.model_id, "dtype": config.dtype, "num_kv_blocks": num_blocks,
-                   "block_size": config.block_size, "max_model_len": self.max_model_len},
+            extra={
+                "model": self.model_id,
+                "dtype": config.dtype,
+                "num_kv_blocks": num_blocks,
+                "block_size": config.block_size,
+                "max_model_len": self.max_model_len,
+            },
         )
 
     # ------------------------------------------------------------------ requests
@@ -238,7 +243,8 @@ class EngineCore:
             raise InvalidRequestError(
                 f"prompt has {len(prompt)} tokens; this model's context is "
                 f"{self.max_model_len} tokens including the reply",
-                param="messages", code="context_length_exceeded",
+                param="messages",
+                code="context_length_exceeded",
             )
         bm = self.block_manager
         worst = min(len(prompt) + params.max_tokens, self.max_model_len)
@@ -246,8 +252,10 @@ class EngineCore:
             raise InvalidRequestError(
                 f"prompt + max_tokens ({worst} tokens) exceeds the KV cache "
                 f"({bm.num_blocks * bm.block_size} tokens)",
-                param="max_tokens", code="context_length_exceeded",
+                param="max_tokens",
+                code="context_length_exceeded",
             )
-        if kv is not None:
-            if not 0 < kv.num_tokens < len(prompt) or prompt[: kv.num_tokens] != kv.token_ids:
-                raise InvalidRequestError("imported KV is not a strict prefix of the prompt")
+        if kv is not None and (
+            not 0 < kv.num_tokens < len(prompt) or prompt[: kv.num_tokens] != kv.token_ids
+        ):
+            raise InvalidRequestError("imported KV is not a strict prefix of the prompt")

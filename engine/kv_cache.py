@@ -15,14 +15,24 @@ from engine.config import ModelConfig
 
 class KVCache:
     def __init__(
-        self, model: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+        self,
+        model: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
         device: torch.device | str = "cpu",
     ):
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.tensor = torch.zeros(
-            model.num_hidden_layers, 2, num_blocks, block_size, model.num_kv_heads,
-            model.head_size, dtype=dtype, device=device,
+            model.num_hidden_layers,
+            2,
+            num_blocks,
+            block_size,
+            model.num_kv_heads,
+            model.head_size,
+            dtype=dtype,
+            device=device,
         )
 
     @property

@@ -10,7 +10,7 @@ from engine.forward_context import AttentionMetadata, ForwardContext, PrefillSpa
 from engine.kv_cache import KVCache
 from engine.loader import load_weights
 from engine.models.registry import resolve_model_class
-from engine.sampler import SampleResult, Sampler
+from engine.sampler import Sampler, SampleResult
 from engine.sequence import Sequence
 
 
@@ -75,9 +75,9 @@ class ModelRunner:
                 if start > 0:  # chunk after a cached prefix: causal, offset by `start`
                     q_pos = torch.arange(start, end, device=dev).unsqueeze(1)
                     mask = torch.arange(end, device=dev).unsqueeze(0) <= q_pos
-                prefills.append(PrefillSpan(
-                    t, n, end, torch.tensor(table, dtype=torch.long, device=dev), mask
-                ))
+                prefills.append(
+                    PrefillSpan(t, n, end, torch.tensor(table, dtype=torch.long, device=dev), mask)
+                )
             if chunk.samples:
                 sample_idx.append(t + n - 1)
                 sample_seqs.append(seq)
@@ -97,7 +97,8 @@ class ModelRunner:
                 meta.decode_mask = mask[:, None, None, :]
         ctx = ForwardContext(
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            attn=meta, kv_caches=self.kv_layers,
+            attn=meta,
+            kv_caches=self.kv_layers,
         )
         ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
         return ids, ctx, torch.tensor(sample_idx, dtype=torch.long, device=dev), sample_seqs

@@ -49,7 +49,8 @@ class Sampler:
                     token_id=chosen,
                     logprob=float(lp[row, chosen]),
                     top=list(zip(top.indices.tolist(), top.values.tolist(), strict=True))
-                    if top is not None else [],
+                    if top is not None
+                    else [],
                 )
         return SampleResult(token_list, logprobs)
 

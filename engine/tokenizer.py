@@ -48,7 +48,10 @@ class Tokenizer:
         self.chat_template: str | None = template
         self._compiled: jinja2.Template | None = None
         self.eos_token_ids: list[int] = []
-        if self.eos_token is not None and (eos_id := self._tok.token_to_id(self.eos_token)) is not None:
+        if (
+            self.eos_token is not None
+            and (eos_id := self._tok.token_to_id(self.eos_token)) is not None
+        ):
             self.eos_token_ids.append(eos_id)
 
     @property
@@ -88,8 +91,11 @@ class Tokenizer:
             self._compiled = env.from_string(self.chat_template)
         try:
             return self._compiled.render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs,
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+                **kwargs,
             )
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"chat template failed: {e}") from e

@@ -39,8 +39,10 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     messages: list[dict[str, str]] = []
     if args.system:
         messages.append({"role": "system", "content": args.system})
-    console.print(f"[bold]dualpath-serve chat[/] — {model.name} ({args.dtype}); "
-                  "empty line or Ctrl-D to quit, /reset to clear history")
+    console.print(
+        f"[bold]dualpath-serve chat[/] — {model.name} ({args.dtype}); "
+        "empty line or Ctrl-D to quit, /reset to clear history"
+    )
     prompts = iter(args.prompt) if args.prompt else None
     while True:
         try:

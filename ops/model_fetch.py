@@ -9,11 +9,11 @@ half-converted model is never visible.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import shutil
 import tempfile
-import importlib.util
 from pathlib import Path
 
 import numpy as np

@@ -28,7 +28,13 @@ def engine(model_dir: Path) -> EngineCore:
 def small_engine(model_dir: Path) -> EngineCore:
     """Tiny pool (24 blocks x 16 tokens) and a 32-token step budget: forces chunked prefill
     and preemption with short prompts."""
-    return EngineCore(EngineConfig(
-        model=model_dir, num_threads=2, block_size=16, num_kv_blocks=24,
-        max_num_batched_tokens=32, max_num_seqs=8,
-    ))
+    return EngineCore(
+        EngineConfig(
+            model=model_dir,
+            num_threads=2,
+            block_size=16,
+            num_kv_blocks=24,
+            max_num_batched_tokens=32,
+            max_num_seqs=8,
+        )
+    )

@@ -11,7 +11,9 @@ GREEDY = SamplingParams(temperature=0, max_tokens=24)
 
 def make_seq(token_ids: list[int], rid: str = "r", salt: bytes = b"", **params) -> Sequence:
     return Sequence(
-        request_id=rid, token_ids=list(token_ids), params=SamplingParams(**params),
+        request_id=rid,
+        token_ids=list(token_ids),
+        params=SamplingParams(**params),
         root_key=root_key("toy-model", salt),
     )
 

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from engine.forward_context import AttentionMetadata
 
 
-def write_kv(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor,
-             v: torch.Tensor) -> None:
+def write_kv(
+    kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> None:
     """Store k, v [T, KVH, D] into the cache at flat slots [T]."""
     _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
     flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
@@ -24,8 +25,12 @@ def write_kv(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor
 
 
 def paged_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-    meta: AttentionMetadata, scale: float,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
 ) -> torch.Tensor:
     """Causal attention of q [T, H, D] over the cache after writing k, v [T, KVH, D].
 
@@ -58,8 +63,13 @@ def paged_attention(
         rows = slice(span.query_start, span.query_start + span.query_len)
         queries = q[rows].transpose(0, 1)  # [H, n, D]
         attn = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=span.mask, is_causal=span.mask is None,
-            scale=scale, enable_gqa=group > 1,
+            queries,
+            keys,
+            values,
+            attn_mask=span.mask,
+            is_causal=span.mask is None,
+            scale=scale,
+            enable_gqa=group > 1,
         )
         out[rows] = attn.transpose(0, 1)
     return out.view(num_tokens, num_heads * head_dim)

@@ -13,8 +13,9 @@ SYSTEM = (
 )
 
 
-def _run(engine: EngineCore, rid: str, ids: list[int], params: SamplingParams = GREEDY,
-         salt: bytes = b""):
+def _run(
+    engine: EngineCore, rid: str, ids: list[int], params: SamplingParams = GREEDY, salt: bytes = b""
+):
     engine.add_request(rid, ids, params, tenant_salt=salt)
     outs = []
     while engine.has_unfinished():
@@ -44,10 +45,16 @@ def test_prefix_cache_hit_gives_identical_output(engine):
 
 
 def test_batch_output_equals_single_sequence_output(engine):
-    prompts = [chat(engine, q) for q in (
-        "Name a colour.", "What is 12 times 12?", "Say hello in Spanish.",
-        "What is the capital of Japan?", "Give me a word that rhymes with cat.",
-    )]
+    prompts = [
+        chat(engine, q)
+        for q in (
+            "Name a colour.",
+            "What is 12 times 12?",
+            "Say hello in Spanish.",
+            "What is the capital of Japan?",
+            "Give me a word that rhymes with cat.",
+        )
+    ]
     single = [engine.generate([p], GREEDY)[0].new_token_ids for p in prompts]
     batched = [o.new_token_ids for o in engine.generate(prompts, GREEDY)]
     assert batched == single
@@ -56,10 +63,15 @@ def test_batch_output_equals_single_sequence_output(engine):
 def test_chunked_prefill_and_preemption_match_unconstrained_engine(engine, small_engine):
     """A 24-block pool with a 32-token step budget must chunk and preempt, yet produce the
     same greedy tokens as a roomy engine."""
-    prompts = [chat(engine, q) for q in (
-        "Describe a cat in one sentence.", "Describe a dog in one sentence.",
-        "Describe a fish in one sentence.", "Describe a bird in one sentence.",
-    )]
+    prompts = [
+        chat(engine, q)
+        for q in (
+            "Describe a cat in one sentence.",
+            "Describe a dog in one sentence.",
+            "Describe a fish in one sentence.",
+            "Describe a bird in one sentence.",
+        )
+    ]
     params = SamplingParams(temperature=0, max_tokens=80, ignore_eos=True)
     expected = [o.new_token_ids for o in engine.generate(prompts, params)]
     before = small_engine.scheduler.num_preemptions
@@ -72,8 +84,11 @@ def test_chunked_prefill_and_preemption_match_unconstrained_engine(engine, small
 def test_abort_frees_blocks(engine):
     bm = engine.block_manager
     free_before = bm.num_free_blocks
-    engine.add_request("to-abort", chat(engine, "Tell me a long story.", system=SYSTEM),
-                       SamplingParams(max_tokens=200))
+    engine.add_request(
+        "to-abort",
+        chat(engine, "Tell me a long story.", system=SYSTEM),
+        SamplingParams(max_tokens=200),
+    )
     engine.step()
     engine.step()
     assert bm.num_free_blocks < free_before
@@ -89,8 +104,9 @@ def test_seeded_sampling_is_reproducible_in_any_batch(engine):
     params = SamplingParams(temperature=1.0, top_p=0.95, seed=7, max_tokens=24)
     alone = engine.generate([ids], params)[0].new_token_ids
     noise = [chat(engine, "Count to five."), chat(engine, "Name a fruit.")]
-    mixed = engine.generate([noise[0], ids, noise[1]],
-                            [SamplingParams(temperature=1.0), params, SamplingParams()])
+    mixed = engine.generate(
+        [noise[0], ids, noise[1]], [SamplingParams(temperature=1.0), params, SamplingParams()]
+    )
     assert mixed[1].new_token_ids == alone
     unseeded = engine.generate([ids], SamplingParams(temperature=1.0, seed=8, max_tokens=24))
     assert unseeded[0].new_token_ids != alone
@@ -112,12 +128,15 @@ def test_max_tokens_and_logprobs(engine):
     assert [len(o.new_logprobs[0].top) for o in outs] == [2] * 5
 
 
-@pytest.mark.parametrize(("prompt", "params", "match"), [
-    ([], None, "empty"),
-    ([1, 2, 10**6], None, "outside"),
-    (list(range(9000)), None, "context"),
-    ([1, 2, 3], SamplingParams(max_tokens=10**6), "exceeds the KV cache"),
-])
+@pytest.mark.parametrize(
+    ("prompt", "params", "match"),
+    [
+        ([], None, "empty"),
+        ([1, 2, 10**6], None, "outside"),
+        (list(range(9000)), None, "context"),
+        ([1, 2, 3], SamplingParams(max_tokens=10**6), "exceeds the KV cache"),
+    ],
+)
 def test_bad_requests_raise_clear_errors(engine, prompt, params, match):
     with pytest.raises(InvalidRequestError, match=match):
         engine.add_request("bad", prompt, params)

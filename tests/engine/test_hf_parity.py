@@ -58,17 +58,18 @@ def test_greedy_generations_are_token_identical_to_transformers(engine, hf_model
     ours = engine.generate(prompts, params)
     for ids, out in zip(prompts, ours, strict=True):
         with torch.inference_mode():
-            ref = hf_model.generate(
-                torch.tensor([ids]), max_new_tokens=48, do_sample=False
-            )[0, len(ids):].tolist()
+            ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False)[
+                0, len(ids) :
+            ].tolist()
         assert out.new_token_ids == ref  # both include the final <|im_end|> when they stop
 
 
 def test_decode_logprobs_match_transformers_teacher_forced(engine, hf_model):
     """Every decode step's distribution (paged decode path) matches a full HF forward."""
     ids = chat(engine, PROMPTS[1])
-    out = engine.generate([ids], SamplingParams(temperature=0, max_tokens=80, logprobs=5,
-                                                ignore_eos=True))[0]
+    out = engine.generate(
+        [ids], SamplingParams(temperature=0, max_tokens=80, logprobs=5, ignore_eos=True)
+    )[0]
     full = ids + out.new_token_ids
     engine_seq_logprobs = [lp for lp in _collect_logprobs(engine, ids, 80)]
     with torch.inference_mode():
@@ -80,8 +81,9 @@ def test_decode_logprobs_match_transformers_teacher_forced(engine, hf_model):
 
 
 def _collect_logprobs(engine, ids: list[int], n: int):
-    engine.add_request("lp", ids, SamplingParams(temperature=0, max_tokens=n, logprobs=5,
-                                                 ignore_eos=True))
+    engine.add_request(
+        "lp", ids, SamplingParams(temperature=0, max_tokens=n, logprobs=5, ignore_eos=True)
+    )
     logprobs = []
     while engine.has_unfinished():
         for out in engine.step():

@@ -8,8 +8,14 @@ import torch
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
 
-TOY = ModelConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=3,
-                  num_attention_heads=2, num_key_value_heads=1, vocab_size=10)
+TOY = ModelConfig(
+    hidden_size=8,
+    intermediate_size=16,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    vocab_size=10,
+)
 
 
 def _filled_cache() -> KVCache:

@@ -38,9 +38,11 @@ def test_seeded_row_does_not_depend_on_batch_neighbours():
 
 def test_top_k_one_and_tiny_top_p_are_greedy():
     logits = _logits(3, seed=2)
-    seqs = [make_seq([1], rid="a", temperature=1.5, top_k=1),
-            make_seq([1], rid="b", temperature=1.5, top_p=1e-6),
-            make_seq([1], rid="c", temperature=1.5, top_k=1, top_p=0.5)]
+    seqs = [
+        make_seq([1], rid="a", temperature=1.5, top_k=1),
+        make_seq([1], rid="b", temperature=1.5, top_p=1e-6),
+        make_seq([1], rid="c", temperature=1.5, top_k=1, top_p=0.5),
+    ]
     for _ in range(10):
         assert Sampler()(logits, seqs).token_ids == logits.argmax(-1).tolist()
 
@@ -82,11 +84,21 @@ def test_logprobs_are_raw_log_softmax_with_top_n():
     assert result.logprobs[1] is None
 
 
-@pytest.mark.parametrize("bad", [
-    {"temperature": -0.1}, {"temperature": 2.5}, {"top_p": 0.0}, {"top_p": 1.5},
-    {"top_k": -1}, {"max_tokens": 0}, {"presence_penalty": 3}, {"logprobs": 21},
-    {"stop": [""]}, {"unknown_field": 1},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"temperature": -0.1},
+        {"temperature": 2.5},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+        {"top_k": -1},
+        {"max_tokens": 0},
+        {"presence_penalty": 3},
+        {"logprobs": 21},
+        {"stop": [""]},
+        {"unknown_field": 1},
+    ],
+)
 def test_invalid_sampling_params_raise_value_error(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)

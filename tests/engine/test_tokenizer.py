@@ -9,8 +9,11 @@ from engine.tokenizer import ChatTemplateError, IncrementalDetokenizer, Tokenize
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi!"}],
     [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2?"}],
-    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-     {"role": "user", "content": "ünïcødé 🚀 中文"}],
+    [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "ünïcødé 🚀 中文"},
+    ],
 ]
 
 
@@ -43,11 +46,14 @@ def test_template_errors_are_value_errors(tokenizer):
         tokenizer_copy.apply_chat_template([{"role": "user", "content": "x"}])
 
 
-@pytest.mark.parametrize("text", [
-    "plain ascii words, then more words.",
-    "emoji 🚀🔥 and accents éàü, CJK 中文字符, combining e\u0301",
-    "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 math letters and 👩‍👩‍👧 family",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "plain ascii words, then more words.",
+        "emoji 🚀🔥 and accents éàü, CJK 中文字符, combining e\u0301",
+        "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 math letters and 👩‍👩‍👧 family",
+    ],
+)
 def test_streaming_deltas_never_split_characters(tokenizer, text):
     ids = tokenizer.encode(text)
     detok = IncrementalDetokenizer(tokenizer)

