@@ -119,6 +119,9 @@ class EngineConfig(BaseModel):
     max_num_batched_tokens: int = Field(default=2048, ge=1, description="token budget per step")
     max_model_len: int | None = Field(default=None, ge=1, description="cap on prompt+output")
     enable_prefix_caching: bool = True
+    cpu_linear_backend: Literal["auto", "onednn", "torch"] = Field(
+        default="auto", description="CPU matmuls: oneDNN prepacked weights (auto) or F.linear"
+    )
     num_threads: int | None = Field(default=None, ge=1, description="torch CPU threads")
     seed: int = 0
 

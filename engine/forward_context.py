@@ -37,5 +37,6 @@ class AttentionMetadata:
 @dataclass(slots=True)
 class ForwardContext:
     positions: torch.Tensor  # [num_tokens] long
+    rope: tuple[torch.Tensor, torch.Tensor] | None  # (cos, sin) per token, set by the model
     attn: AttentionMetadata
     kv_caches: list[torch.Tensor]  # per layer: [2, num_blocks, block_size, kv_heads, head_dim]

@@ -8,6 +8,7 @@ from engine.batch_scheduler import StepPlan
 from engine.config import EngineConfig, ModelConfig
 from engine.forward_context import AttentionMetadata, ForwardContext, PrefillSpan
 from engine.kv_cache import KVCache
+from engine.layers.linear import onednn_available
 from engine.loader import load_weights
 from engine.models.registry import resolve_model_class
 from engine.sampler import Sampler, SampleResult
@@ -30,6 +31,11 @@ class ModelRunner:
         for module in self.model.modules():
             if hasattr(module, "cos"):
                 module.float()
+        if self.device.type == "cpu" and config.cpu_linear_backend != "torch":
+            if onednn_available():
+                self.model.prepack_linears()
+            elif config.cpu_linear_backend == "onednn":
+                raise RuntimeError("cpu_linear_backend='onednn' but this torch has no oneDNN")
         self.kv_cache = KVCache(
             model_config, num_blocks, config.block_size, config.torch_dtype, self.device
         )
@@ -97,6 +103,7 @@ class ModelRunner:
                 meta.decode_mask = mask[:, None, None, :]
         ctx = ForwardContext(
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            rope=None,
             attn=meta,
             kv_caches=self.kv_layers,
         )
