@@ -26,11 +26,10 @@ class ModelRunner:
         with torch.device(self.device):
             self.model = model_cls(model_config, max_positions=max_len)
         load_weights(self.model, config.model)
-        self.model.to(dtype=config.torch_dtype).eval()
-        # Rotary tables stay float32 whatever the weight dtype.
-        for module in self.model.modules():
-            if hasattr(module, "cos"):
-                module.float()
+        # NOTE: only parameters change dtype; rotary cos/sin buffers stay float32.
+        for param in self.model.parameters():
+            param.data = param.data.to(config.torch_dtype)
+        self.model.eval()
         if self.device.type == "cpu" and config.cpu_linear_backend != "torch":
             if onednn_available():
                 self.model.prepack_linears()

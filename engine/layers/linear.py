@@ -31,7 +31,10 @@ class Linear(nn.Linear):
         w = self.weight
         if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
             return False
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(w.detach(), batch_hint)
+        try:
+            self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(w.detach(), batch_hint)
+        except RuntimeError:  # e.g. bf16 on a CPU without avx512bw/avx_ne_convert
+            return False
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
