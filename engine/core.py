@@ -59,8 +59,8 @@ class EngineCore:
         self.scheduler = BatchScheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
         )
-        self.runner = ModelRunner(config, self.model_config, num_blocks)
         self.eos_token_ids = set(self.tokenizer.eos_token_ids or self.model_config.eos_token_ids)
+        self.runner = ModelRunner(config, self.model_config, num_blocks, sorted(self.eos_token_ids))
         self.seqs: dict[str, Sequence] = {}
         self.states: dict[str, OutputState] = {}
         self._arrivals = itertools.count()
@@ -153,14 +153,14 @@ class EngineCore:
         is_stop_token = (token_id in p.stop_token_ids) or (
             token_id in self.eos_token_ids and not p.ignore_eos
         )
-        if is_stop_token and seq.num_output_tokens > p.min_tokens:
+        if is_stop_token:  # the sampler masks stop tokens until min_tokens is reached
             reason = FinishReason.STOP
         elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = FinishReason.LENGTH
         state = self.states[seq.request_id]
         emit_ids = [] if reason is FinishReason.STOP else [token_id]
         delta, stop_hit = state.update(emit_ids, finishing=reason is not None)
-        if stop_hit and seq.num_output_tokens > p.min_tokens:
+        if stop_hit:
             reason = FinishReason.STOP
         output = RequestOutput(
             request_id=seq.request_id,

@@ -16,7 +16,13 @@ from engine.sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_config: ModelConfig, num_blocks: int):
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_config: ModelConfig,
+        num_blocks: int,
+        eos_token_ids: list[int] | None = None,
+    ):
         self.config = config
         self.model_config = model_config
         self.device = torch.device(config.device)
@@ -39,7 +45,7 @@ class ModelRunner:
             model_config, num_blocks, config.block_size, config.torch_dtype, self.device
         )
         self.kv_layers = self.kv_cache.layer_views()
-        self.sampler = Sampler(config.seed)
+        self.sampler = Sampler(config.seed, eos_token_ids)
 
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> tuple[list[Sequence], SampleResult | None]:

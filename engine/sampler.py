@@ -22,8 +22,9 @@ class SampleResult:
 
 
 class Sampler:
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, eos_token_ids: list[int] | None = None):
         self.generator = torch.Generator().manual_seed(seed)
+        self.eos_token_ids = list(eos_token_ids or [])
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
@@ -56,10 +57,15 @@ class Sampler:
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         rows = [i for i, s in enumerate(seqs) if s.params.has_penalties and s.num_output_tokens]
-        if not rows:
+        early = [i for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens]
+        if not rows and not early:
             return logits
         logits = logits.clone()
         vocab = logits.shape[-1]
+        for i in early:  # min_tokens: no stop token may be drawn yet
+            p = seqs[i].params
+            stop_ids = [*p.stop_token_ids, *([] if p.ignore_eos else self.eos_token_ids)]
+            logits[i, [t for t in stop_ids if t < vocab]] = float("-inf")
         for i in rows:
             p = seqs[i].params
             counts = torch.bincount(torch.tensor(seqs[i].output_token_ids), minlength=vocab)

@@ -170,3 +170,11 @@ def test_kv_export_import_continues_identically(engine):
     while engine.has_unfinished():
         tokens += [t for o in engine.step() for t in o.new_token_ids]
     assert first.new_token_ids + tokens == expected
+
+
+def test_min_tokens_defers_eos(engine):
+    ids = chat(engine, "What is the capital of France?")
+    short = engine.generate([ids], GREEDY)[0]
+    longer = engine.generate([ids], SamplingParams(temperature=0, max_tokens=60, min_tokens=20))
+    assert short.num_output_tokens < 20 <= longer[0].num_output_tokens
+    assert longer[0].text.startswith(short.text)

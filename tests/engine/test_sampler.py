@@ -106,3 +106,12 @@ def test_invalid_sampling_params_raise_value_error(bad):
 
 def test_single_stop_string_is_accepted():
     assert SamplingParams(stop="###").stop == ["###"]
+
+
+def test_min_tokens_masks_stop_tokens_until_reached():
+    logits = torch.tensor([[0.0, 9.0, 1.0, 5.0]])  # token 1 (eos) is the argmax
+    sampler = Sampler(eos_token_ids=[1])
+    seq = make_seq([0], temperature=0, min_tokens=2, stop_token_ids=[3])
+    assert sampler(logits, [seq]).token_ids == [2]  # neither eos (1) nor stop id (3)
+    seq.token_ids += [2, 2]
+    assert sampler(logits, [seq]).token_ids == [1]
