@@ -57,7 +57,10 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[sample_idx]).cpu()
         return sample_seqs, self.sampler(logits, sample_seqs)
 
-    def _prepare(self, plan: StepPlan):
+    def _prepare(
+        self, plan: StepPlan
+    ) -> tuple[torch.Tensor, ForwardContext, torch.Tensor, list[Sequence]]:
+        """Flatten the plan's chunks into one token batch plus attention metadata."""
         bs = self.block_size
         dev = self.device
         input_ids: list[int] = []

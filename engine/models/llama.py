@@ -32,11 +32,11 @@ class LlamaAttention(nn.Module):
         self.rotary = rotary
 
     def forward(self, x: torch.Tensor, kv_cache: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(ctx.rope, q, k)
+        qkv = self.qkv_proj(x).view(-1, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        # q and k heads are contiguous in the fused output: rotate them in one call
+        qk = self.rotary(ctx.rope, qkv[:, : self.num_heads + self.num_kv_heads])
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, self.num_heads + self.num_kv_heads :]
         out = paged_attention(q, k, v, kv_cache, ctx.attn, self.scale)
         return self.o_proj(out)
 

@@ -31,10 +31,12 @@ def test_prepack_is_skipped_off_cpu_dtypes():
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
 
 
-def test_rmsnorm_matches_reference():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_matches_reference(dtype):
     torch.manual_seed(0)
-    norm = RMSNorm(64, eps=1e-5)
+    norm = RMSNorm(64, eps=1e-5).to(dtype)
     norm.weight.data.uniform_(0.5, 1.5)
-    x = torch.randn(5, 64)
-    ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight
+    x = torch.randn(5, 64).to(dtype)
+    xf = x.float()
+    ref = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype) * norm.weight
     torch.testing.assert_close(norm(x), ref)
