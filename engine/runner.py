@@ -36,6 +36,9 @@ class ModelRunner:
         for param in self.model.parameters():
             param.data = param.data.to(config.torch_dtype)
         self.model.eval()
+        # Bytes every decode step must read (tied tensors once): the roofline's numerator.
+        unique = {p.data_ptr(): p for p in self.model.parameters()}
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in unique.values())
         if self.device.type == "cpu" and config.cpu_linear_backend != "torch":
             if onednn_available():
                 self.model.prepack_linears()

@@ -26,8 +26,17 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
         self.packed_weight = None
 
-    def prepack(self, batch_hint: int = 8) -> bool:
-        """Reorder the weight for oneDNN (CPU, float32/bfloat16). Returns whether it did."""
+    def prepack(self, batch_hint: int = 8, release_dense: bool = False) -> bool:
+        """Reorder the weight for oneDNN (CPU, float32; bfloat16 where the CPU supports it).
+
+        Args:
+            batch_hint: expected rows per call (layout tuning only; any count works).
+            release_dense: drop the dense weight afterwards (halves weight memory); leave it
+                when the tensor is shared, e.g. a tied embedding.
+
+        Returns:
+            Whether the packed path is now used.
+        """
         w = self.weight
         if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
             return False
@@ -35,6 +44,8 @@ class Linear(nn.Linear):
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(w.detach(), batch_hint)
         except RuntimeError:  # e.g. bf16 on a CPU without avx512bw/avx_ne_convert
             return False
+        if release_dense:
+            self.weight = nn.Parameter(torch.empty(0, dtype=w.dtype), requires_grad=False)
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -90,8 +90,16 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def prepack_linears(self) -> int:
-        """Switch every Linear to its oneDNN prepacked weight; returns how many switched."""
-        return sum(m.prepack() for m in self.modules() if isinstance(m, Linear))
+        """Switch every Linear to its oneDNN prepacked weight; returns how many switched.
+
+        The dense copies are released, except a tied lm_head (it is the embedding table).
+        """
+        tied = self.config.tie_word_embeddings
+        return sum(
+            m.prepack(release_dense=not (tied and m is self.lm_head))
+            for m in self.modules()
+            if isinstance(m, Linear)
+        )
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -113,8 +113,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     )
     mc = engine.model_config
     itemsize = engine.config.torch_dtype.itemsize
-    weights = {p.data_ptr(): p.numel() for p in engine.runner.model.parameters()}
-    weight_bytes = sum(weights.values()) * itemsize
+    weight_bytes = engine.runner.weight_bytes
     kv_per_token = mc.num_hidden_layers * 2 * mc.num_kv_heads * mc.head_size * itemsize
     bw = measure_copy_bandwidth_gbps()
     docs = _corpus_tokens(engine)
@@ -167,7 +166,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     long_doc = [t for d in docs for t in d]
     warm, prompt = long_doc[: args.prefill_tokens], long_doc[-args.prefill_tokens :]
-    non_embed = sum(weights.values()) - mc.vocab_size * mc.hidden_size
+    non_embed = weight_bytes // itemsize - mc.vocab_size * mc.hidden_size
     t = args.prefill_tokens
     flops = 2 * non_embed * t + 2 * mc.num_hidden_layers * t * t * mc.hidden_size
     _ours_prefill_s(engine, warm, args.prefill_tokens)
@@ -226,29 +225,21 @@ def _spread(rates: list[float]) -> str:
 def _plot(rows: list[dict[str, Any]], path) -> None:
     import matplotlib.pyplot as plt
 
-    workloads = list(dict.fromkeys(r["workload"] for r in rows))
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     width = 0.8 / len(impls)
-    for k, impl in enumerate(impls):
-        vals = [
-            next((r["tokens_per_s"] for r in rows if r["workload"] == w and r["impl"] == impl), 0)
-            for w in workloads
-        ]
-        axes[0].bar([i + k * width for i in range(len(workloads))], vals, width, label=impl)
-        roof = [
-            next(
-                (
-                    r.get("roofline_frac") or 0
-                    for r in rows
-                    if r["workload"] == w and r["impl"] == impl
-                ),
-                0,
-            )
-            for w in workloads
-        ]
-        axes[1].bar([i + k * width for i in range(len(workloads))], roof, width, label=impl)
-    for ax, title in zip(axes, ("tokens/s", "decode: fraction of memory roofline"), strict=True):
+    panels = (
+        ("tokens_per_s", "tokens/s", lambda w: True),
+        ("roofline_frac", "decode: fraction of memory roofline", lambda w: "decode" in w),
+    )
+    for ax, (key, title, keep) in zip(axes, panels, strict=True):
+        workloads = [w for w in dict.fromkeys(r["workload"] for r in rows) if keep(w)]
+        for k, impl in enumerate(impls):
+            vals = [
+                next((r.get(key) or 0 for r in rows if r["workload"] == w and r["impl"] == impl), 0)
+                for w in workloads
+            ]
+            ax.bar([i + k * width for i in range(len(workloads))], vals, width, label=impl)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(workloads))])
         ax.set_xticklabels(workloads, rotation=20, ha="right", fontsize=8)
         ax.set_title(title)

@@ -40,3 +40,14 @@ def test_rmsnorm_matches_reference(dtype):
     xf = x.float()
     ref = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype) * norm.weight
     torch.testing.assert_close(norm(x), ref)
+
+
+@pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
+def test_release_dense_keeps_outputs_and_frees_the_weight():
+    torch.manual_seed(1)
+    layer = Linear(32, 48)
+    x = torch.randn(4, 32)
+    expected = layer(x)
+    assert layer.prepack(release_dense=True)
+    assert layer.weight.numel() == 0
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
