@@ -113,7 +113,10 @@ class BatchScheduler:
             and len(self.running) < self.max_num_seqs
         ):
             seq = self.waiting[0]
-            if not bm.can_allocate(seq, self.watermark_blocks):
+            # NOTE: the watermark keeps room for running decodes; with nothing running it
+            # would only make a request that fits the pool wait forever.
+            watermark = self.watermark_blocks if self.running else 0
+            if not bm.can_allocate(seq, watermark):
                 break
             self.waiting.popleft()
             bm.allocate(seq)

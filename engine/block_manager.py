@@ -71,8 +71,9 @@ class BlockManager:
             seq.block_table.append(block_id)
             seq.block_keys.append(self.block_keys[block_id])  # type: ignore[arg-type]
         seq.num_computed_tokens = len(hits) * self.block_size
-        if seq.num_output_tokens == 0:  # re-admission after preemption keeps the first figure
+        if seq.num_admissions == 0:  # re-admission after preemption keeps the first figure
             seq.num_cached_tokens = seq.num_computed_tokens
+        seq.num_admissions += 1
         self.ensure_slots(seq, seq.num_tokens)
 
     def can_ensure_slots(self, seq: Sequence, num_tokens: int) -> bool:

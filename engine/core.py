@@ -6,13 +6,16 @@ prefill and decode deployments, the CLI chat and the tests alike.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from engine.batch_scheduler import BatchScheduler
+from engine.batch_scheduler import BatchScheduler, StepPlan
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
 from engine.errors import InvalidRequestError
@@ -24,6 +27,30 @@ from engine.tokenizer import Tokenizer
 from kvstore.keys import chain_keys, root_key
 
 logger = logging.getLogger(__name__)
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """Model identity for block keys: dir name + hash of config and weight file sizes.
+
+    Two different checkpoints that happen to share a directory name never share keys.
+    """
+    h = hashlib.blake2b(digest_size=8)
+    h.update((model_dir / "config.json").read_bytes())
+    for f in sorted(model_dir.glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return f"{model_dir.name}@{h.hexdigest()}"
+
+
+def generation_eos_ids(model_dir: Path) -> list[int]:
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return []
+    eos = json.loads(path.read_text()).get("eos_token_id")
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def plan_ids(plan: StepPlan) -> list[str]:
+    return [chunk.seq.request_id for chunk in plan.chunks]
 
 
 @dataclass(slots=True)
@@ -49,7 +76,7 @@ class EngineCore:
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         self.model_config = ModelConfig.from_dir(config.model)
-        self.model_id = config.model.name
+        self.model_id = model_fingerprint(config.model)
         self.max_model_len = config.resolve_max_model_len(self.model_config)
         self.tokenizer = tokenizer or Tokenizer(config.model)
         num_blocks = config.resolve_num_blocks(self.model_config)
@@ -59,7 +86,11 @@ class EngineCore:
         self.scheduler = BatchScheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
         )
-        self.eos_token_ids = set(self.tokenizer.eos_token_ids or self.model_config.eos_token_ids)
+        self.eos_token_ids = {
+            *self.tokenizer.eos_token_ids,
+            *self.model_config.eos_token_ids,
+            *generation_eos_ids(config.model),
+        }
         self.runner = ModelRunner(config, self.model_config, num_blocks, sorted(self.eos_token_ids))
         self.seqs: dict[str, Sequence] = {}
         self.states: dict[str, OutputState] = {}
@@ -133,7 +164,13 @@ class EngineCore:
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return []
-        sampled, result = self.runner.run(plan)
+        try:
+            sampled, result = self.runner.run(plan)
+        except Exception:
+            # NOTE: a failing step must not wedge the engine (it would replan the same chunks
+            # forever); its sequences end with "error" and everything else carries on.
+            logger.exception("step failed", extra={"request_ids": plan_ids(plan)})
+            return [self._fail(chunk.seq) for chunk in plan.chunks]
         for chunk in plan.chunks:
             chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
             self.block_manager.cache_full_blocks(chunk.seq)
@@ -159,7 +196,11 @@ class EngineCore:
             reason = FinishReason.LENGTH
         state = self.states[seq.request_id]
         emit_ids = [] if reason is FinishReason.STOP else [token_id]
-        delta, stop_hit = state.update(emit_ids, finishing=reason is not None)
+        delta, stop_hit = state.update(
+            emit_ids,
+            finishing=reason is not None,
+            check_stop=seq.num_output_tokens >= p.min_tokens,
+        )
         if stop_hit:
             reason = FinishReason.STOP
         output = RequestOutput(
@@ -178,6 +219,22 @@ class EngineCore:
             self._finish(seq, reason)
         return output
 
+    def _fail(self, seq: Sequence) -> RequestOutput:
+        state = self.states[seq.request_id]
+        output = RequestOutput(
+            request_id=seq.request_id,
+            new_token_ids=[],
+            new_text="",
+            finished=True,
+            finish_reason=FinishReason.ERROR.value,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+            num_output_tokens=seq.num_output_tokens,
+            text=state.text,
+        )
+        self._finish(seq, FinishReason.ERROR)
+        return output
+
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         self.scheduler.remove(seq)
         seq.status = SequenceStatus.FINISHED
@@ -187,8 +244,14 @@ class EngineCore:
 
     # ------------------------------------------------------------------ KV handoff
     def export_kv(self, request_id: str) -> SequenceKV:
-        """Copy out the computed KV of an unfinished request as Full Blocks."""
-        seq = self.seqs[request_id]
+        """Copy out the computed KV of an unfinished request as Full Blocks.
+
+        Raises:
+            InvalidRequestError: the request is unknown or already finished.
+        """
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            raise InvalidRequestError(f"no unfinished request {request_id!r} to export")
         n = seq.num_computed_tokens
         blocks = seq.block_table[: self.block_manager.num_blocks_for(n)]
         data = self.runner.kv_cache.export_blocks(blocks)
@@ -199,8 +262,11 @@ class EngineCore:
         if chain_keys(seq.root_key, kv.token_ids, bm.block_size) != kv.block_keys:
             # NOTE: keys bind KV to model + tenant + tokens; a mismatch is never imported.
             raise InvalidRequestError("imported KV block keys do not match this prompt/tenant")
-        if kv.data.shape[0] != bm.num_blocks_for(kv.num_tokens):
-            raise InvalidRequestError("imported KV has the wrong number of blocks")
+        expected = (bm.num_blocks_for(kv.num_tokens), *self.runner.kv_cache.full_block_shape)
+        if tuple(kv.data.shape) != expected:
+            raise InvalidRequestError(
+                f"imported KV has shape {tuple(kv.data.shape)}, this engine needs {expected}"
+            )
         if bm.num_blocks_for(seq.num_tokens) > bm.num_free_blocks:
             raise InvalidRequestError("not enough free KV blocks to import this request")
         bm.ensure_slots(seq, seq.num_tokens)
@@ -215,18 +281,29 @@ class EngineCore:
     ) -> list[RequestOutput]:
         """Run prompts to completion (offline use, tests); returns one final output each."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError("one SamplingParams per prompt, or a single one for all")
         ids = [f"gen-{next(self._arrivals)}" for _ in prompts]
-        for rid, prompt, p in zip(ids, prompts, params_list, strict=True):
-            self.add_request(rid, prompt, p)
+        try:
+            for rid, prompt, p in zip(ids, prompts, params_list, strict=True):
+                self.add_request(rid, prompt, p)
+        except Exception:
+            for rid in ids:
+                self.abort(rid)
+            raise
         tokens: dict[str, list[int]] = {rid: [] for rid in ids}
         finals: dict[str, RequestOutput] = {}
-        while any(rid not in finals for rid in ids):
+        # NOTE: outputs of requests added by other callers are not ours to collect here.
+        while any(rid in self.seqs for rid in ids):
             for out in self.step():
                 if out.request_id in tokens:
                     tokens[out.request_id].extend(out.new_token_ids)
                     if out.finished:
                         out.new_token_ids = tokens[out.request_id]
                         finals[out.request_id] = out
+        missing = [rid for rid in ids if rid not in finals]
+        if missing:
+            raise RuntimeError(f"requests {missing} were aborted before finishing")
         return [finals[rid] for rid in ids]
 
     def _validate(

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from torch import nn
 
 
-def load_weights(model: nn.Module, model_dir: Path) -> None:
+def load_weights(model: nn.Module, model_dir: Path, tied_embeddings: bool = False) -> None:
     """Copy every checkpoint tensor into `model`, fusing split projections.
 
     Raises:
@@ -41,8 +41,8 @@ def load_weights(model: nn.Module, model_dir: Path) -> None:
     for ours, shards in shards_seen.items():
         _copy(params[ours], torch.cat([shards[i] for i in sorted(shards)], dim=0), ours)
         loaded.add(ours)
-    if "lm_head.weight" not in loaded and "embed_tokens.weight" in loaded:
-        loaded.add("lm_head.weight")  # tied embeddings
+    if tied_embeddings and "lm_head.weight" not in loaded and "embed_tokens.weight" in loaded:
+        loaded.add("lm_head.weight")  # the head *is* the embedding table
     missing = set(params) - loaded
     if missing:
         raise ValueError(f"parameters missing from checkpoint: {sorted(missing)[:5]}")

@@ -40,13 +40,18 @@ class OutputState:
         self.emitted = 0
         self.final_text: str | None = None
 
-    def update(self, token_ids: list[int], finishing: bool) -> tuple[str, bool]:
-        """Feed new tokens; return (text delta to emit, whether a stop string was hit)."""
+    def update(
+        self, token_ids: list[int], finishing: bool, check_stop: bool = True
+    ) -> tuple[str, bool]:
+        """Feed new tokens; return (text delta to emit, whether a stop string was hit).
+
+        `check_stop=False` (before min_tokens) ignores stop strings but keeps the holdback.
+        """
         before = len(self.detok.text)
         self.detok.add(token_ids)
         text = self.detok.text
         stop_hit = False
-        if self.stop:
+        if self.stop and check_stop:
             search_from = max(0, before - self.holdback)
             hits = [(i, s) for s in self.stop if (i := text.find(s, search_from)) >= 0]
             if hits:

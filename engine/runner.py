@@ -31,7 +31,7 @@ class ModelRunner:
         model_cls = resolve_model_class(model_config.architectures)
         with torch.device(self.device):
             self.model = model_cls(model_config, max_positions=max_len)
-        load_weights(self.model, config.model)
+        load_weights(self.model, config.model, model_config.tie_word_embeddings)
         # NOTE: only parameters change dtype; rotary cos/sin buffers stay float32.
         for param in self.model.parameters():
             param.data = param.data.to(config.torch_dtype)

@@ -79,7 +79,7 @@ class Sampler:
         top_k = [s.params.top_k for s in seqs]
         if any(top_k):
             vocab = logits.shape[-1]
-            k = torch.tensor([k if k > 0 else vocab for k in top_k])
+            k = torch.tensor([min(k, vocab) if k > 0 else vocab for k in top_k])
             kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
             logits = logits.masked_fill(logits < kth, float("-inf"))
         top_p = torch.tensor([s.params.top_p for s in seqs], dtype=logits.dtype)

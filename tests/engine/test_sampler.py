@@ -115,3 +115,16 @@ def test_min_tokens_masks_stop_tokens_until_reached():
     assert sampler(logits, [seq]).token_ids == [2]  # neither eos (1) nor stop id (3)
     seq.token_ids += [2, 2]
     assert sampler(logits, [seq]).token_ids == [1]
+
+
+def test_top_k_larger_than_vocab_means_no_cut():
+    """A top_k beyond the vocabulary must not index out of range (it used to crash)."""
+    logits = _logits(1, vocab=10, seed=6)
+    seq = make_seq([1], temperature=1.0, top_k=100_000, seed=1)
+    assert 0 <= Sampler()(logits, [seq]).token_ids[0] < 10
+
+
+def test_tiny_temperature_is_greedy_not_nan():
+    logits = _logits(2, seed=7)
+    seqs = [make_seq([1], rid=str(i), temperature=1e-30) for i in range(2)]
+    assert Sampler()(logits, seqs).token_ids == logits.argmax(-1).tolist()

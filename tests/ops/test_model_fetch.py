@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from engine.config import ModelConfig
-from ops.model_fetch import convert_gguf, default_gguf_path
+from ops.model_fetch import MARKER, convert_gguf, default_gguf_path
 
 
 def test_converted_config_describes_smollm2(model_dir):
@@ -50,4 +50,19 @@ def test_failed_conversion_leaves_nothing_behind(tmp_path):
     with pytest.raises(Exception):  # noqa: B017  (gguf raises its own error types)
         convert_gguf(bogus, out)
     assert not out.exists()
-    assert not any(p.name.startswith(".bogus") for p in out.parent.glob(".*"))
+    assert not [p for p in out.parent.glob(".bogus*") if p.is_dir()]  # no temp dir left
+
+
+def test_refuses_to_overwrite_a_directory_it_did_not_write(tmp_path):
+    """`--out` pointing at someone's directory must never delete their files."""
+    precious = tmp_path / "mine"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError):
+        convert_gguf(default_gguf_path(), precious)
+    assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_conversion_is_marked_complete_and_readable(model_dir):
+    assert (model_dir / MARKER).is_file()
+    assert all(f.stat().st_mode & 0o044 == 0o044 for f in model_dir.iterdir())
