@@ -1,0 +1,87 @@
+"""Exceptions -> OpenAI error bodies `{"error": {"message", "type", "param", "code"}}` + status.
+
+The only place that knows HTTP status codes. Bad input is always a 4xx naming the field;
+anything unexpected is a 500 whose message does not leak internals.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+
+from engine.errors import InvalidRequestError
+
+
+class APIError(Exception):
+    status: int = 500
+    type: str = "server_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class BadRequestError(APIError):
+    status, type = 400, "invalid_request_error"
+
+
+class AuthenticationError(APIError):
+    status, type = 401, "authentication_error"
+
+
+class NotFoundError(APIError):
+    status, type = 404, "invalid_request_error"
+
+
+class PayloadTooLargeError(APIError):
+    status, type = 413, "invalid_request_error"
+
+
+class RateLimitError(APIError):
+    status, type = 429, "rate_limit_error"
+
+
+class OverloadedError(APIError):
+    status, type = 503, "overloaded_error"
+
+
+def model_not_found(model: str) -> NotFoundError:
+    return NotFoundError(
+        f"The model `{model}` does not exist", param="model", code="model_not_found"
+    )
+
+
+def to_api_error(exc: BaseException) -> APIError:
+    """Map any exception raised while serving a request to the error the client sees."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"]) or None
+        message = f"{param}: {first['msg']}" if param else first["msg"]
+        extra = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        return BadRequestError(message + extra, param=param, code="invalid_value")
+    if isinstance(exc, InvalidRequestError):
+        return BadRequestError(str(exc), param=exc.param, code=exc.code)
+    return APIError("internal error while serving the request", code="internal_error")
