@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from engine.sequence import Sequence
-from kvstore.keys import chain_key
 
 
 class BlockManager:
@@ -42,13 +41,9 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         hits: list[int] = []
-        parent = seq.root_key
         max_blocks = (seq.num_tokens - 1) // self.block_size
-        for i in range(max_blocks):
-            parent = chain_key(
-                parent, seq.token_ids[i * self.block_size : (i + 1) * self.block_size]
-            )
-            block_id = self.key_to_block.get(parent)
+        for key in seq.full_block_keys(self.block_size, max_blocks):
+            block_id = self.key_to_block.get(key)
             if block_id is None:
                 break
             hits.append(block_id)
@@ -100,17 +95,15 @@ class BlockManager:
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register blocks that became full and computed since the last call."""
-        bs = self.block_size
-        parent = seq.block_keys[-1] if seq.block_keys else seq.root_key
-        for i in range(len(seq.block_keys), seq.num_computed_tokens // bs):
-            parent = chain_key(parent, seq.token_ids[i * bs : (i + 1) * bs])
-            seq.block_keys.append(parent)
-            block_id = seq.block_table[i]
+        keys = seq.full_block_keys(self.block_size, seq.num_computed_tokens // self.block_size)
+        for i in range(len(seq.block_keys), len(keys)):
+            key, block_id = keys[i], seq.block_table[i]
+            seq.block_keys.append(key)
             # NOTE: a key computed twice concurrently keeps its first block; the duplicate
             # stays private to its sequence and is recycled when freed.
-            if self.enable_prefix_caching and parent not in self.key_to_block:
-                self.key_to_block[parent] = block_id
-                self.block_keys[block_id] = parent
+            if self.enable_prefix_caching and key not in self.key_to_block:
+                self.key_to_block[key] = block_id
+                self.block_keys[block_id] = key
 
     def _take_free_block(self) -> int:
         if not self.free_ids:

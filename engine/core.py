@@ -24,7 +24,7 @@ from engine.runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.sequence import FinishReason, Sequence, SequenceStatus
 from engine.tokenizer import Tokenizer
-from kvstore.keys import chain_keys, root_key
+from kvstore.keys import root_key
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,6 @@ class EngineCore:
             token_ids=list(prompt_token_ids),
             params=params,
             root_key=root_key(self.model_id, tenant_salt),
-            arrival_index=next(self._arrivals),
         )
         if kv is not None:
             self._import_kv(seq, kv)
@@ -259,7 +258,8 @@ class EngineCore:
 
     def _import_kv(self, seq: Sequence, kv: SequenceKV) -> None:
         bm = self.block_manager
-        if chain_keys(seq.root_key, kv.token_ids, bm.block_size) != kv.block_keys:
+        num_full = kv.num_tokens // bm.block_size
+        if seq.full_block_keys(bm.block_size, num_full) != kv.block_keys:
             # NOTE: keys bind KV to model + tenant + tokens; a mismatch is never imported.
             raise InvalidRequestError("imported KV block keys do not match this prompt/tenant")
         expected = (bm.num_blocks_for(kv.num_tokens), *self.runner.kv_cache.full_block_shape)

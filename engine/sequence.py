@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.sampling_params import SamplingParams
+from kvstore.keys import chain_key
 
 
 class SequenceStatus(enum.Enum):
@@ -43,13 +44,13 @@ class Sequence:
     token_ids: list[int]
     params: SamplingParams
     root_key: bytes
-    arrival_index: int = 0
     num_prompt_tokens: int = 0
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first admission)
     num_admissions: int = 0
     block_table: list[int] = field(default_factory=list)
     block_keys: list[bytes] = field(default_factory=list)  # keys of full, computed blocks
+    key_chain: list[bytes] = field(default_factory=list)  # keys of full blocks, memoised
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     generator: torch.Generator | None = None
@@ -76,6 +77,15 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
-    @property
-    def is_prefilling(self) -> bool:
-        return self.num_tokens - self.num_computed_tokens > 1
+    def full_block_keys(self, block_size: int, num_blocks: int) -> list[bytes]:
+        """Chain keys of the first `num_blocks` full blocks, each hashed once per sequence.
+
+        NOTE: valid to memoise because token ids are append-only, so a full block's tokens
+        (and every key before it) never change, not even across preemption.
+        """
+        chain = self.key_chain
+        parent = chain[-1] if chain else self.root_key
+        for i in range(len(chain), num_blocks):
+            parent = chain_key(parent, self.token_ids[i * block_size : (i + 1) * block_size])
+            chain.append(parent)
+        return chain[:num_blocks]
