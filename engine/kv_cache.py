@@ -36,10 +36,6 @@ class KVCache:
         )
 
     @property
-    def num_layers(self) -> int:
-        return self.tensor.shape[0]
-
-    @property
     def full_block_shape(self) -> tuple[int, ...]:
         layers, two, _, bs, kvh, hd = self.tensor.shape
         return (layers, two, bs, kvh, hd)

@@ -17,6 +17,7 @@ from engine.sampling_params import SamplingParams
 
 MAX_N = 8
 ServiceTier = Literal["auto", "default", "priority", "flex"]
+FinishReasonName = Literal["stop", "length", "abort", "error"]  # engine FinishReason values
 
 
 class StreamOptions(BaseModel):
@@ -193,7 +194,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    finish_reason: Literal["stop", "length", "abort", "error"] | None
+    finish_reason: FinishReasonName | None
     logprobs: ChoiceLogprobs | None = None
 
 
@@ -220,7 +221,7 @@ class DeltaMessage(BaseModel):
 class ChunkChoice(BaseModel):
     index: int
     delta: DeltaMessage
-    finish_reason: Literal["stop", "length", "abort", "error"] | None = None
+    finish_reason: FinishReasonName | None = None
     logprobs: ChoiceLogprobs | None = None
 
 
@@ -244,7 +245,7 @@ class CompletionLogprobs(BaseModel):
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    finish_reason: Literal["stop", "length", "abort", "error"] | None
+    finish_reason: FinishReasonName | None
     logprobs: CompletionLogprobs | None = None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import time
@@ -28,7 +29,7 @@ def machine_info() -> dict[str, Any]:
         pass
     return {
         "cpu": cpu,
-        "logical_cpus": torch.get_num_threads() and __import__("os").cpu_count(),
+        "logical_cpus": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),

@@ -175,3 +175,11 @@ def test_sse_frames():
     assert frame.startswith(b"data: ") and frame.endswith(b"\n\n")
     assert json.loads(frame[6:]) == {"content": "hé"}
     assert DONE_FRAME == b"data: [DONE]\n\n"
+
+
+def test_finish_reasons_on_the_wire_are_the_engine_ones():
+    from typing import get_args
+
+    from engine.sequence import FinishReason
+
+    assert set(get_args(s.FinishReasonName)) == {r.value for r in FinishReason}
