@@ -22,7 +22,7 @@ from engine.errors import InvalidRequestError
 from engine.output import OutputState, RequestOutput
 from engine.runner import ModelRunner
 from engine.sampling_params import SamplingParams
-from engine.sequence import FinishReason, Sequence, SequenceStatus
+from engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob
 from engine.tokenizer import Tokenizer
 from kvstore.keys import root_key
 
@@ -183,7 +183,9 @@ class EngineCore:
             outputs.append(self._postprocess(seq, token_id, logprob))
         return outputs
 
-    def _postprocess(self, seq: Sequence, token_id: int, logprob) -> RequestOutput:
+    def _postprocess(
+        self, seq: Sequence, token_id: int, logprob: TokenLogprob | None
+    ) -> RequestOutput:
         p = seq.params
         reason: FinishReason | None = None
         is_stop_token = (token_id in p.stop_token_ids) or (
@@ -202,36 +204,35 @@ class EngineCore:
         )
         if stop_hit:
             reason = FinishReason.STOP
+        logprobs = [logprob] if logprob is not None else []
+        return self._emit(seq, [token_id], delta, reason, logprobs)
+
+    def _fail(self, seq: Sequence) -> RequestOutput:
+        return self._emit(seq, [], "", FinishReason.ERROR, [])
+
+    def _emit(
+        self,
+        seq: Sequence,
+        token_ids: list[int],
+        delta: str,
+        reason: FinishReason | None,
+        logprobs: list[TokenLogprob],
+    ) -> RequestOutput:
+        """This step's output for `seq`; finishes (frees) it when `reason` is set."""
         output = RequestOutput(
             request_id=seq.request_id,
-            new_token_ids=[token_id],
+            new_token_ids=token_ids,
             new_text=delta,
             finished=reason is not None,
             finish_reason=reason.value if reason else None,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_tokens,
             num_output_tokens=seq.num_output_tokens,
-            new_logprobs=[logprob] if logprob is not None else [],
-            text=state.text,
+            new_logprobs=logprobs,
+            text=self.states[seq.request_id].text,
         )
         if reason is not None:
             self._finish(seq, reason)
-        return output
-
-    def _fail(self, seq: Sequence) -> RequestOutput:
-        state = self.states[seq.request_id]
-        output = RequestOutput(
-            request_id=seq.request_id,
-            new_token_ids=[],
-            new_text="",
-            finished=True,
-            finish_reason=FinishReason.ERROR.value,
-            num_prompt_tokens=seq.num_prompt_tokens,
-            num_cached_tokens=seq.num_cached_tokens,
-            num_output_tokens=seq.num_output_tokens,
-            text=state.text,
-        )
-        self._finish(seq, FinishReason.ERROR)
         return output
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
