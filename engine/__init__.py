@@ -10,9 +10,9 @@ Reading path:
 """
 
 from engine.config import EngineConfig, ModelConfig
-from engine.core import EngineCore, SequenceKV
+from engine.core import EngineCore
 from engine.errors import InvalidRequestError
-from engine.output import RequestOutput
+from engine.output import RequestOutput, SequenceKV
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 

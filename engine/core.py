@@ -10,7 +10,6 @@ import hashlib
 import itertools
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ from engine.batch_scheduler import BatchScheduler, StepPlan
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
 from engine.errors import InvalidRequestError
-from engine.output import OutputState, RequestOutput
+from engine.output import OutputState, RequestOutput, SequenceKV
 from engine.runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob
@@ -51,23 +50,6 @@ def generation_eos_ids(model_dir: Path) -> list[int]:
 
 def plan_ids(plan: StepPlan) -> list[str]:
     return [chunk.seq.request_id for chunk in plan.chunks]
-
-
-@dataclass(slots=True)
-class SequenceKV:
-    """A sequence's computed KV as Full Blocks, ready to move to another engine or a tier.
-
-    `data` is `[num_blocks, layers, 2, block_size, kv_heads, head_dim]`; the last block may be
-    partial (only the first `num_tokens % block_size` slots are meaningful).
-    """
-
-    token_ids: list[int]
-    block_keys: list[bytes]  # keys of the full blocks, in order
-    data: torch.Tensor
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
 
 
 class EngineCore:
@@ -146,6 +128,36 @@ class EngineCore:
         else:
             self.scheduler.add(seq)
 
+    def add_prefill(
+        self, request_id: str, prompt_token_ids: list[int], tenant_salt: bytes = b""
+    ) -> None:
+        """Queue a prefill-only request (the PE side of PD): compute the KV of every token of
+        `prompt_token_ids`, sample nothing, and end with a RequestOutput whose `kv` holds it.
+
+        The decode side then imports that KV for a prefix of its prompt and samples the first
+        token itself, so sampling state (seed, penalties, min_tokens) lives in one place.
+        """
+        params = SamplingParams(max_tokens=1, temperature=0.0)
+        self._validate(request_id, prompt_token_ids, params, None)
+        seq = Sequence(
+            request_id=request_id,
+            token_ids=list(prompt_token_ids),
+            params=params,
+            root_key=root_key(self.model_id, tenant_salt),
+            prefill_only=True,
+        )
+        self.seqs[request_id] = seq
+        self.states[request_id] = OutputState(self.tokenizer, params)
+        self.scheduler.add(seq)
+
+    def can_import(self, num_tokens: int) -> bool:
+        """Whether a request of `num_tokens` with imported KV fits now (blocks and batch)."""
+        bm = self.block_manager
+        return (
+            len(self.scheduler.running) < self.config.max_num_seqs
+            and bm.num_blocks_for(num_tokens) <= bm.num_free_blocks
+        )
+
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its blocks. Returns False if it is unknown/finished."""
         seq = self.seqs.get(request_id)
@@ -170,12 +182,14 @@ class EngineCore:
             # forever); its sequences end with "error" and everything else carries on.
             logger.exception("step failed", extra={"request_ids": plan_ids(plan)})
             return [self._fail(chunk.seq) for chunk in plan.chunks]
+        outputs = []
         for chunk in plan.chunks:
             chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
             self.block_manager.cache_full_blocks(chunk.seq)
+            if chunk.completes and chunk.seq.prefill_only:
+                outputs.append(self._finish_prefill(chunk.seq))
         if result is None:
-            return []
-        outputs = []
+            return outputs
         for seq, token_id, logprob in zip(sampled, result.token_ids, result.logprobs, strict=True):
             seq.token_ids.append(token_id)
             if logprob is not None:
@@ -206,6 +220,12 @@ class EngineCore:
             reason = FinishReason.STOP
         logprobs = [logprob] if logprob is not None else []
         return self._emit(seq, [token_id], delta, reason, logprobs)
+
+    def _finish_prefill(self, seq: Sequence) -> RequestOutput:
+        kv = self.export_kv(seq.request_id)
+        output = self._emit(seq, [], "", FinishReason.STOP, [])
+        output.kv = kv
+        return output
 
     def _fail(self, seq: Sequence) -> RequestOutput:
         return self._emit(seq, [], "", FinishReason.ERROR, [])

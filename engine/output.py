@@ -4,9 +4,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from engine.sampling_params import SamplingParams
 from engine.sequence import TokenLogprob
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@dataclass(slots=True)
+class SequenceKV:
+    """A sequence's computed KV as Full Blocks, ready to move to another engine or a tier.
+
+    `data` is `[num_blocks, layers, 2, block_size, kv_heads, head_dim]`; the last block may be
+    partial (only the first `num_tokens % block_size` slots are meaningful).
+    """
+
+    token_ids: list[int]
+    block_keys: list[bytes]  # keys of the full blocks, in order
+    data: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
 
 
 @dataclass(slots=True)
@@ -23,6 +42,7 @@ class RequestOutput:
     num_output_tokens: int
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
     text: str = ""  # all text emitted so far, including new_text
+    kv: SequenceKV | None = None  # set on the final output of a prefill-only request
 
 
 class OutputState:

@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from deployments.scheduler.policy import NoEngineAvailable
 from engine.errors import InvalidRequestError
 
 
@@ -72,8 +73,22 @@ def model_not_found(model: str) -> NotFoundError:
     )
 
 
+def root_cause(exc: BaseException) -> BaseException:
+    """The user-level exception inside a Ray task error (raised in another replica)."""
+    while isinstance(cause := getattr(exc, "cause", None), BaseException) and cause is not exc:
+        exc = cause
+    return exc
+
+
 def to_api_error(exc: BaseException) -> APIError:
     """Map any exception raised while serving a request to the error the client sees."""
+    exc = root_cause(exc)
+    if isinstance(exc, NoEngineAvailable):
+        return OverloadedError(
+            f"no capacity to serve the request now: {exc}",
+            code="overloaded",
+            headers={"Retry-After": "1"},
+        )
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, ValidationError):

@@ -1,0 +1,69 @@
+"""build_app(args) -> the Serve application: validate AppConfig, bind the five deployments.
+
+Code holds each deployment's defaults (a 2-core CPU box: the engines take one CPU each,
+everything else none); `serve_config.yaml`'s `deployments:` entries override them by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
+
+from app.config import AppConfig
+from app.ingress import Ingress
+from deployments.decode.deployment import DecodeEngine
+from deployments.prefill.deployment import PrefillEngine
+from deployments.scheduler.deployment import Scheduler
+from deployments.traffic.deployment import TrafficManager
+
+PINNED_ROUTER = RequestRouterConfig(
+    request_router_class="deployments.routing:ReplicaPinnedRouter",
+    request_routing_stats_period_s=1.0,
+    request_routing_stats_timeout_s=5.0,
+)
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    config = AppConfig.model_validate(args or {})
+    model_dir = config.model.path.expanduser()
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model directory {model_dir} has no config.json: run `make fetch` (or "
+            "`python -m ops model fetch`) for the default model, or set args.model.path"
+        )
+    light = {"num_cpus": 0}
+    quiet = {"enable_access_log": False}  # periodic load reports would drown the logs
+    traffic = serve.deployment(
+        TrafficManager,
+        name="TrafficManager",
+        ray_actor_options=light,
+        logging_config=quiet,
+        max_replicas_per_node=1,
+        request_router_config=PINNED_ROUTER,
+    ).bind()
+    scheduler = serve.deployment(
+        Scheduler,
+        name="Scheduler",
+        ray_actor_options=light,
+        logging_config=quiet,
+        max_ongoing_requests=1000,
+    ).bind(config.scheduler.stale_after_s)
+    engine = config.engine_replica()
+    engine_options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": 1},
+        "request_router_config": PINNED_ROUTER,
+        "health_check_period_s": 5,
+        "graceful_shutdown_timeout_s": 5,
+    }
+    prefill = serve.deployment(
+        PrefillEngine, name="PrefillEngine", max_ongoing_requests=256, **engine_options
+    ).bind(engine, scheduler, traffic)
+    decode = serve.deployment(
+        DecodeEngine, name="DecodeEngine", max_ongoing_requests=512, **engine_options
+    ).bind(engine, scheduler, traffic)
+    return serve.deployment(
+        Ingress, name="Ingress", ray_actor_options=light, max_ongoing_requests=1024
+    ).bind(config, scheduler, prefill, decode)

@@ -1,0 +1,66 @@
+"""DualPathClient: the typed Python API for other Ray jobs (no HTTP).
+
+    import ray
+    from app.client import DualPathClient
+    from app.api.schemas import ChatCompletionRequest
+
+    ray.init(address="auto")
+    client = DualPathClient()                        # serve.get_app_handle("dualpath")
+    reply = client.chat_sync(ChatCompletionRequest(model="SmolLM2-135M-Instruct",
+                                                   messages=[{"role": "user", "content": "Hi"}]))
+
+Async code uses `await client.chat(...)` and `async for chunk in client.chat_stream(...)`.
+Errors arrive as the same exceptions the HTTP API maps to status codes (app.api.errors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from app.api.schemas import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelList,
+)
+
+
+class DualPathClient:
+    def __init__(self, app_name: str = "dualpath", handle: DeploymentHandle | None = None):
+        self.handle = handle or serve.get_app_handle(app_name)
+
+    async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
+        return await self.handle.chat.remote(request)
+
+    async def chat_stream(
+        self, request: ChatCompletionRequest
+    ) -> AsyncIterator[ChatCompletionChunk]:
+        async for chunk in self.handle.options(stream=True).chat_stream.remote(request):
+            yield chunk
+
+    async def complete(self, request: CompletionRequest) -> CompletionResponse:
+        return await self.handle.complete.remote(request)
+
+    async def complete_stream(
+        self, request: CompletionRequest
+    ) -> AsyncIterator[CompletionResponse]:
+        async for chunk in self.handle.options(stream=True).complete_stream.remote(request):
+            yield chunk
+
+    async def models(self) -> ModelList:
+        return await self.handle.models.remote()
+
+    # ------------------------------------------------------------------ blocking helpers
+    def chat_sync(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
+        return self.handle.chat.remote(request).result()
+
+    def chat_stream_sync(self, request: ChatCompletionRequest) -> list[ChatCompletionChunk]:
+        return list(self.handle.options(stream=True).chat_stream.remote(request))
+
+    def complete_sync(self, request: CompletionRequest) -> CompletionResponse:
+        return self.handle.complete.remote(request).result()

@@ -1,0 +1,213 @@
+"""Ingress deployment: the OpenAI-compatible HTTP API and the typed Python handle API.
+
+HTTP routes and handle methods (`chat`, `chat_stream`, `complete`, `complete_stream`,
+`models`) both go through one ChatService; the deployments are reached through
+ServeBackend (Serve handles, the Scheduler's replica choice carried in each job).
+"""
+
+# NOTE: no `from __future__ import annotations` here: FastAPI must see the real `Request`
+# annotation on the class-based routes, or it treats `http` as a query parameter.
+
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.api.errors import (
+    APIError,
+    BadRequestError,
+    OverloadedError,
+    PayloadTooLargeError,
+    to_api_error,
+)
+from app.api.schemas import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    dump,
+)
+from app.api.sse import DONE_FRAME, sse_frame
+from app.config import AppConfig
+from app.service import ChatService, ModelInfo
+from deployments.protocol import DecodeJob, KVHandoff, Plan, PlanRequest, PrefillJob
+from engine.config import ModelConfig
+from engine.output import RequestOutput
+from engine.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+api = FastAPI(title="dualpath-serve", docs_url="/docs", redoc_url=None)
+
+
+class ServeBackend:
+    """The request path over Serve handles: one hop each to Scheduler, PE and DE."""
+
+    def __init__(
+        self, scheduler: DeploymentHandle, prefill: DeploymentHandle, decode: DeploymentHandle
+    ):
+        self.scheduler = scheduler
+        self.prefill_engine = prefill
+        self.decode_engine = decode.options(stream=True)
+
+    async def plan(self, request: PlanRequest) -> Plan:
+        return await self.scheduler.plan.remote(request)
+
+    async def prefill(self, job: PrefillJob) -> KVHandoff:
+        return await self.prefill_engine.prefill.remote(job)
+
+    async def decode(self, job: DecodeJob) -> AsyncIterator[RequestOutput]:
+        outputs = self.decode_engine.generate.remote(job)
+        try:
+            async for output in outputs:
+                yield output
+        finally:
+            outputs.cancel()  # a no-op once finished; aborts the DE request otherwise
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    error = to_api_error(exc)
+    if error.status >= 500:
+        logger.error("request failed", exc_info=exc)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+async def sse(first: BaseModel, rest: AsyncIterator[BaseModel]) -> AsyncIterator[bytes]:
+    async with contextlib.aclosing(rest):  # type: ignore[type-var]
+        yield sse_frame(first)
+        try:
+            async for chunk in rest:
+                yield sse_frame(chunk)
+        except Exception as exc:  # headers are sent: report in-band, as OpenAI does
+            yield sse_frame(to_api_error(exc).body())
+    yield DONE_FRAME
+
+
+@api.exception_handler(StarletteHTTPException)
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes and methods answer in the OpenAI error shape too."""
+    body = {
+        "error": {
+            "message": str(exc.detail),
+            "type": "invalid_request_error",
+            "param": None,
+            "code": None,
+        }
+    }
+    return JSONResponse(body, status_code=exc.status_code)
+
+
+@serve.ingress(api)
+class Ingress:
+    def __init__(
+        self,
+        config: AppConfig,
+        scheduler: DeploymentHandle,
+        prefill: DeploymentHandle,
+        decode: DeploymentHandle,
+    ):
+        model_dir = config.model.path.expanduser()
+        model_config = ModelConfig.from_dir(model_dir)
+        max_len = config.engine.engine_config(config.model, None).resolve_max_model_len(
+            model_config
+        )
+        self.config = config
+        self.scheduler = scheduler
+        self.service = ChatService(
+            Tokenizer(model_dir),
+            ModelInfo(config.model.name, max_len, model_config.vocab_size),
+            ServeBackend(scheduler, prefill, decode),
+            config.ingress.default_max_tokens,
+        )
+
+    # ------------------------------------------------------------------ Python handle API
+    async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
+        return await self.service.chat(request)
+
+    async def chat_stream(
+        self, request: ChatCompletionRequest
+    ) -> AsyncIterator[ChatCompletionChunk]:
+        async for chunk in self.service.chat_stream(request):
+            yield chunk
+
+    async def complete(self, request: CompletionRequest) -> CompletionResponse:
+        return await self.service.complete(request)
+
+    async def complete_stream(
+        self, request: CompletionRequest
+    ) -> AsyncIterator[CompletionResponse]:
+        async for chunk in self.service.complete_stream(request):
+            yield chunk
+
+    async def models(self) -> ModelList:
+        info = self.service.model
+        return ModelList(data=[ModelCard(id=info.name, max_model_len=info.max_model_len)])
+
+    # ------------------------------------------------------------------ HTTP
+    @api.get("/health")
+    async def health(self) -> Response:
+        engines = await self.scheduler.engines.remote()
+        roles = {e.role for e in engines}
+        status = 200 if {"prefill", "decode"} <= roles else 503
+        return JSONResponse(
+            {"status": "ok" if status == 200 else "starting", "engines": len(engines)},
+            status_code=status,
+        )
+
+    @api.get("/v1/models")
+    async def list_models(self) -> Response:
+        return JSONResponse(dump(await self.models()))
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, http: Request) -> Response:
+        try:
+            request = ChatCompletionRequest.model_validate(await self._json(http))
+            if not request.stream:
+                return JSONResponse(dump(await self.service.chat(request)))
+            stream = self.service.chat_stream(request)
+            first = await anext(stream)  # errors before any token become a status code
+        except Exception as exc:
+            return error_response(exc)
+        return StreamingResponse(sse(first, stream), media_type="text/event-stream")
+
+    @api.post("/v1/completions")
+    async def completions(self, http: Request) -> Response:
+        try:
+            request = CompletionRequest.model_validate(await self._json(http))
+            if not request.stream:
+                return JSONResponse(dump(await self.service.complete(request)))
+            stream = self.service.complete_stream(request)
+            first = await anext(stream)
+        except Exception as exc:
+            return error_response(exc)
+        return StreamingResponse(sse(first, stream), media_type="text/event-stream")
+
+    async def _json(self, http: Request) -> Any:
+        limit = self.config.ingress.max_body_bytes
+        declared = http.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLargeError(f"request body is larger than {limit} bytes")
+        body = await http.body()
+        if len(body) > limit:
+            raise PayloadTooLargeError(f"request body is larger than {limit} bytes")
+        try:
+            data = json.loads(body)
+        except ValueError as exc:
+            raise BadRequestError(f"request body is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise BadRequestError("request body must be a JSON object")
+        return data
+
+
+__all__ = ["APIError", "Ingress", "OverloadedError", "ServeBackend"]

@@ -1,0 +1,362 @@
+"""ChatService: OpenAI requests in, the PD request path, OpenAI responses out. No Ray.
+
+One request's way: template + tokenise → validate against the model → for each of `n`
+choices: Scheduler.plan → PE.prefill (all prompt tokens but the last) → DE.generate (stream)
+→ response objects. The deployments are reached through a `Backend`, so unit tests can
+drive this class with in-process engines and the Ingress shell with Serve handles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from app.api.errors import BadRequestError, model_not_found
+from app.api.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChoiceLogprobs,
+    ChunkChoice,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    TokenLogprobOut,
+    TopLogprob,
+    Usage,
+)
+from deployments.protocol import DecodeJob, KVHandoff, Plan, PlanRequest, PrefillJob
+from engine.output import RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.sequence import TokenLogprob
+from engine.tokenizer import ChatTemplateError, Tokenizer
+
+
+class Backend(Protocol):
+    async def plan(self, request: PlanRequest) -> Plan: ...
+
+    async def prefill(self, job: PrefillJob) -> KVHandoff: ...
+
+    def decode(self, job: DecodeJob) -> AsyncIterator[RequestOutput]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    name: str
+    max_model_len: int
+    vocab_size: int
+
+
+@dataclass(slots=True)
+class Choice:
+    """One choice's accumulated result."""
+
+    text: str = ""
+    num_tokens: int = 0
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
+class ChatService:
+    def __init__(
+        self, tokenizer: Tokenizer, model: ModelInfo, backend: Backend, default_max_tokens: int
+    ):
+        self.tokenizer = tokenizer
+        self.model = model
+        self.backend = backend
+        self.default_max_tokens = default_max_tokens
+
+    # ------------------------------------------------------------------ prompts
+    def chat_prompt(self, request: ChatCompletionRequest) -> list[int]:
+        self._check_model(request.model)
+        try:
+            return self.tokenizer.encode_chat(request.template_messages())
+        except ChatTemplateError as exc:
+            raise BadRequestError(str(exc), param="messages", code="invalid_messages") from exc
+
+    def completion_prompt(self, request: CompletionRequest) -> list[int]:
+        self._check_model(request.model)
+        if isinstance(request.prompt, str):
+            return self.tokenizer.encode(request.prompt)
+        if min(request.prompt) < 0 or max(request.prompt) >= self.model.vocab_size:
+            raise BadRequestError(
+                f"prompt token ids must be in [0, {self.model.vocab_size})", param="prompt"
+            )
+        return list(request.prompt)
+
+    def _check_model(self, name: str) -> None:
+        if name != self.model.name:
+            raise model_not_found(name)
+
+    def params(
+        self, request: ChatCompletionRequest | CompletionRequest, prompt: list[int], index: int
+    ) -> SamplingParams:
+        """Sampling params for choice `index`, with max_tokens fitted to the context."""
+        room = self.model.max_model_len - len(prompt)
+        if room <= 0:
+            raise BadRequestError(
+                f"the prompt has {len(prompt)} tokens; this model's context is "
+                f"{self.model.max_model_len} tokens including the reply",
+                param="messages" if isinstance(request, ChatCompletionRequest) else "prompt",
+                code="context_length_exceeded",
+            )
+        params = request.sampling_params(min(self.default_max_tokens, room), index)
+        if params.max_tokens > room:
+            raise BadRequestError(
+                f"max_tokens is {params.max_tokens} but only {room} tokens of the "
+                f"{self.model.max_model_len}-token context are left after the prompt",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        return params
+
+    # ------------------------------------------------------------------ the PD path
+    async def run(
+        self, request_id: str, prompt: list[int], params: SamplingParams, salt: bytes = b""
+    ) -> AsyncIterator[RequestOutput]:
+        """One choice through Scheduler → PE → DE; outputs carry the PE's cache hits."""
+        plan = await self.backend.plan(PlanRequest(request_id, len(prompt), params.max_tokens))
+        handoff = None
+        if plan.prefill_replica is not None and len(prompt) > 1:
+            job = PrefillJob(request_id, prompt[:-1], salt, plan.prefill_replica)
+            handoff = await self.backend.prefill(job)
+        cached = handoff.num_cached_tokens if handoff else 0
+        job = DecodeJob(request_id, prompt, params, salt, handoff, plan.decode_replica)
+        async with contextlib.aclosing(self.backend.decode(job)) as outputs:
+            async for output in outputs:
+                output.num_cached_tokens = cached
+                yield output
+
+    async def _choices(
+        self, prompt: list[int], params: list[SamplingParams], salt: bytes
+    ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Run all choices concurrently; yield (index, output) as they come."""
+        base = uuid.uuid4().hex
+        if len(params) == 1:
+            async with contextlib.aclosing(self.run(base, prompt, params[0], salt)) as outputs:
+                async for output in outputs:
+                    yield 0, output
+            return
+        queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException | None] = asyncio.Queue()
+
+        async def pump(index: int, p: SamplingParams) -> None:
+            try:
+                async for output in self.run(f"{base}-{index}", prompt, p, salt):
+                    await queue.put((index, output))
+            except Exception as exc:
+                await queue.put(exc)
+            finally:
+                await queue.put(None)
+
+        tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(params)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _collect(
+        self, prompt: list[int], params: list[SamplingParams], salt: bytes
+    ) -> tuple[list[Choice], Usage]:
+        choices = [Choice(logprobs=[] if p.logprobs is not None else None) for p in params]
+        cached = 0
+        async for index, out in self._choices(prompt, params, salt):
+            choice = choices[index]
+            choice.text += out.new_text
+            choice.num_tokens = out.num_output_tokens
+            if choice.logprobs is not None:
+                choice.logprobs.extend(out.new_logprobs)
+            if out.finished:
+                choice.finish_reason = out.finish_reason
+                cached = max(cached, out.num_cached_tokens)
+        usage = Usage.of(len(prompt), sum(c.num_tokens for c in choices), cached)
+        return choices, usage
+
+    # ------------------------------------------------------------------ chat
+    async def chat(
+        self, request: ChatCompletionRequest, salt: bytes = b""
+    ) -> ChatCompletionResponse:
+        prompt = self.chat_prompt(request)
+        params = [self.params(request, prompt, i) for i in range(request.n)]
+        choices, usage = await self._collect(prompt, params, salt)
+        return ChatCompletionResponse(
+            model=self.model.name,
+            choices=[
+                ChatChoice(
+                    index=i,
+                    message=AssistantMessage(content=c.text),
+                    finish_reason=c.finish_reason,
+                    logprobs=self._chat_logprobs(c.logprobs),
+                )
+                for i, c in enumerate(choices)
+            ],
+            usage=usage,
+        )
+
+    async def chat_stream(
+        self, request: ChatCompletionRequest, salt: bytes = b""
+    ) -> AsyncIterator[ChatCompletionChunk]:
+        """Chunks as OpenAI sends them: a role chunk per choice, deltas, a finish chunk per
+        choice, then (with stream_options.include_usage) one usage chunk without choices."""
+        prompt = self.chat_prompt(request)
+        params = [self.params(request, prompt, i) for i in range(request.n)]
+        head = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": self.model.name,
+        }
+        # NOTE: the first output is awaited before anything is yielded, so planning and
+        # validation errors reach the caller before any byte is sent (a proper status code).
+        outputs = self._choices(prompt, params, salt)
+        first = await anext(outputs, None)
+        for i in range(request.n):
+            yield ChatCompletionChunk(
+                **head, choices=[ChunkChoice(index=i, delta=DeltaMessage(role="assistant"))]
+            )
+        num_tokens = [0] * request.n
+        cached = 0
+        async for index, out in _prepend(first, outputs):
+            num_tokens[index] = out.num_output_tokens
+            if out.finished:
+                cached = max(cached, out.num_cached_tokens)
+            if not out.new_text and not out.finished:
+                continue  # held back (partial stop string) or a special token
+            yield ChatCompletionChunk(
+                **head,
+                choices=[
+                    ChunkChoice(
+                        index=index,
+                        delta=DeltaMessage(content=out.new_text or None),
+                        finish_reason=out.finish_reason if out.finished else None,
+                        logprobs=self._chat_logprobs(out.new_logprobs)
+                        if params[index].logprobs is not None
+                        else None,
+                    )
+                ],
+            )
+        if request.stream_options and request.stream_options.include_usage:
+            yield ChatCompletionChunk(
+                **head, choices=[], usage=Usage.of(len(prompt), sum(num_tokens), cached)
+            )
+
+    # ------------------------------------------------------------------ completions
+    async def complete(self, request: CompletionRequest, salt: bytes = b"") -> CompletionResponse:
+        prompt = self.completion_prompt(request)
+        params = [self.params(request, prompt, i) for i in range(request.n)]
+        choices, usage = await self._collect(prompt, params, salt)
+        return CompletionResponse(
+            model=self.model.name,
+            choices=[
+                CompletionChoice(
+                    index=i,
+                    text=c.text,
+                    finish_reason=c.finish_reason,
+                    logprobs=self._completion_logprobs(c.logprobs),
+                )
+                for i, c in enumerate(choices)
+            ],
+            usage=usage,
+        )
+
+    async def complete_stream(
+        self, request: CompletionRequest, salt: bytes = b""
+    ) -> AsyncIterator[CompletionResponse]:
+        prompt = self.completion_prompt(request)
+        params = [self.params(request, prompt, i) for i in range(request.n)]
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time())}
+        outputs = self._choices(prompt, params, salt)
+        first = await anext(outputs, None)
+        num_tokens = [0] * request.n
+        cached = 0
+        async for index, out in _prepend(first, outputs):
+            num_tokens[index] = out.num_output_tokens
+            if out.finished:
+                cached = max(cached, out.num_cached_tokens)
+            if not out.new_text and not out.finished:
+                continue
+            yield CompletionResponse(
+                **head,
+                model=self.model.name,
+                choices=[
+                    CompletionChoice(
+                        index=index,
+                        text=out.new_text,
+                        finish_reason=out.finish_reason if out.finished else None,
+                        logprobs=self._completion_logprobs(out.new_logprobs)
+                        if params[index].logprobs is not None
+                        else None,
+                    )
+                ],
+            )
+        if request.stream_options and request.stream_options.include_usage:
+            yield CompletionResponse(
+                **head,
+                model=self.model.name,
+                choices=[],
+                usage=Usage.of(len(prompt), sum(num_tokens), cached),
+            )
+
+    # ------------------------------------------------------------------ logprobs
+    def _token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _chat_logprobs(self, logprobs: list[TokenLogprob] | None) -> ChoiceLogprobs | None:
+        if logprobs is None:
+            return None
+        content = []
+        for lp in logprobs:
+            token = self._token(lp.token_id)
+            top = [
+                TopLogprob(token=(t := self._token(i)), logprob=v, bytes=list(t.encode()))
+                for i, v in lp.top
+            ]
+            content.append(
+                TokenLogprobOut(
+                    token=token, logprob=lp.logprob, bytes=list(token.encode()), top_logprobs=top
+                )
+            )
+        return ChoiceLogprobs(content=content)
+
+    def _completion_logprobs(
+        self, logprobs: list[TokenLogprob] | None
+    ) -> CompletionLogprobs | None:
+        if logprobs is None:
+            return None
+        out = CompletionLogprobs()
+        offset = 0
+        for lp in logprobs:
+            token = self._token(lp.token_id)
+            out.tokens.append(token)
+            out.token_logprobs.append(lp.logprob)
+            out.top_logprobs.append({self._token(i): v for i, v in lp.top})
+            out.text_offset.append(offset)
+            offset += len(token)
+        return out
+
+
+async def _prepend(
+    first: tuple[int, RequestOutput] | None, rest: AsyncIterator[tuple[int, RequestOutput]]
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    async with contextlib.aclosing(rest):  # type: ignore[type-var]
+        if first is not None:
+            yield first
+        async for item in rest:
+            yield item

@@ -1,0 +1,1 @@
+"""Decode engine: DecodeServer (plain class) and its Serve shell (deployment.py)."""

@@ -1,0 +1,194 @@
+"""EngineLoop: one EngineCore stepping on its own thread, fed by asyncio callers.
+
+The engine is not thread-safe, so every mutation (add, abort) is a command executed on the
+engine thread between steps; outputs go back to each request's `OutputStream` on the
+caller's event loop. A command may wait for capacity (`ready`), in arrival order: the
+decode side uses this to hold KV imports until blocks and batch slots are free.
+
+Used by the prefill and decode shells alike; no Ray here, so unit tests drive it directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from engine.core import EngineCore
+from engine.output import RequestOutput
+from engine.sequence import SequenceStatus
+
+logger = logging.getLogger(__name__)
+
+IDLE_WAIT_S = 0.5  # how long an idle engine thread blocks waiting for a command
+
+
+class OutputStream:
+    """Outputs of one request, in order. Leaving the iteration early aborts the request."""
+
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, owner: EngineLoop):
+        self.request_id = request_id
+        self._loop = loop
+        self._owner = owner
+        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self.finished = False
+
+    def put_threadsafe(self, item: RequestOutput | BaseException) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    async def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while True:
+                item = await self._queue.get()
+                if isinstance(item, BaseException):
+                    self.finished = True
+                    raise item
+                if item.finished:
+                    self.finished = True
+                yield item
+                if self.finished:
+                    return
+        finally:
+            if not self.finished:  # consumer gone (client disconnect, cancellation)
+                self._owner.abort(self.request_id)
+
+
+@dataclass(slots=True)
+class _Admission:
+    request_id: str
+    add: Callable[[EngineCore], None]
+    ready: Callable[[EngineCore], bool] | None
+    stream: OutputStream
+    num_tokens: int
+
+
+class EngineLoop:
+    def __init__(self, engine: EngineCore, name: str = "engine"):
+        self.engine = engine
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._waiting: deque[_Admission] = deque()
+        self._streams: dict[str, OutputStream] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.num_steps = 0
+        self.load: dict[str, int] = self._measure_load()
+
+    # ------------------------------------------------------------------ caller side
+    def start(self) -> None:
+        self._thread.start()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._commands.put(lambda: None)
+        self._thread.join(timeout=10)
+
+    def submit(
+        self,
+        request_id: str,
+        add: Callable[[EngineCore], None],
+        ready: Callable[[EngineCore], bool] | None = None,
+        num_tokens: int = 0,
+    ) -> OutputStream:
+        """Queue `add(engine)` for the engine thread; returns the request's output stream.
+
+        `add` errors (InvalidRequestError, ...) come out of the stream. With `ready`, the add
+        waits (in arrival order) until `ready(engine)` holds.
+        """
+        stream = OutputStream(request_id, asyncio.get_running_loop(), self)
+        admission = _Admission(request_id, add, ready, stream, num_tokens)
+        self._commands.put(lambda: self._enqueue(admission))
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(lambda: self._abort(request_id))
+
+    # ------------------------------------------------------------------ engine thread
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            busy = self.engine.has_unfinished()
+            self._drain_commands(block=not busy)
+            self._admit_waiting()
+            if self.engine.has_unfinished():
+                self._step()
+            self.load = self._measure_load()
+        for request_id in list(self._streams):
+            self.engine.abort(request_id)
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=IDLE_WAIT_S) if block else None
+            while True:
+                if command is not None:
+                    command()
+                command = self._commands.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _enqueue(self, admission: _Admission) -> None:
+        self._streams[admission.request_id] = admission.stream
+        self._waiting.append(admission)
+
+    def _admit_waiting(self) -> None:
+        while self._waiting:
+            admission = self._waiting[0]
+            blocked = admission.ready is not None and not admission.ready(self.engine)
+            if blocked and self.engine.has_unfinished():
+                return  # wait for running requests to free capacity
+            # NOTE: blocked with nothing running: nothing will free capacity, so admit it and
+            # let the engine reject it (the caller gets the error) instead of waiting forever.
+            self._waiting.popleft()
+            try:
+                admission.add(self.engine)
+            except Exception as exc:  # bad request or KV: the caller gets the error
+                self._streams.pop(admission.request_id, None)
+                admission.stream.put_threadsafe(exc)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # engine bug: fail what is running, keep the loop alive
+            logger.exception("engine step raised")
+            for request_id in list(self.engine.seqs):
+                self.engine.abort(request_id)
+                stream = self._streams.pop(request_id, None)
+                if stream is not None:
+                    stream.put_threadsafe(exc)
+            return
+        self.num_steps += 1
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
+            if output.finished:
+                del self._streams[output.request_id]
+            stream.put_threadsafe(output)
+
+    def _abort(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+        for admission in self._waiting:
+            if admission.request_id == request_id:
+                self._waiting.remove(admission)
+                return
+        self.engine.abort(request_id)
+
+    def _measure_load(self) -> dict[str, int]:
+        engine = self.engine
+        sched = engine.scheduler
+        queued = sum(a.num_tokens for a in self._waiting)
+        for seq in (*sched.waiting, *sched.running):
+            if seq.status is not SequenceStatus.FINISHED:
+                queued += seq.num_tokens - seq.num_computed_tokens
+        return {
+            "num_queued_tokens": queued,
+            "num_running": len(sched.running),
+            "num_waiting": len(sched.waiting) + len(self._waiting),
+            "num_free_blocks": engine.block_manager.num_free_blocks,
+            "num_total_blocks": engine.block_manager.num_blocks,
+        }

@@ -1,0 +1,90 @@
+"""Options of the deployment shells, validated once (pydantic v2, frozen, extra="forbid").
+
+`app.config.AppConfig` composes these sections; the builder hands each shell only its own.
+Byte sizes accept integers or strings such as "256MiB" / "2GB".
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from engine.config import DType, EngineConfig, default_model_dir
+from kvstore.transfer.base import TransportName
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20}
+_UNITS |= {"gib": 2**30, "tb": 10**12, "tib": 2**40}
+
+
+def parse_bytes(value: int | str) -> int:
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a byte size: {value!r} (examples: 1048576, '256MiB', '2GB')")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+Bytes = Annotated[int, BeforeValidator(parse_bytes), Field(gt=0)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(Section):
+    path: Path = Field(default_factory=default_model_dir, description="HF-style model dir")
+    served_model_name: str | None = Field(
+        default=None, description="the `model` clients send; default: the directory name"
+    )
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name or self.path.expanduser().name
+
+
+class EngineSection(Section):
+    """Knobs shared by prefill and decode engines (each replica builds an EngineConfig)."""
+
+    dtype: DType = "float32"
+    block_size: int = Field(default=64, ge=1)
+    kv_cache_bytes: Bytes = Field(default=256 * 2**20, description="KV pool per engine")
+    max_num_seqs: int = Field(default=64, ge=1)
+    max_num_batched_tokens: int = Field(default=2048, ge=1)
+    max_model_len: int | None = Field(default=None, ge=1)
+    enable_prefix_caching: bool = True
+    num_threads: int | None = Field(
+        default=None, ge=1, description="torch threads; default: the replica's num_cpus"
+    )
+
+    def engine_config(self, model: ModelSection, num_threads: int | None) -> EngineConfig:
+        return EngineConfig(
+            model=model.path.expanduser(),
+            dtype=self.dtype,
+            block_size=self.block_size,
+            kv_cache_bytes=self.kv_cache_bytes,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            enable_prefix_caching=self.enable_prefix_caching,
+            num_threads=self.num_threads or num_threads,
+        )
+
+
+class TransferSection(Section):
+    transport: TransportName = Field(
+        default="auto", description="PE→DE KV transport: nixl, object_store, or auto"
+    )
+    nixl_staging_bytes: Bytes = Field(default=256 * 2**20, description="per-engine NIXL pool")
+
+
+class EngineReplicaOptions(Section):
+    """Everything a prefill or decode replica needs to start."""
+
+    model: ModelSection
+    engine: EngineSection
+    transfer: TransferSection
+    report_interval_s: float = Field(default=0.25, gt=0)

@@ -1,0 +1,1 @@
+"""Prefill engine: PrefillServer (plain class) and its Serve shell (deployment.py)."""

@@ -1,0 +1,34 @@
+"""PrefillEngine deployment: a thin Serve shell over PrefillServer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve.handle import DeploymentHandle
+
+from deployments.options import EngineReplicaOptions
+from deployments.prefill.server import PrefillServer
+from deployments.protocol import KVHandoff, PrefillJob
+from deployments.replica import start_engine_server
+
+
+class PrefillEngine:
+    async def __init__(
+        self, config: EngineReplicaOptions, scheduler: DeploymentHandle, traffic: DeploymentHandle
+    ):
+        server = await start_engine_server(PrefillServer, config, scheduler, traffic)
+        assert isinstance(server, PrefillServer)
+        self.server = server
+
+    async def prefill(self, job: PrefillJob) -> KVHandoff:
+        return await self.server.prefill(job)
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        return self.server.load_report().routing_stats()
+
+    def check_health(self) -> None:
+        if not self.server.is_healthy():
+            raise RuntimeError("prefill engine thread died")
+
+    async def __del__(self) -> None:
+        await self.server.close()

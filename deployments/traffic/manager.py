@@ -1,0 +1,108 @@
+"""The TrafficManager interface: every KV transfer between engines goes through a KVMover.
+
+`KVMover` lives in each engine process: it splits a request's KV into layers, hands them to
+the configured transport (NIXL, or the Ray object store), falls back to the object store
+when NIXL has no staging room, and counts what moved. `TrafficManager` is the per-node
+aggregate of those counters (one per logical node; the Serve shell is `deployment.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from deployments.protocol import TransferStats
+from engine.output import SequenceKV
+from kvstore.transfer.base import KVDescriptor, KVTransport
+
+logger = logging.getLogger(__name__)
+
+
+class KVMover:
+    def __init__(
+        self,
+        transport: KVTransport,
+        stats: TransferStats,
+        fallback: KVTransport | None = None,
+    ):
+        self.transport = transport
+        self.fallback = fallback
+        self.stats = stats
+        self._by_name = {t.name: t for t in (fallback, transport) if t is not None}
+
+    def send(self, transfer_id: str, kv: SequenceKV) -> KVDescriptor:
+        """Hand `kv` to the transport layer by layer; returns what the receiver needs."""
+        start = time.perf_counter()
+        layers = [kv.data[:, layer] for layer in range(kv.data.shape[1])]
+        try:
+            descriptor = self.transport.send(transfer_id, layers)
+        except Exception as exc:
+            if self.fallback is None or self.fallback is self.transport:
+                raise
+            # NOTE: e.g. the NIXL staging pool is full: slower path, same bytes.
+            logger.warning(
+                "KV transport %s failed (%s); using %s",
+                self.transport.name,
+                exc,
+                self.fallback.name,
+            )
+            self.stats.num_fallbacks += 1
+            descriptor = self.fallback.send(transfer_id, layers)
+        self.stats.add(descriptor, time.perf_counter() - start, sent=True)
+        return descriptor
+
+    def receive(self, descriptor: KVDescriptor) -> torch.Tensor:
+        """All layers of a transfer as one `[blocks, layers, 2, block, heads, dim]` tensor."""
+        start = time.perf_counter()
+        transport = self._by_name.get(descriptor.transport)
+        if transport is None:
+            raise RuntimeError(f"this engine has no {descriptor.transport!r} KV transport")
+        blocks, *rest = descriptor.layer_shape
+        dtype = getattr(torch, descriptor.dtype)
+        data = torch.empty((blocks, descriptor.num_layers, *rest), dtype=dtype)
+        num_layers = 0
+        try:
+            for layer, tensor in enumerate(transport.recv(descriptor)):
+                data[:, layer].copy_(tensor)
+                num_layers += 1
+        finally:
+            transport.release(descriptor)
+        if num_layers != descriptor.num_layers:
+            raise RuntimeError(
+                f"KV transfer {descriptor.transfer_id} ended after {num_layers} "
+                f"of {descriptor.num_layers} layers"
+            )
+        self.stats.add(descriptor, time.perf_counter() - start, sent=False)
+        return data
+
+    def close(self) -> None:
+        for transport in self._by_name.values():
+            transport.close()
+
+
+class TrafficManager:
+    """Per-node view of KV traffic, fed by the engines' periodic reports."""
+
+    def __init__(self, node_id: str = "local"):
+        self.node_id = node_id
+        self.engines: dict[str, TransferStats] = {}
+
+    def record(self, stats: TransferStats) -> None:
+        self.engines[stats.replica_id] = stats
+
+    def stats(self) -> dict[str, object]:
+        totals: dict[str, int] = {}
+        for s in self.engines.values():
+            for name, n in s.bytes_by_transport.items():
+                totals[name] = totals.get(name, 0) + n
+        return {
+            "node_id": self.node_id,
+            "bytes_sent": sum(s.bytes_sent for s in self.engines.values()),
+            "bytes_received": sum(s.bytes_received for s in self.engines.values()),
+            "num_transfers": sum(s.num_sent for s in self.engines.values()),
+            "num_fallbacks": sum(s.num_fallbacks for s in self.engines.values()),
+            "bytes_by_transport": totals,
+            "engines": {rid: s.role for rid, s in self.engines.items()},
+        }
