@@ -27,8 +27,12 @@ logger = logging.getLogger(__name__)
 IDLE_WAIT_S = 0.5  # how long an idle engine thread blocks waiting for a command
 
 
+class RequestAborted(RuntimeError):
+    """The request was aborted while someone was still reading its stream."""
+
+
 class OutputStream:
-    """Outputs of one request, in order. Leaving the iteration early aborts the request."""
+    """Outputs of one request, in order; iterate it once. Leaving early aborts the request."""
 
     def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, owner: EngineLoop):
         self.request_id = request_id
@@ -87,7 +91,8 @@ class EngineLoop:
     def stop(self) -> None:
         self._stop.set()
         self._commands.put(lambda: None)
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
 
     def submit(
         self,
@@ -171,7 +176,9 @@ class EngineLoop:
             stream.put_threadsafe(output)
 
     def _abort(self, request_id: str) -> None:
-        self._streams.pop(request_id, None)
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:  # harmless when the reader is the one who left
+            stream.put_threadsafe(RequestAborted(f"request {request_id} was aborted"))
         for admission in self._waiting:
             if admission.request_id == request_id:
                 self._waiting.remove(admission)

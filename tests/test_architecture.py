@@ -44,12 +44,16 @@ def test_import_direction(package):
     assert not bad
 
 
+# STYLE.md's [ray] files: the only ones in engine/ and kvstore/ allowed to import ray.
+RAY_FILES = {"kvstore/transfer/object_store.py"}
+
+
 def test_engine_and_kvstore_core_do_not_import_ray():
     offenders = [
         str(f.relative_to(ROOT))
         for pkg in ("engine", "kvstore")
         for f in _py_files(pkg)
-        if "ray" in _imports(f)
+        if "ray" in _imports(f) and str(f.relative_to(ROOT)) not in RAY_FILES
     ]
     assert not offenders
 
