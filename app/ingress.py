@@ -8,9 +8,12 @@ ServeBackend (Serve handles, the Scheduler's replica choice carried in each job)
 # NOTE: no `from __future__ import annotations` here: FastAPI must see the real `Request`
 # annotation on the class-based routes, or it treats `http` as a query parameter.
 
+import asyncio
 import contextlib
+import contextvars
 import json
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from ray import serve
+from ray.serve import context as serve_context
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -51,6 +55,23 @@ logger = logging.getLogger(__name__)
 api = FastAPI(title="dualpath-serve", docs_url="/docs", redoc_url=None)
 
 
+def as_own_request(method: Any, arg: Any) -> Any:
+    """`method.remote(arg)` as its own Serve request, with a fresh internal request id.
+
+    NOTE: Serve gives every handle call made while serving one request that request's
+    internal id, and a router without FIFOMixin (ours: it must honour the Scheduler's
+    replica choice) matches routed replicas to pending calls by that id, so two concurrent
+    calls (the `n` choices) overwrite each other and one is never routed. Each call gets its
+    own id in a copied context; we cancel our calls ourselves (see ServeBackend).
+    """
+
+    def call() -> Any:
+        serve_context._set_request_context(_internal_request_id=uuid.uuid4().hex)
+        return method.remote(arg)
+
+    return contextvars.copy_context().run(call)
+
+
 class ServeBackend:
     """The request path over Serve handles: one hop each to Scheduler, PE and DE."""
 
@@ -62,13 +83,21 @@ class ServeBackend:
         self.decode_engine = decode.options(stream=True)
 
     async def plan(self, request: PlanRequest) -> Plan:
-        return await self.scheduler.plan.remote(request)
+        return await self._unary(self.scheduler.plan, request)
 
     async def prefill(self, job: PrefillJob) -> KVHandoff:
-        return await self.prefill_engine.prefill.remote(job)
+        return await self._unary(self.prefill_engine.prefill, job)
+
+    async def _unary(self, method: Any, arg: Any) -> Any:
+        response = as_own_request(method, arg)
+        try:
+            return await response
+        except asyncio.CancelledError:
+            response.cancel()  # client gone: stop the prefill too
+            raise
 
     async def decode(self, job: DecodeJob) -> AsyncIterator[RequestOutput]:
-        outputs = self.decode_engine.generate.remote(job)
+        outputs = as_own_request(self.decode_engine.generate, job)
         try:
             async for output in outputs:
                 yield output

@@ -1,0 +1,170 @@
+"""ChatService over an in-process PD pair (no Ray): two real engines, each on its own
+EngineLoop thread, KV moving between them through NIXL in this process."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from app.api.errors import APIError, to_api_error
+from app.api.schemas import ChatCompletionRequest, CompletionRequest
+from app.service import ChatService, ModelInfo
+from deployments.decode.server import DecodeServer
+from deployments.prefill.server import PrefillServer
+from deployments.protocol import DecodeJob, KVHandoff, LoadReport, Plan, PlanRequest, PrefillJob
+from deployments.protocol import TransferStats
+from deployments.scheduler.policy import plan_and_note
+from deployments.scheduler.view import ClusterView
+from deployments.traffic.manager import KVMover
+from engine import EngineConfig, EngineCore
+from engine.output import RequestOutput
+
+pytest.importorskip("nixl")
+MODEL = "tiny"
+
+
+class LocalBackend:
+    """The three hops as direct calls: what ServeBackend does over handles."""
+
+    def __init__(self, prefill: PrefillServer, decode: DecodeServer):
+        self.prefill_server, self.decode_server = prefill, decode
+        self.view = ClusterView()
+
+    async def plan(self, request: PlanRequest) -> Plan:
+        for server in (self.prefill_server, self.decode_server):
+            self.view.update(server.load_report())
+        return plan_and_note(request, self.view, time.time())
+
+    async def prefill(self, job: PrefillJob) -> KVHandoff:
+        assert job.target_replica == "pe"
+        return await self.prefill_server.prefill(job)
+
+    async def decode(self, job: DecodeJob) -> AsyncIterator[RequestOutput]:
+        assert job.target_replica == "de"
+        async for out in self.decode_server.generate(job):
+            yield out
+
+
+@pytest.fixture(scope="module")
+def pd(model_dir):
+    from kvstore.transfer.nixl import NixlTransport
+
+    servers = []
+    for role, cls in (("pe", PrefillServer), ("de", DecodeServer)):
+        engine = EngineCore(EngineConfig(model=model_dir, num_threads=1, kv_cache_bytes=64 << 20))
+        stats = TransferStats(replica_id=role, node_id="n0", role=cls.role)
+        mover = KVMover(NixlTransport(staging_bytes=32 << 20), stats)
+        servers.append(cls(engine, mover, role))
+    prefill, decode = servers
+    prefill.loop.start()
+    decode.loop.start()
+    service = ChatService(
+        prefill.engine.tokenizer,
+        ModelInfo(MODEL, prefill.engine.max_model_len, prefill.engine.model_config.vocab_size),
+        LocalBackend(prefill, decode),
+        default_max_tokens=16,
+    )
+    yield service, prefill, decode
+    for server in servers:
+        server.loop.stop()
+        server.mover.close()
+
+
+def run(coro, timeout=60):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def chat_request(text, **kw):
+    return ChatCompletionRequest(
+        model=MODEL, messages=[{"role": "user", "content": text}], **{"temperature": 0, **kw}
+    )
+
+
+def test_chat_equals_engine_alone_and_counts_usage(pd, engine):
+    service, prefill, decode = pd
+    request = chat_request("What is the capital of France?", max_tokens=12)
+    reply = run(service.chat(request))
+    prompt = service.chat_prompt(request)
+    (want,) = engine.generate([prompt], request.sampling_params(16))
+    assert reply.choices[0].message.content == want.text
+    assert reply.usage.prompt_tokens == len(prompt)
+    assert reply.usage.completion_tokens == want.num_output_tokens
+    assert prefill.mover.stats.bytes_sent == decode.mover.stats.bytes_received > 0
+
+
+def test_n_choices_run_concurrently_with_distinct_seeds(pd):
+    service, _, _ = pd
+    request = CompletionRequest(
+        model=MODEL,
+        prompt="The three primary colors are",
+        max_tokens=10,
+        n=3,
+        seed=5,
+        temperature=1.0,
+    )
+    first = run(service.complete(request))
+    again = run(service.complete(request))
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]
+    assert len({c.text for c in first.choices}) > 1
+    assert first.usage.completion_tokens == 30  # 3 x 10, no EOS this early... or fewer:
+    # (each choice stops at max_tokens or EOS; 30 only when none hit EOS)
+
+
+def test_stream_chunks_rebuild_the_reply(pd):
+    service, _, _ = pd
+    request = chat_request(
+        "Name a fruit.", max_tokens=10, stream=True, stream_options={"include_usage": True}
+    )
+
+    async def collect():
+        return [c async for c in service.chat_stream(request)]
+
+    chunks = run(collect())
+    full = run(service.chat(chat_request("Name a fruit.", max_tokens=10)))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_prompt_too_long_and_max_tokens_too_large_are_400(pd):
+    service, _, _ = pd
+    with pytest.raises(APIError) as info:
+        run(service.chat(chat_request("hi " * 9000)))
+    assert info.value.status == 400 and info.value.code == "context_length_exceeded"
+    with pytest.raises(APIError) as info:
+        run(service.chat(chat_request("hi", max_tokens=10**6)))
+    assert info.value.param == "max_tokens"
+
+
+def test_unknown_model_is_404(pd):
+    service, _, _ = pd
+    request = chat_request("hi").model_copy(update={"model": "other"})
+    with pytest.raises(APIError) as info:
+        run(service.chat(request))
+    assert to_api_error(info.value).status == 404
+
+
+def test_cancelled_request_frees_blocks_on_both_engines(pd):
+    service, prefill, decode = pd
+    request = chat_request("Tell a long story.", max_tokens=500, ignore_eos=True, stream=True)
+
+    async def leave_early():
+        stream = service.chat_stream(request)
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                break
+        await stream.aclose()
+        for _ in range(200):
+            await asyncio.sleep(0.02)
+            if decode.loop.load["num_running"] == 0:
+                return
+
+    run(leave_early())
+    for server in (prefill, decode):
+        bm = server.engine.block_manager
+        assert bm.num_free_blocks == bm.num_blocks

@@ -1,0 +1,87 @@
+"""The real application, started once per transport for the whole test session.
+
+Ray (2 logical CPUs: one per engine) and Serve start once; the app is deployed with each
+KV transport in turn (pytest groups the tests by this session-scoped parameter). Tests talk
+to it over HTTP (openai client, httpx) and through Serve handles.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+APP = "dualpath"
+MODEL = "SmolLM2-135M-Instruct"
+
+
+@dataclass(frozen=True)
+class RunningApp:
+    base_url: str
+    transport: str
+
+    @property
+    def openai_url(self) -> str:
+        return f"{self.base_url}/v1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve_port(model_dir):
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session", params=["nixl", "object_store"])
+def serve_app(request, serve_port, model_dir):
+    from ray import serve
+
+    from app.builder import build_app
+
+    args = {
+        "model": {"path": str(model_dir), "served_model_name": MODEL},
+        "engine": {"kv_cache_bytes": "96MiB", "max_num_seqs": 32},
+        "transfer": {"transport": request.param, "nixl_staging_bytes": "64MiB"},
+        "scheduler": {"report_interval_s": 0.2},
+    }
+    serve.delete(APP)
+    serve.run(build_app(args), name=APP, route_prefix="/")
+    base = f"http://127.0.0.1:{serve_port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # engines report to the Scheduler after loading
+        if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the app never became healthy")
+    return RunningApp(base, request.param)
+
+
+def engines(role: str | None = None):
+    """The Scheduler's view of the engines (LoadReports), through a Serve handle."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("Scheduler", APP)
+    reports = handle.engines.remote().result()
+    return [r for r in reports if role is None or r.role == role]
+
+
+def traffic_stats() -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle("TrafficManager", APP).stats.remote().result()
