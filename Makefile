@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 # CPU machines pin the local CPU wheel; set TORCH_SPEC="torch" on a CUDA machine.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: serve chat test lint bench-engine fetch clean
+.PHONY: serve status chat test lint bench-engine bench-serve fetch clean
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
@@ -22,7 +22,19 @@ $(VENV)/.installed: pyproject.toml
 fetch: $(VENV)/.installed
 	$(PY) -m ops model fetch
 
-serve: chat
+# Ray 2.60 turns token auth on by default and we keep it: the dashboard and `serve status` need
+# the token Ray writes to ~/.ray/auth_token (RAY_AUTH_MODE=token makes the CLI send it);
+# the Serve HTTP API on :8000 needs none.
+serve: fetch
+	@echo "dualpath-serve: OpenAI-compatible API at http://127.0.0.1:8000/v1  (GET /health)"
+	@echo "Ray dashboard at http://127.0.0.1:8265 (token: ~/.ray/auth_token); 'make status' for serve status"
+	RAY_AUTH_MODE=token $(VENV)/bin/serve run serve_config.yaml
+
+status:
+	RAY_AUTH_MODE=token $(VENV)/bin/serve status
+
+bench-serve: fetch
+	$(PY) -m ops bench serve
 
 chat: fetch
 	$(PY) -m ops chat

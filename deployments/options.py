@@ -50,6 +50,7 @@ class EngineSection(Section):
     """Knobs shared by prefill and decode engines (each replica builds an EngineConfig)."""
 
     dtype: DType = "float32"
+    device: str = Field(default="cpu", description="'cpu' or 'cuda' (Ray sets the visible GPU)")
     block_size: int = Field(default=64, ge=1)
     kv_cache_bytes: Bytes = Field(default=256 * 2**20, description="KV pool per engine")
     max_num_seqs: int = Field(default=64, ge=1)
@@ -64,6 +65,7 @@ class EngineSection(Section):
         return EngineConfig(
             model=model.path.expanduser(),
             dtype=self.dtype,
+            device=self.device,
             block_size=self.block_size,
             kv_cache_bytes=self.kv_cache_bytes,
             max_num_seqs=self.max_num_seqs,

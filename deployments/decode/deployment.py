@@ -34,4 +34,6 @@ class DecodeEngine:
             raise RuntimeError("decode engine thread died")
 
     async def __del__(self) -> None:
-        await self.server.close()
+        server = getattr(self, "server", None)  # None when __init__ failed
+        if server is not None:
+            await server.close()

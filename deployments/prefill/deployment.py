@@ -31,4 +31,6 @@ class PrefillEngine:
             raise RuntimeError("prefill engine thread died")
 
     async def __del__(self) -> None:
-        await self.server.close()
+        server = getattr(self, "server", None)  # None when __init__ failed
+        if server is not None:
+            await server.close()

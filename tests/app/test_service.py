@@ -14,8 +14,14 @@ from app.api.schemas import ChatCompletionRequest, CompletionRequest
 from app.service import ChatService, ModelInfo
 from deployments.decode.server import DecodeServer
 from deployments.prefill.server import PrefillServer
-from deployments.protocol import DecodeJob, KVHandoff, LoadReport, Plan, PlanRequest, PrefillJob
-from deployments.protocol import TransferStats
+from deployments.protocol import (
+    DecodeJob,
+    KVHandoff,
+    Plan,
+    PlanRequest,
+    PrefillJob,
+    TransferStats,
+)
 from deployments.scheduler.policy import plan_and_note
 from deployments.scheduler.view import ClusterView
 from deployments.traffic.manager import KVMover
@@ -110,8 +116,7 @@ def test_n_choices_run_concurrently_with_distinct_seeds(pd):
     assert [c.index for c in first.choices] == [0, 1, 2]
     assert [c.text for c in first.choices] == [c.text for c in again.choices]
     assert len({c.text for c in first.choices}) > 1
-    assert first.usage.completion_tokens == 30  # 3 x 10, no EOS this early... or fewer:
-    # (each choice stops at max_tokens or EOS; 30 only when none hit EOS)
+    assert 3 <= first.usage.completion_tokens <= 30  # each choice: EOS or 10 tokens
 
 
 def test_stream_chunks_rebuild_the_reply(pd):

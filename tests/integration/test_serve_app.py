@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import httpx
@@ -137,26 +138,42 @@ def test_logprobs_and_stop(serve_app):
     assert content and all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
 
 
+FOLLOW_UPS = [
+    "Thanks. Now explain, in two short sentences, why that name suits a slow and patient "
+    "animal that lives for decades, and mention one famous turtle from a story or a film.",
+    "Good. Next, suggest a second name that would suit a turtle living in a garden pond with "
+    "goldfish and water lilies, and explain your choice in one sentence for a child.",
+    "Finally, compare the two names you gave: which one is easier to call out loud across a "
+    "garden, which one is more memorable, and which one would you pick, and why?",
+]
+
+
 def test_multi_turn_reports_growing_cached_tokens(serve_app):
     api = client(serve_app)
     history = messages("Suggest a name for a pet turtle.")
-    cached = []
-    for follow_up in ("Why that name?", "Suggest another one.", "Which do you prefer?"):
+    cached, prompt_tokens = [], []
+    for follow_up in [*FOLLOW_UPS, None]:
         reply = api.chat.completions.create(
             model=MODEL, messages=history, max_tokens=24, temperature=0
         )
         usage = reply.usage
         cached.append(usage.prompt_tokens_details.cached_tokens)
+        prompt_tokens.append(usage.prompt_tokens)
         assert usage.prompt_cache_hit_tokens == cached[-1]
         assert usage.prompt_cache_miss_tokens == usage.prompt_tokens - cached[-1]
-        history += [
-            {"role": "assistant", "content": reply.choices[0].message.content},
-            {"role": "user", "content": follow_up},
-        ]
-    # turn 1 may hit blocks of the shared system prompt left by earlier tests; every later
-    # turn re-reads at least the previous turn's whole-block prefix.
-    assert cached[1] > 0 and cached[2] > cached[1]
+        if follow_up:
+            history += [
+                {"role": "assistant", "content": reply.choices[0].message.content},
+                {"role": "user", "content": follow_up},
+            ]
+    # Each turn adds > 64 tokens, so each re-reads at least one more whole block of the
+    # previous turn's prompt (hits are whole 64-token blocks of what the PE computed).
+    assert all(b - a > 64 for a, b in pairwise(prompt_tokens))
     assert all(c % 64 == 0 for c in cached)
+    assert all(b > a for a, b in pairwise(cached[1:])) and cached[1] > 0
+    # everything but the last partial block of the previous prompt is a hit
+    for prev, hit in zip(prompt_tokens[:-1], cached[1:], strict=True):
+        assert hit >= (prev - 1) // 64 * 64
 
 
 def test_sixteen_concurrent_streams_all_complete_with_correct_usage(serve_app, engine):
