@@ -1,8 +1,8 @@
 """ChatService: OpenAI requests in, the PD request path, OpenAI responses out. No Ray.
 
 One request's way: template + tokenise → validate against the model → for each of `n`
-choices: Scheduler.plan → PE.prefill (all prompt tokens but the last) → DE.generate (stream)
-→ response objects. The deployments are reached through a `Backend`, so unit tests can
+choices: Scheduler.plan → PE.prefill (prompt KV + first token) → DE.generate (the rest,
+streamed) → response objects. The deployments are reached through a `Backend`, so unit tests can
 drive this class with in-process engines and the Ingress shell with Serve handles.
 """
 
@@ -123,13 +123,16 @@ class ChatService:
     async def run(
         self, request_id: str, prompt: list[int], params: SamplingParams, salt: bytes = b""
     ) -> AsyncIterator[RequestOutput]:
-        """One choice through Scheduler → PE → DE; outputs carry the PE's cache hits."""
+        """One choice: Scheduler → PE (first token) → DE (the rest). Outputs carry the PE's
+        prefix-cache hits as `num_cached_tokens`."""
         plan = await self.backend.plan(PlanRequest(request_id, len(prompt), params.max_tokens))
-        handoff = None
-        if plan.prefill_replica is not None and len(prompt) > 1:
-            job = PrefillJob(request_id, prompt[:-1], salt, plan.prefill_replica)
-            handoff = await self.backend.prefill(job)
-        cached = handoff.num_cached_tokens if handoff else 0
+        prefill = PrefillJob(request_id, prompt, params, salt, plan.prefill_replica)
+        handoff = await self.backend.prefill(prefill)
+        first = handoff.first
+        yield first  # TTFT: the first token comes straight from the PE
+        if first.finished:
+            return
+        cached = first.num_cached_tokens
         job = DecodeJob(request_id, prompt, params, salt, handoff, plan.decode_replica)
         async with contextlib.aclosing(self.backend.decode(job)) as outputs:
             async for output in outputs:

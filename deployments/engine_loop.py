@@ -51,7 +51,7 @@ class OutputStream:
                 if isinstance(item, BaseException):
                     self.finished = True
                     raise item
-                if item.finished:
+                if item.finished or item.kv is not None:  # done here (or handed off)
                     self.finished = True
                 yield item
                 if self.finished:
@@ -171,7 +171,7 @@ class EngineLoop:
             stream = self._streams.get(output.request_id)
             if stream is None:
                 continue
-            if output.finished:
+            if output.finished or output.kv is not None:
                 del self._streams[output.request_id]
             stream.put_threadsafe(output)
 

@@ -3,6 +3,7 @@
 Request path (one HTTP request):
     Ingress --PlanRequest--> Scheduler --Plan--> Ingress
     Ingress --PrefillJob--> PrefillEngine[plan.prefill_replica] --KVHandoff--> Ingress
+        (the handoff carries the first token: the Ingress streams it at once)
     Ingress --DecodeJob(handoff)--> DecodeEngine[plan.decode_replica] --RequestOutput*--> Ingress
 Load: PrefillEngine / DecodeEngine --LoadReport--> Scheduler and --TransferReport--> the
 TrafficManager of their node (periodic, off the request path).
@@ -14,8 +15,9 @@ Jobs carry `target_replica` (the replica the Scheduler chose) and node reports c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
+from engine.output import RequestOutput
 from engine.sampling_params import SamplingParams
 from kvstore.transfer.base import KVDescriptor
 
@@ -32,28 +34,35 @@ class PlanRequest:
 @dataclass(frozen=True, slots=True)
 class Plan:
     request_id: str
-    prefill_replica: str | None  # None: the prompt is one token; the DE computes it alone
+    prefill_replica: str
     decode_replica: str
 
 
 @dataclass(frozen=True, slots=True)
 class PrefillJob:
     request_id: str
-    token_ids: list[int]  # the prompt without its last token (the DE computes that one)
+    token_ids: list[int]  # the whole prompt
+    params: SamplingParams  # the PE samples the first token with them
     tenant_salt: bytes
     target_replica: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class KVHandoff:
-    """The PE's answer: where the prompt-prefix KV waits, and what it cost."""
+    """The PE's answer: the first token, and where the prompt's KV waits for the DE.
+
+    `descriptor` is None when the request finished at the first token (EOS, a stop string,
+    max_tokens=1): there is nothing to decode.
+    """
 
     request_id: str
+    first: RequestOutput  # the first sampled token, as the client sees it (kv stripped)
     token_ids: list[int]
     block_keys: list[bytes]
-    num_cached_tokens: int  # prompt tokens the PE served from its prefix cache
-    descriptor: KVDescriptor
-    prefill_s: float  # engine time from admission to KV exported
+    output_token_ids: list[int]
+    generator_state: Any  # torch ByteTensor of a seeded generator, else None
+    descriptor: KVDescriptor | None
+    prefill_s: float  # engine time from admission to the first token
     send_s: float  # time to hand the layers to the transport
 
 

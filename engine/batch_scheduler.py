@@ -29,11 +29,6 @@ class ScheduledChunk:
     @property
     def samples(self) -> bool:
         """Whether this chunk reaches the end of the sequence, so a token is sampled."""
-        return self.completes and not self.seq.prefill_only
-
-    @property
-    def completes(self) -> bool:
-        """Whether this chunk computes the last token the sequence has."""
         return self.start + self.num_tokens == self.seq.num_tokens
 
 

@@ -119,9 +119,15 @@ class EngineCore:
             root_key=root_key(self.model_id, tenant_salt),
         )
         if kv is not None:
+            self._resume(seq, kv)
             self._import_kv(seq, kv)
         self.seqs[request_id] = seq
         self.states[request_id] = OutputState(self.tokenizer, params)
+        if kv is not None and kv.output_token_ids:
+            # replay what the PE already emitted, so stop strings and deltas continue from it
+            self.states[request_id].update(
+                list(kv.output_token_ids), finishing=False, check_stop=False
+            )
         if kv is not None:
             seq.status = SequenceStatus.RUNNING
             self.scheduler.running.append(seq)
@@ -129,15 +135,18 @@ class EngineCore:
             self.scheduler.add(seq)
 
     def add_prefill(
-        self, request_id: str, prompt_token_ids: list[int], tenant_salt: bytes = b""
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams | None = None,
+        tenant_salt: bytes = b"",
     ) -> None:
-        """Queue a prefill-only request (the PE side of PD): compute the KV of every token of
-        `prompt_token_ids`, sample nothing, and end with a RequestOutput whose `kv` holds it.
-
-        The decode side then imports that KV for a prefix of its prompt and samples the first
-        token itself, so sampling state (seed, penalties, min_tokens) lives in one place.
+        """Queue the PE side of a PD request: prefill the prompt, sample the first token with
+        the request's own params, then stop. That output carries `kv` (the prompt's KV, the
+        first token and the seeded generator's state) unless the request already finished;
+        `add_request(..., kv=...)` on the decode engine continues exactly as one engine.
         """
-        params = SamplingParams(max_tokens=1, temperature=0.0)
+        params = params or SamplingParams()
         self._validate(request_id, prompt_token_ids, params, None)
         seq = Sequence(
             request_id=request_id,
@@ -182,19 +191,20 @@ class EngineCore:
             # forever); its sequences end with "error" and everything else carries on.
             logger.exception("step failed", extra={"request_ids": plan_ids(plan)})
             return [self._fail(chunk.seq) for chunk in plan.chunks]
-        outputs = []
         for chunk in plan.chunks:
             chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
             self.block_manager.cache_full_blocks(chunk.seq)
-            if chunk.completes and chunk.seq.prefill_only:
-                outputs.append(self._finish_prefill(chunk.seq))
         if result is None:
-            return outputs
+            return []
+        outputs = []
         for seq, token_id, logprob in zip(sampled, result.token_ids, result.logprobs, strict=True):
             seq.token_ids.append(token_id)
             if logprob is not None:
                 seq.output_logprobs.append(logprob)
-            outputs.append(self._postprocess(seq, token_id, logprob))
+            output = self._postprocess(seq, token_id, logprob)
+            if seq.prefill_only and not output.finished:
+                output.kv = self._hand_off(seq)
+            outputs.append(output)
         return outputs
 
     def _postprocess(
@@ -221,11 +231,13 @@ class EngineCore:
         logprobs = [logprob] if logprob is not None else []
         return self._emit(seq, [token_id], delta, reason, logprobs)
 
-    def _finish_prefill(self, seq: Sequence) -> RequestOutput:
+    def _hand_off(self, seq: Sequence) -> SequenceKV:
+        """Export the prompt's KV and sampling state, then drop the sequence (PE side)."""
         kv = self.export_kv(seq.request_id)
-        output = self._emit(seq, [], "", FinishReason.STOP, [])
-        output.kv = kv
-        return output
+        kv.output_token_ids = list(seq.output_token_ids)
+        kv.generator_state = seq.generator.get_state() if seq.generator else None
+        self._finish(seq, FinishReason.STOP)
+        return kv
 
     def _fail(self, seq: Sequence) -> RequestOutput:
         return self._emit(seq, [], "", FinishReason.ERROR, [])
@@ -276,6 +288,13 @@ class EngineCore:
         blocks = seq.block_table[: self.block_manager.num_blocks_for(n)]
         data = self.runner.kv_cache.export_blocks(blocks)
         return SequenceKV(list(seq.token_ids[:n]), list(seq.block_keys), data)
+
+    @staticmethod
+    def _resume(seq: Sequence, kv: SequenceKV) -> None:
+        """Continue a request whose first tokens were sampled elsewhere (PD handoff)."""
+        seq.token_ids.extend(kv.output_token_ids)
+        if kv.generator_state is not None and seq.generator is not None:
+            seq.generator.set_state(kv.generator_state)
 
     def _import_kv(self, seq: Sequence, kv: SequenceKV) -> None:
         bm = self.block_manager
@@ -354,6 +373,12 @@ class EngineCore:
                 code="context_length_exceeded",
             )
         if kv is not None and (
-            not 0 < kv.num_tokens < len(prompt) or prompt[: kv.num_tokens] != kv.token_ids
+            not 0 < kv.num_tokens <= len(prompt)
+            or kv.num_tokens == len(prompt)
+            and not kv.output_token_ids
+            or prompt[: kv.num_tokens] != kv.token_ids
+            or len(kv.output_token_ids) >= params.max_tokens
         ):
-            raise InvalidRequestError("imported KV is not a strict prefix of the prompt")
+            raise InvalidRequestError(
+                "imported KV must cover a prefix of the prompt and leave a token to compute"
+            )

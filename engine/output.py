@@ -22,6 +22,10 @@ class SequenceKV:
     token_ids: list[int]
     block_keys: list[bytes]  # keys of the full blocks, in order
     data: torch.Tensor
+    # PD resume state: tokens already sampled (their KV not in `data`) and the seeded
+    # generator's state after sampling them, so the receiver samples exactly as one engine.
+    output_token_ids: list[int] = field(default_factory=list)
+    generator_state: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -42,7 +46,7 @@ class RequestOutput:
     num_output_tokens: int
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
     text: str = ""  # all text emitted so far, including new_text
-    kv: SequenceKV | None = None  # set on the final output of a prefill-only request
+    kv: SequenceKV | None = None  # prefill-only request handed off: its last output
 
 
 class OutputState:

@@ -55,7 +55,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     generator: torch.Generator | None = None
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
-    prefill_only: bool = False  # PD: compute the prompt's KV, sample nothing, export it
+    prefill_only: bool = False  # PD: stop after the first token and hand off KV + state
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)

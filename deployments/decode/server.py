@@ -1,8 +1,9 @@
-"""DecodeServer: receive a request's prefix KV, then decode it in the continuous batch.
+"""DecodeServer: receive a request's prompt KV, then decode it in the continuous batch.
 
 The KV arrives through the KVMover (off the engine thread); the engine thread imports it
-when blocks and a batch slot are free (arrival order), computes the last prompt token and
-streams every output. Leaving the stream early aborts the request and frees its blocks.
+when blocks and a batch slot are free (arrival order), resumes from the PE's first token
+and sampling state, and streams every later output. Leaving the stream early aborts the
+request and frees its blocks.
 """
 
 from __future__ import annotations
@@ -21,10 +22,17 @@ class DecodeServer(EngineServer):
 
     async def generate(self, job: DecodeJob) -> AsyncIterator[RequestOutput]:
         kv: SequenceKV | None = None
-        if job.handoff is not None:
-            data = await asyncio.to_thread(self.mover.receive, job.handoff.descriptor)
-            kv = SequenceKV(job.handoff.token_ids, job.handoff.block_keys, data)
-        num_tokens = len(job.prompt_token_ids)
+        handoff = job.handoff
+        if handoff is not None and handoff.descriptor is not None:
+            data = await asyncio.to_thread(self.mover.receive, handoff.descriptor)
+            kv = SequenceKV(
+                handoff.token_ids,
+                handoff.block_keys,
+                data,
+                output_token_ids=handoff.output_token_ids,
+                generator_state=handoff.generator_state,
+            )
+        num_tokens = len(job.prompt_token_ids) + (len(kv.output_token_ids) if kv else 0)
 
         def add(engine: EngineCore) -> None:
             engine.add_request(

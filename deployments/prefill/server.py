@@ -1,10 +1,10 @@
-"""PrefillServer: compute a prompt prefix's KV and hand it to a decode engine.
+"""PrefillServer: prefill a prompt, sample its first token, hand the KV to a decode engine.
 
-The PE prefills every prompt token but the last (prefix-cache hits are skipped by the
-engine), exports the KV as Full Blocks and sends it layer by layer through the KVMover.
-The DE computes the last prompt token itself and samples from it, so all sampling state
-(seed, penalties, min_tokens) stays on one side and greedy output is identical to a single
-engine run.
+The PE prefills the prompt (prefix-cache hits are skipped by the engine) and samples the
+first token with the request's own params, so the client gets it without waiting for the
+DE. The prompt's KV (Full Blocks), the first token and the seeded generator's state go to
+the DE: KV layer by layer through the KVMover, the rest in the KVHandoff. The DE continues
+exactly as one engine would (greedy and seeded output are identical; tested).
 """
 
 from __future__ import annotations
@@ -28,23 +28,26 @@ class PrefillServer(EngineServer):
         start = time.perf_counter()
         stream = self.loop.submit(
             job.request_id,
-            lambda engine: engine.add_prefill(job.request_id, job.token_ids, job.tenant_salt),
+            lambda e: e.add_prefill(job.request_id, job.token_ids, job.params, job.tenant_salt),
             num_tokens=len(job.token_ids),
         )
-        final: RequestOutput | None = None
+        first: RequestOutput | None = None
         async for output in stream:
-            final = output
-        if final is None or final.kv is None:
-            reason = final.finish_reason if final else "no output"
-            raise PrefillError(f"prefill of {job.request_id} ended without KV ({reason})")
+            first = output
+        if first is None or (first.kv is None and not first.finished):
+            raise PrefillError(f"prefill of {job.request_id} ended without a token")
         prefill_s = time.perf_counter() - start
-        kv = final.kv
+        kv, first.kv = first.kv, None
+        if kv is None or first.finish_reason == "error":
+            return KVHandoff(job.request_id, first, [], [], [], None, None, prefill_s, 0.0)
         descriptor = await asyncio.to_thread(self.mover.send, job.request_id, kv)
         return KVHandoff(
             request_id=job.request_id,
+            first=first,
             token_ids=kv.token_ids,
             block_keys=kv.block_keys,
-            num_cached_tokens=final.num_cached_tokens,
+            output_token_ids=kv.output_token_ids,
+            generator_state=kv.generator_state,
             descriptor=descriptor,
             prefill_s=prefill_s,
             send_s=time.perf_counter() - start - prefill_s,

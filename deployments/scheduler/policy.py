@@ -12,7 +12,7 @@ Policy (issue 3; DualPath's read-path choice joins in issue 4):
 from __future__ import annotations
 
 from deployments.protocol import Plan, PlanRequest
-from deployments.scheduler.view import ClusterView, EngineState
+from deployments.scheduler.view import ClusterView
 
 
 class NoEngineAvailable(RuntimeError):
@@ -20,12 +20,10 @@ class NoEngineAvailable(RuntimeError):
 
 
 def plan(request: PlanRequest, view: ClusterView, now: float) -> Plan:
-    prefill: EngineState | None = None
-    if request.num_prompt_tokens > 1:
-        pes = view.live("prefill", now)
-        if not pes:
-            raise NoEngineAvailable("no prefill engine is ready")
-        prefill = min(pes, key=lambda e: (e.queued_tokens, e.running, e.report.replica_id))
+    pes = view.live("prefill", now)
+    if not pes:
+        raise NoEngineAvailable("no prefill engine is ready")
+    prefill = min(pes, key=lambda e: (e.queued_tokens, e.running, e.report.replica_id))
     des = view.live("decode", now)
     if not des:
         raise NoEngineAvailable("no decode engine is ready")
@@ -37,7 +35,7 @@ def plan(request: PlanRequest, view: ClusterView, now: float) -> Plan:
         decode = max(des, key=lambda e: (e.free_blocks, e.report.replica_id))
     return Plan(
         request_id=request.request_id,
-        prefill_replica=prefill.report.replica_id if prefill else None,
+        prefill_replica=prefill.report.replica_id,
         decode_replica=decode.report.replica_id,
     )
 
@@ -45,7 +43,6 @@ def plan(request: PlanRequest, view: ClusterView, now: float) -> Plan:
 def plan_and_note(request: PlanRequest, view: ClusterView, now: float) -> Plan:
     """plan(), then charge the chosen replicas in the view until their next report."""
     result = plan(request, view, now)
-    if result.prefill_replica is not None:
-        view.note_planned(result.prefill_replica, request.num_prompt_tokens)
+    view.note_planned(result.prefill_replica, request.num_prompt_tokens)
     view.note_planned(result.decode_replica, request.num_prompt_tokens + request.max_tokens)
     return result

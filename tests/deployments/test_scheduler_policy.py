@@ -60,12 +60,6 @@ def test_when_no_decode_has_room_the_one_with_most_free_blocks_queues_it():
     assert plan(PlanRequest("r", 5000, 100), view, 0.0).decode_replica == "de1"
 
 
-def test_one_token_prompt_skips_prefill():
-    view = view_of(report("de0", "decode"))
-    p = plan(PlanRequest("r", 1, 10), view, 0.0)
-    assert p.prefill_replica is None and p.decode_replica == "de0"
-
-
 def test_missing_or_stale_engines_raise():
     with pytest.raises(NoEngineAvailable, match="prefill"):
         plan(PlanRequest("r", 10, 10), view_of(report("de0", "decode")), 0.0)

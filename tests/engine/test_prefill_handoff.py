@@ -1,11 +1,13 @@
-"""PD handoff inside the engine: a prefill-only request exports its KV; a second request
-imports it for a prompt prefix, computes the last prompt token itself and samples. Output
-must equal a single engine run: greedy, seeded, penalties and min_tokens alike."""
+"""PD handoff inside the engine: the PE side (add_prefill) prefills and samples the first
+token with the request's params, then hands off the prompt KV + first token + generator
+state; the DE side (add_request(kv=...)) continues. Output must equal a single engine run:
+greedy, seeded, penalties, min_tokens and stop strings alike."""
 
 from __future__ import annotations
 
 import pytest
 
+from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
 from tests.helpers import chat
 
@@ -19,22 +21,27 @@ LONG_SYSTEM = (
 
 
 def run_pd(engine, prompt, params, rid):
-    """Prefill prompt[:-1] as its own request, then decode with the exported KV."""
-    engine.add_prefill(f"{rid}-p", prompt[:-1])
+    """PE: add_prefill (first token + KV); DE: add_request(kv=...) for the rest."""
+    engine.add_prefill(f"{rid}-p", prompt, params)
     outputs = []
     while engine.has_unfinished():
         outputs.extend(engine.step())
-    (pre,) = [o for o in outputs if o.request_id == f"{rid}-p"]
-    assert pre.finished and pre.kv is not None and pre.new_token_ids == []
-    assert pre.kv.num_tokens == len(prompt) - 1
-    engine.add_request(rid, prompt, params, kv=pre.kv)
-    tokens = []
+    (first,) = [o for o in outputs if o.request_id == f"{rid}-p"]
+    assert len(first.new_token_ids) == 1
+    if first.finished:
+        return first.new_token_ids, first, first, first.text
+    kv = first.kv
+    assert kv is not None and kv.num_tokens == len(prompt)
+    assert kv.output_token_ids == first.new_token_ids
+    engine.add_request(rid, prompt, params, kv=kv)
+    tokens, text = list(first.new_token_ids), first.new_text
     while engine.has_unfinished():
         for out in engine.step():
             tokens.extend(out.new_token_ids)
+            text += out.new_text
             if out.finished:
                 final = out
-    return tokens, final, pre
+    return tokens, final, first, text
 
 
 @pytest.mark.parametrize(
@@ -50,24 +57,39 @@ def test_pd_handoff_output_equals_single_engine(engine, params):
     prompt = chat(engine, "Name three uses of a hash table.", system=LONG_SYSTEM)
     assert len(prompt) > engine.config.block_size  # full blocks travel with keys
     (alone,) = engine.generate([prompt], params)
-    tokens, final, pre = run_pd(engine, prompt, params, "pd")
+    tokens, final, first, text = run_pd(engine, prompt, params, "pd")
     assert tokens == alone.new_token_ids
+    assert text == alone.text
     assert final.num_output_tokens == alone.num_output_tokens
     assert final.finish_reason == alone.finish_reason
     # the prefill reused the prompt blocks the single run left in the prefix cache
-    assert pre.num_cached_tokens >= engine.config.block_size
+    assert first.num_cached_tokens >= engine.config.block_size
 
 
-def test_prefill_only_request_frees_its_blocks_and_can_be_aborted(engine):
+def test_prefill_request_frees_its_blocks_and_can_be_aborted(engine):
     prompt = chat(engine, "Tell me about the ocean.")
     total = engine.block_manager.num_blocks
-    engine.add_prefill("p-abort", prompt)
+    params = SamplingParams(temperature=0, max_tokens=50)
+    engine.add_prefill("p-abort", prompt, params)
     assert engine.abort("p-abort")
     assert not engine.has_unfinished()
-    engine.add_prefill("p-done", prompt)
+    engine.add_prefill("p-done", prompt, params)
+    outputs = []
     while engine.has_unfinished():
-        engine.step()
+        outputs += engine.step()
+    assert len(outputs) == 1 and outputs[0].kv is not None and not outputs[0].finished
     assert engine.block_manager.num_free_blocks == total
+
+
+def test_kv_that_leaves_nothing_to_compute_is_rejected(engine):
+    prompt = chat(engine, "Hello there.")
+    engine.add_prefill("p", prompt, SamplingParams(temperature=0, max_tokens=5))
+    (out,) = engine.step()
+    kv = out.kv
+    kv.output_token_ids = []  # the prompt's KV alone: the DE would have nothing to sample from
+    with pytest.raises(InvalidRequestError, match="leave a token"):
+        engine.add_request("d", prompt, SamplingParams(temperature=0, max_tokens=5), kv=kv)
+    assert not engine.has_unfinished()
 
 
 def test_can_import_reflects_free_blocks(engine):

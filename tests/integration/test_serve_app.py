@@ -152,7 +152,11 @@ def test_multi_turn_reports_growing_cached_tokens(serve_app):
     api = client(serve_app)
     history = messages("Suggest a name for a pet turtle.")
     cached, prompt_tokens = [], []
-    for follow_up in [*FOLLOW_UPS, None]:
+    tail = (
+        " Please keep the answer short, friendly and free of jargon, do not repeat my question "
+        "back to me, and do not add any disclaimers or follow-up questions at the end."
+    )
+    for follow_up in [*(f + tail for f in FOLLOW_UPS), None]:
         reply = api.chat.completions.create(
             model=MODEL, messages=history, max_tokens=24, temperature=0
         )
