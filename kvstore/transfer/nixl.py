@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import os
 import threading
 import time
 import uuid
@@ -28,6 +29,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+
+# NOTE: nixl logs INFO lines to stdout for every agent; keep them out of serving logs.
+os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
 from nixl._api import nixl_agent, nixl_agent_config, nixl_xfer_handle
 
 from kvstore.transfer.base import KVDescriptor
