@@ -79,14 +79,11 @@ class ServeBackend:
         self, scheduler: DeploymentHandle, prefill: DeploymentHandle, decode: DeploymentHandle
     ):
         self.scheduler = scheduler
-        self.prefill_engine = prefill
+        self.prefill_engine = prefill.options(stream=True)
         self.decode_engine = decode.options(stream=True)
 
     async def plan(self, request: PlanRequest) -> Plan:
         return await self._unary(self.scheduler.plan, request)
-
-    async def prefill(self, job: PrefillJob) -> KVHandoff:
-        return await self._unary(self.prefill_engine.prefill, job)
 
     async def _unary(self, method: Any, arg: Any) -> Any:
         response = as_own_request(method, arg)
@@ -96,13 +93,19 @@ class ServeBackend:
             response.cancel()  # client gone: stop the prefill too
             raise
 
-    async def decode(self, job: DecodeJob) -> AsyncIterator[RequestOutput]:
-        outputs = as_own_request(self.decode_engine.generate, job)
+    def prefill(self, job: PrefillJob) -> AsyncIterator[RequestOutput | KVHandoff]:
+        return self._stream(self.prefill_engine.prefill, job)
+
+    def decode(self, job: DecodeJob) -> AsyncIterator[RequestOutput]:
+        return self._stream(self.decode_engine.generate, job)
+
+    async def _stream(self, method: Any, arg: Any) -> AsyncIterator[Any]:
+        items = as_own_request(method, arg)
         try:
-            async for output in outputs:
-                yield output
+            async for item in items:
+                yield item
         finally:
-            outputs.cancel()  # a no-op once finished; aborts the DE request otherwise
+            items.cancel()  # a no-op once finished; aborts the engine request otherwise
 
 
 def error_response(exc: BaseException) -> JSONResponse:

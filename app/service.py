@@ -30,6 +30,7 @@ from app.api.schemas import (
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    Timings,
     TokenLogprobOut,
     TopLogprob,
     Usage,
@@ -44,7 +45,7 @@ from engine.tokenizer import ChatTemplateError, Tokenizer
 class Backend(Protocol):
     async def plan(self, request: PlanRequest) -> Plan: ...
 
-    async def prefill(self, job: PrefillJob) -> KVHandoff: ...
+    def prefill(self, job: PrefillJob) -> AsyncIterator[RequestOutput | KVHandoff]: ...
 
     def decode(self, job: DecodeJob) -> AsyncIterator[RequestOutput]: ...
 
@@ -127,11 +128,14 @@ class ChatService:
         prefix-cache hits as `num_cached_tokens`."""
         plan = await self.backend.plan(PlanRequest(request_id, len(prompt), params.max_tokens))
         prefill = PrefillJob(request_id, prompt, params, salt, plan.prefill_replica)
-        handoff = await self.backend.prefill(prefill)
-        first = handoff.first
-        yield first  # TTFT: the first token comes straight from the PE
-        if first.finished:
-            return
+        async with contextlib.aclosing(self.backend.prefill(prefill)) as from_pe:
+            first = await anext(from_pe)
+            assert isinstance(first, RequestOutput)
+            yield first  # TTFT: the first token comes straight from the PE
+            if first.finished:
+                return
+            handoff = await anext(from_pe)
+            assert isinstance(handoff, KVHandoff)
         cached = first.num_cached_tokens
         job = DecodeJob(request_id, prompt, params, salt, handoff, plan.decode_replica)
         async with contextlib.aclosing(self.backend.decode(job)) as outputs:
@@ -178,10 +182,12 @@ class ChatService:
 
     async def _collect(
         self, prompt: list[int], params: list[SamplingParams], salt: bytes
-    ) -> tuple[list[Choice], Usage]:
+    ) -> tuple[list[Choice], Usage, Timings]:
         choices = [Choice(logprobs=[] if p.logprobs is not None else None) for p in params]
         cached = 0
+        timings = Timings()
         async for index, out in self._choices(prompt, params, salt):
+            _note_timing(timings, out)
             choice = choices[index]
             choice.text += out.new_text
             choice.num_tokens = out.num_output_tokens
@@ -191,7 +197,7 @@ class ChatService:
                 choice.finish_reason = out.finish_reason
                 cached = max(cached, out.num_cached_tokens)
         usage = Usage.of(len(prompt), sum(c.num_tokens for c in choices), cached)
-        return choices, usage
+        return choices, usage, timings
 
     # ------------------------------------------------------------------ chat
     async def chat(
@@ -199,8 +205,9 @@ class ChatService:
     ) -> ChatCompletionResponse:
         prompt = self.chat_prompt(request)
         params = [self.params(request, prompt, i) for i in range(request.n)]
-        choices, usage = await self._collect(prompt, params, salt)
+        choices, usage, timings = await self._collect(prompt, params, salt)
         return ChatCompletionResponse(
+            timings=timings,
             model=self.model.name,
             choices=[
                 ChatChoice(
@@ -236,7 +243,9 @@ class ChatService:
             )
         num_tokens = [0] * request.n
         cached = 0
+        timings = Timings()
         async for index, out in _prepend(first, outputs):
+            _note_timing(timings, out)
             num_tokens[index] = out.num_output_tokens
             if out.finished:
                 cached = max(cached, out.num_cached_tokens)
@@ -257,15 +266,19 @@ class ChatService:
             )
         if request.stream_options and request.stream_options.include_usage:
             yield ChatCompletionChunk(
-                **head, choices=[], usage=Usage.of(len(prompt), sum(num_tokens), cached)
+                **head,
+                choices=[],
+                usage=Usage.of(len(prompt), sum(num_tokens), cached),
+                timings=timings,
             )
 
     # ------------------------------------------------------------------ completions
     async def complete(self, request: CompletionRequest, salt: bytes = b"") -> CompletionResponse:
         prompt = self.completion_prompt(request)
         params = [self.params(request, prompt, i) for i in range(request.n)]
-        choices, usage = await self._collect(prompt, params, salt)
+        choices, usage, timings = await self._collect(prompt, params, salt)
         return CompletionResponse(
+            timings=timings,
             model=self.model.name,
             choices=[
                 CompletionChoice(
@@ -289,7 +302,9 @@ class ChatService:
         first = await anext(outputs, None)
         num_tokens = [0] * request.n
         cached = 0
+        timings = Timings()
         async for index, out in _prepend(first, outputs):
+            _note_timing(timings, out)
             num_tokens[index] = out.num_output_tokens
             if out.finished:
                 cached = max(cached, out.num_cached_tokens)
@@ -315,6 +330,7 @@ class ChatService:
                 model=self.model.name,
                 choices=[],
                 usage=Usage.of(len(prompt), sum(num_tokens), cached),
+                timings=timings,
             )
 
     # ------------------------------------------------------------------ logprobs
@@ -363,3 +379,10 @@ async def _prepend(
             yield first
         async for item in rest:
             yield item
+
+
+def _note_timing(timings: Timings, output: RequestOutput) -> None:
+    """The first choice's PE engine time to its first token (no hops, no transfer)."""
+    seconds = output.metrics.get("engine_first_output_s")
+    if seconds is not None and timings.prefill_ms is None:
+        timings.prefill_ms = seconds * 1e3

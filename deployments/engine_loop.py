@@ -14,6 +14,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -76,6 +77,7 @@ class EngineLoop:
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._waiting: deque[_Admission] = deque()
         self._streams: dict[str, OutputStream] = {}
+        self._admitted_at: dict[str, float] = {}  # until the request's first output
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.num_steps = 0
@@ -151,6 +153,7 @@ class EngineLoop:
             self._waiting.popleft()
             try:
                 admission.add(self.engine)
+                self._admitted_at[admission.request_id] = time.perf_counter()
             except Exception as exc:  # bad request or KV: the caller gets the error
                 self._streams.pop(admission.request_id, None)
                 admission.stream.put_threadsafe(exc)
@@ -167,7 +170,11 @@ class EngineLoop:
                     stream.put_threadsafe(exc)
             return
         self.num_steps += 1
+        now = time.perf_counter()
         for output in outputs:
+            admitted = self._admitted_at.pop(output.request_id, None)
+            if admitted is not None:  # engine time to the first output (no client-side hops)
+                output.metrics["engine_first_output_s"] = now - admitted
             stream = self._streams.get(output.request_id)
             if stream is None:
                 continue
@@ -176,6 +183,7 @@ class EngineLoop:
             stream.put_threadsafe(output)
 
     def _abort(self, request_id: str) -> None:
+        self._admitted_at.pop(request_id, None)
         stream = self._streams.pop(request_id, None)
         if stream is not None:  # harmless when the reader is the one who left
             stream.put_threadsafe(RequestAborted(f"request {request_id} was aborted"))

@@ -2,8 +2,8 @@
 
 Request path (one HTTP request):
     Ingress --PlanRequest--> Scheduler --Plan--> Ingress
-    Ingress --PrefillJob--> PrefillEngine[plan.prefill_replica] --KVHandoff--> Ingress
-        (the handoff carries the first token: the Ingress streams it at once)
+    Ingress --PrefillJob--> PrefillEngine[plan.prefill_replica] --first token, KVHandoff-->
+        Ingress (a stream: the first token goes to the client before the KV is sent)
     Ingress --DecodeJob(handoff)--> DecodeEngine[plan.decode_replica] --RequestOutput*--> Ingress
 Load: PrefillEngine / DecodeEngine --LoadReport--> Scheduler and --TransferReport--> the
 TrafficManager of their node (periodic, off the request path).
@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from engine.output import RequestOutput
 from engine.sampling_params import SamplingParams
 from kvstore.transfer.base import KVDescriptor
 
@@ -49,19 +48,18 @@ class PrefillJob:
 
 @dataclass(frozen=True, slots=True)
 class KVHandoff:
-    """The PE's answer: the first token, and where the prompt's KV waits for the DE.
+    """Where the prompt's KV waits for the DE, plus the PE's sampling state.
 
-    `descriptor` is None when the request finished at the first token (EOS, a stop string,
-    max_tokens=1): there is nothing to decode.
+    The PE streams the first token (a RequestOutput) before this, so the client does not
+    wait for the KV send; a request that finished at its first token gets no handoff.
     """
 
     request_id: str
-    first: RequestOutput  # the first sampled token, as the client sees it (kv stripped)
     token_ids: list[int]
     block_keys: list[bytes]
     output_token_ids: list[int]
     generator_state: Any  # torch ByteTensor of a seeded generator, else None
-    descriptor: KVDescriptor | None
+    descriptor: KVDescriptor
     prefill_s: float  # engine time from admission to the first token
     send_s: float  # time to hand the layers to the transport
 

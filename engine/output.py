@@ -47,6 +47,7 @@ class RequestOutput:
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
     text: str = ""  # all text emitted so far, including new_text
     kv: SequenceKV | None = None  # prefill-only request handed off: its last output
+    metrics: dict[str, float] = field(default_factory=dict)  # timings added by the server
 
 
 class OutputState:

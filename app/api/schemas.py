@@ -152,6 +152,14 @@ class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0
 
 
+class Timings(BaseModel):
+    """dualpath extension (like DeepSeek's cache fields): where the first token's time went."""
+
+    prefill_ms: float | None = Field(
+        default=None, description="engine time on the PE from admission to the first token"
+    )
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -211,6 +219,7 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
     service_tier: ServiceTier | None = None
     system_fingerprint: str | None = None
+    timings: Timings | None = None
 
 
 class DeltaMessage(BaseModel):
@@ -233,6 +242,7 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChunkChoice]
     usage: Usage | None = None
     service_tier: ServiceTier | None = None
+    timings: Timings | None = None  # on the usage chunk
 
 
 class CompletionLogprobs(BaseModel):
@@ -256,6 +266,7 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    timings: Timings | None = None
 
 
 class ModelCard(BaseModel):

@@ -23,7 +23,7 @@ class DecodeServer(EngineServer):
     async def generate(self, job: DecodeJob) -> AsyncIterator[RequestOutput]:
         kv: SequenceKV | None = None
         handoff = job.handoff
-        if handoff is not None and handoff.descriptor is not None:
+        if handoff is not None:
             data = await asyncio.to_thread(self.mover.receive, handoff.descriptor)
             kv = SequenceKV(
                 handoff.token_ids,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 from ray.serve.handle import DeploymentHandle
@@ -10,6 +11,7 @@ from deployments.options import EngineReplicaOptions
 from deployments.prefill.server import PrefillServer
 from deployments.protocol import KVHandoff, PrefillJob
 from deployments.replica import start_engine_server
+from engine.output import RequestOutput
 
 
 class PrefillEngine:
@@ -20,8 +22,9 @@ class PrefillEngine:
         assert isinstance(server, PrefillServer)
         self.server = server
 
-    async def prefill(self, job: PrefillJob) -> KVHandoff:
-        return await self.server.prefill(job)
+    async def prefill(self, job: PrefillJob) -> AsyncIterator[RequestOutput | KVHandoff]:
+        async for item in self.server.prefill(job):
+            yield item
 
     def record_routing_stats(self) -> dict[str, Any]:
         return self.server.load_report().routing_stats()

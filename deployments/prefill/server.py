@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 
 from deployments.engine_server import EngineServer
 from deployments.protocol import KVHandoff, PrefillJob
@@ -24,7 +25,9 @@ class PrefillError(RuntimeError):
 class PrefillServer(EngineServer):
     role = "prefill"
 
-    async def prefill(self, job: PrefillJob) -> KVHandoff:
+    async def prefill(self, job: PrefillJob) -> AsyncIterator[RequestOutput | KVHandoff]:
+        """Yield the first token as soon as it is sampled, then (unless the request already
+        finished) the KVHandoff once the KV is with the transport."""
         start = time.perf_counter()
         stream = self.loop.submit(
             job.request_id,
@@ -38,12 +41,12 @@ class PrefillServer(EngineServer):
             raise PrefillError(f"prefill of {job.request_id} ended without a token")
         prefill_s = time.perf_counter() - start
         kv, first.kv = first.kv, None
-        if kv is None or first.finish_reason == "error":
-            return KVHandoff(job.request_id, first, [], [], [], None, None, prefill_s, 0.0)
+        yield first
+        if kv is None:
+            return
         descriptor = await asyncio.to_thread(self.mover.send, job.request_id, kv)
-        return KVHandoff(
+        yield KVHandoff(
             request_id=job.request_id,
-            first=first,
             token_ids=kv.token_ids,
             block_keys=kv.block_keys,
             output_token_ids=kv.output_token_ids,

@@ -46,6 +46,7 @@ COLUMNS = [
     "req_per_s",
     "out_tok_per_s",
     "overhead_ms",
+    "ttft_vs_alone_ms",
     "target",
     "status",
 ]
@@ -85,7 +86,7 @@ async def _stream_one(http: httpx.AsyncClient, url: str, prompt: list[int], max_
         "stream_options": {"include_usage": True},
     }
     start = time.perf_counter()
-    first = last = None
+    first = last = prefill_ms = None
     tokens = 0
     async with http.stream("POST", url, json=body) as r:
         r.raise_for_status()
@@ -100,12 +101,16 @@ async def _stream_one(http: httpx.AsyncClient, url: str, prompt: list[int], max_
                 last = now
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
+                prefill_ms = (chunk.get("timings") or {}).get("prefill_ms")
     assert first is not None and last is not None and tokens == max_tokens, (tokens, max_tokens)
+    ttft = first - start
     return {
-        "ttft": first - start,
+        "ttft": ttft,
         "tpot": (last - first) / max(1, tokens - 1),
         "e2e": last - start,
         "tokens": tokens,
+        # everything in TTFT that is not the PE's engine time for this very request
+        "overhead": None if prefill_ms is None else ttft - prefill_ms / 1e3,
     }
 
 
@@ -168,7 +173,7 @@ def bench_transport(args, transport: str, engine: EngineCore, prompts: Prompts, 
         (result,), _ = asyncio.run(_run_clients(url, [prompts.take()], 1, args.max_tokens))
         http_ttft.append(result["ttft"])
         singles.append(result)
-    overhead_ms = (statistics.median(http_ttft) - statistics.median(engine_ttft)) * 1e3
+    vs_alone_ms = (statistics.median(http_ttft) - statistics.median(engine_ttft)) * 1e3
     rows.append(
         {
             "workload": f"ttft {args.prompt_tokens} tok",
@@ -198,10 +203,13 @@ def bench_transport(args, transport: str, engine: EngineCore, prompts: Prompts, 
             "req_per_s": len(results) / wall,
             "out_tok_per_s": sum(r["tokens"] for r in results) / wall,
         }
+        overheads = [r["overhead"] for r in results if r["overhead"] is not None]
+        if overheads:
+            row["overhead_ms"] = _pct(overheads, 0.5) * 1e3
         if clients == 1:
-            row["overhead_ms"] = overhead_ms
+            row["ttft_vs_alone_ms"] = vs_alone_ms
             row["target"] = f"overhead <= {OVERHEAD_TARGET_MS:.0f} ms"
-            row["status"] = "ok" if overhead_ms <= OVERHEAD_TARGET_MS else "MISS"
+            row["status"] = "ok" if row["overhead_ms"] <= OVERHEAD_TARGET_MS else "MISS"
         rows.append(row)
         logger.info("bench row", extra=row)
     return rows

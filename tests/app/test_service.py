@@ -44,9 +44,10 @@ class LocalBackend:
             self.view.update(server.load_report())
         return plan_and_note(request, self.view, time.time())
 
-    async def prefill(self, job: PrefillJob) -> KVHandoff:
+    async def prefill(self, job: PrefillJob) -> AsyncIterator[RequestOutput | KVHandoff]:
         assert job.target_replica == "pe"
-        return await self.prefill_server.prefill(job)
+        async for item in self.prefill_server.prefill(job):
+            yield item
 
     async def decode(self, job: DecodeJob) -> AsyncIterator[RequestOutput]:
         assert job.target_replica == "de"
