@@ -131,6 +131,7 @@ class ChatService:
         async with contextlib.aclosing(self.backend.prefill(prefill)) as from_pe:
             first = await anext(from_pe)
             assert isinstance(first, RequestOutput)
+            _raise_on_failure(first)
             yield first  # TTFT: the first token comes straight from the PE
             if first.finished:
                 return
@@ -140,6 +141,7 @@ class ChatService:
         job = DecodeJob(request_id, prompt, params, salt, handoff, plan.decode_replica)
         async with contextlib.aclosing(self.backend.decode(job)) as outputs:
             async for output in outputs:
+                _raise_on_failure(output)
                 output.num_cached_tokens = cached
                 yield output
 
@@ -249,7 +251,7 @@ class ChatService:
             num_tokens[index] = out.num_output_tokens
             if out.finished:
                 cached = max(cached, out.num_cached_tokens)
-            if not out.new_text and not out.finished:
+            if not out.new_text and not out.finished and not out.new_logprobs:
                 continue  # held back (partial stop string) or a special token
             yield ChatCompletionChunk(
                 **head,
@@ -308,7 +310,7 @@ class ChatService:
             num_tokens[index] = out.num_output_tokens
             if out.finished:
                 cached = max(cached, out.num_cached_tokens)
-            if not out.new_text and not out.finished:
+            if not out.new_text and not out.finished and not out.new_logprobs:
                 continue
             yield CompletionResponse(
                 **head,
@@ -386,3 +388,12 @@ def _note_timing(timings: Timings, output: RequestOutput) -> None:
     seconds = output.metrics.get("engine_first_output_s")
     if seconds is not None and timings.prefill_ms is None:
         timings.prefill_ms = seconds * 1e3
+
+
+class EngineFailure(RuntimeError):
+    """An engine ended the request with "error"/"abort": a server error, not a reply."""
+
+
+def _raise_on_failure(output: RequestOutput) -> None:
+    if output.finished and output.finish_reason in ("error", "abort"):
+        raise EngineFailure(f"request {output.request_id} ended with {output.finish_reason}")

@@ -119,7 +119,7 @@ class EngineLoop:
     # ------------------------------------------------------------------ engine thread
     def _run(self) -> None:
         while not self._stop.is_set():
-            busy = self.engine.has_unfinished()
+            busy = self.engine.has_unfinished() or bool(self._waiting)
             self._drain_commands(block=not busy)
             self._admit_waiting()
             if self.engine.has_unfinished():
@@ -163,11 +163,14 @@ class EngineLoop:
             outputs = self.engine.step()
         except Exception as exc:  # engine bug: fail what is running, keep the loop alive
             logger.exception("engine step raised")
+            # NOTE: outputs made before the raise are lost, so fail every admitted stream
+            # (some requests may already have left engine.seqs), not only those still running.
+            waiting = {a.request_id for a in self._waiting}
             for request_id in list(self.engine.seqs):
                 self.engine.abort(request_id)
-                stream = self._streams.pop(request_id, None)
-                if stream is not None:
-                    stream.put_threadsafe(exc)
+            for request_id in [r for r in self._streams if r not in waiting]:
+                self._streams.pop(request_id).put_threadsafe(exc)
+                self._admitted_at.pop(request_id, None)
             return
         self.num_steps += 1
         now = time.perf_counter()

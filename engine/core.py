@@ -160,11 +160,17 @@ class EngineCore:
         self.scheduler.add(seq)
 
     def can_import(self, num_tokens: int) -> bool:
-        """Whether a request of `num_tokens` with imported KV fits now (blocks and batch)."""
+        """Whether a request of `num_tokens` with imported KV fits now (blocks and batch).
+
+        NOTE: imports wait behind preempted work and keep the scheduler's watermark free, so
+        a running decode needing a block does not preempt the import just admitted.
+        """
         bm = self.block_manager
+        sched = self.scheduler
         return (
-            len(self.scheduler.running) < self.config.max_num_seqs
-            and bm.num_blocks_for(num_tokens) <= bm.num_free_blocks
+            not sched.waiting
+            and len(sched.running) < self.config.max_num_seqs
+            and bm.num_blocks_for(num_tokens) + sched.watermark_blocks <= bm.num_free_blocks
         )
 
     def abort(self, request_id: str) -> bool:
@@ -311,7 +317,11 @@ class EngineCore:
             raise InvalidRequestError("not enough free KV blocks to import this request")
         bm.ensure_slots(seq, seq.num_tokens)
         blocks = seq.block_table[: bm.num_blocks_for(kv.num_tokens)]
-        self.runner.kv_cache.import_blocks(blocks, kv.data)
+        try:
+            self.runner.kv_cache.import_blocks(blocks, kv.data)
+        except Exception:
+            bm.free(seq)  # the sequence is not registered yet: nobody else would free them
+            raise
         seq.num_computed_tokens = kv.num_tokens
         bm.cache_full_blocks(seq)
 

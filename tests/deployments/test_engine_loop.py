@@ -121,3 +121,33 @@ def test_abort_from_outside_ends_the_stream(engine, loop):
                 pass
 
     asyncio.run(asyncio.wait_for(main(), timeout=30))
+
+
+def test_failing_step_fails_every_admitted_stream_and_the_loop_survives(engine, loop, monkeypatch):
+    prompt = chat(engine, "Say something.")
+    params = SamplingParams(temperature=0, max_tokens=6)
+    real_step = engine.step
+    calls = {"n": 0}
+
+    def flaky_step():
+        calls["n"] += 1
+        if calls["n"] == 2:  # after the first token: outputs of this step are lost
+            raise RuntimeError("boom")
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", flaky_step)
+    loop.start()
+
+    async def main():
+        streams = [
+            loop.submit(f"f{i}", lambda e, i=i: e.add_request(f"f{i}", prompt, params))
+            for i in range(2)
+        ]
+        results = await asyncio.gather(*(collect(s) for s in streams), return_exceptions=True)
+        after = await collect(loop.submit("ok", lambda e: e.add_request("ok", prompt, params)))
+        return results, after
+
+    results, after = asyncio.run(asyncio.wait_for(main(), timeout=60))
+    assert all(isinstance(r, RuntimeError) for r in results)
+    assert after[-1].finished and after[-1].finish_reason in ("stop", "length")
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
