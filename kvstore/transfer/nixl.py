@@ -44,6 +44,7 @@ _PUMP_INTERVAL_S = 5e-4  # ~8% of a core while pumping; 1e-4 costs ~20%
 _NOTIF_LINGER_S = 1.0  # keep progressing this long after sending a notification
 DEFAULT_PAGE_BYTES = 16 * 2**10
 _RELEASE = b"release:"
+_CLOCK_SKEW_S = 5.0
 
 Run = tuple[int, int]  # (first page, number of pages)
 Segment = tuple[int, int]  # (address, number of bytes)
@@ -53,6 +54,11 @@ class TransferCapacityError(RuntimeError):
     """The staging pool has no room for this transfer; fall back to another transport."""
 
 
+class TransferExpiredError(RuntimeError):
+    """The sender may already have reused this transfer's pages: reading them could return
+    another request's KV, so the receiver refuses (the request fails; never wrong KV)."""
+
+
 @dataclass(frozen=True, slots=True)
 class NixlPayload:
     """`KVDescriptor.payload` for NIXL: who holds the layers and where."""
@@ -60,6 +66,7 @@ class NixlPayload:
     agent: str
     metadata: bytes
     layers: tuple[Segment, ...]
+    expires_at_unix: float = float("inf")  # the sender frees the pages after this
 
 
 class _PagePool:
@@ -169,7 +176,9 @@ class NixlTransport:
             num_layers=len(layers),
             layer_shape=shape,
             dtype=str(dtype).removeprefix("torch."),
-            payload=NixlPayload(self.agent_name, self._metadata, segments),
+            payload=NixlPayload(
+                self.agent_name, self._metadata, segments, time.time() + self.release_timeout_s
+            ),
         )
 
     def poll(self) -> None:
@@ -180,6 +189,7 @@ class NixlTransport:
 
     def recv(self, descriptor: KVDescriptor) -> Iterator[torch.Tensor]:
         payload: NixlPayload = descriptor.payload
+        _check_fresh(payload, descriptor.transfer_id)
         dtype = getattr(torch, descriptor.dtype)
         layer_bytes = payload.layers[0][1]
         with self._lock:
@@ -194,6 +204,7 @@ class NixlTransport:
                 handle, pending = pending, None
                 self._wait(handle)
                 if i + 1 < descriptor.num_layers:
+                    _check_fresh(payload, descriptor.transfer_id)
                     pending = self._post_read(peer, payload.layers[i + 1], buffers[(i + 1) % 2])
                 yield buffers[i % 2].view(dtype).view(descriptor.layer_shape)
         finally:
@@ -300,3 +311,12 @@ class NixlTransport:
         finally:
             with self._lock:
                 self._agent.release_xfer_handle(handle)
+
+
+def _check_fresh(payload: NixlPayload, transfer_id: str) -> None:
+    """Refuse to post a READ that could still be running when the sender's pages expire.
+
+    NOTE: a margin of one READ timeout plus clock skew between nodes.
+    """
+    if time.time() + XFER_TIMEOUT_S + _CLOCK_SKEW_S >= payload.expires_at_unix:
+        raise TransferExpiredError(f"KV transfer {transfer_id} expired before it was read")

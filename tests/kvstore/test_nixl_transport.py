@@ -186,3 +186,25 @@ def test_stuck_read_times_out(pair, monkeypatch) -> None:
         next(receiver.recv(desc))
     assert receiver.free_bytes == POOL_BYTES
     assert wait_until_freed(sender)
+
+
+def test_expired_descriptor_is_refused_not_read():
+    """Pages past the sender's release timeout may hold another transfer: never read them."""
+    import dataclasses
+
+    from kvstore.transfer.nixl import NixlTransport, TransferExpiredError
+
+    sender, receiver = NixlTransport(staging_bytes=4 << 20), NixlTransport(staging_bytes=4 << 20)
+    try:
+        layers = [torch.randn(2, 2, 64, 3, 64) for _ in range(2)]
+        descriptor = sender.send("old", layers)
+        stale = dataclasses.replace(
+            descriptor, payload=dataclasses.replace(descriptor.payload, expires_at_unix=0.0)
+        )
+        with pytest.raises(TransferExpiredError):
+            next(iter(receiver.recv(stale)))
+        received = [t.clone() for t in receiver.recv(descriptor)]  # the fresh one still works
+        assert all(torch.equal(a, b) for a, b in zip(received, layers, strict=True))
+    finally:
+        sender.close()
+        receiver.close()
