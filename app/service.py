@@ -23,18 +23,15 @@ from app.api.schemas import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChoiceLogprobs,
     ChunkChoice,
     CompletionChoice,
-    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     DeltaMessage,
     Timings,
-    TokenLogprobOut,
-    TopLogprob,
     Usage,
 )
+from app.logprobs import LogprobFormatter
 from deployments.protocol import DecodeJob, KVHandoff, Plan, PlanRequest, PrefillJob
 from engine.output import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -62,7 +59,6 @@ class Choice:
     """One choice's accumulated result."""
 
     text: str = ""
-    num_tokens: int = 0
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
 
@@ -72,6 +68,7 @@ class ChatService:
         self, tokenizer: Tokenizer, model: ModelInfo, backend: Backend, default_max_tokens: int
     ):
         self.tokenizer = tokenizer
+        self.logprobs = LogprobFormatter(tokenizer)
         self.model = model
         self.backend = backend
         self.default_max_tokens = default_max_tokens
@@ -186,20 +183,36 @@ class ChatService:
         self, prompt: list[int], params: list[SamplingParams], salt: bytes
     ) -> tuple[list[Choice], Usage, Timings]:
         choices = [Choice(logprobs=[] if p.logprobs is not None else None) for p in params]
-        cached = 0
-        timings = Timings()
+        tally = _Tally(len(prompt), len(params))
         async for index, out in self._choices(prompt, params, salt):
-            _note_timing(timings, out)
+            tally.note(index, out)
             choice = choices[index]
             choice.text += out.new_text
-            choice.num_tokens = out.num_output_tokens
             if choice.logprobs is not None:
                 choice.logprobs.extend(out.new_logprobs)
             if out.finished:
                 choice.finish_reason = out.finish_reason
-                cached = max(cached, out.num_cached_tokens)
-        usage = Usage.of(len(prompt), sum(c.num_tokens for c in choices), cached)
-        return choices, usage, timings
+        return choices, tally.usage(), tally.timings
+
+    async def _deltas(
+        self, prompt: list[int], params: list[SamplingParams], salt: bytes
+    ) -> tuple[_Tally, AsyncIterator[tuple[int, RequestOutput]]]:
+        """Start all choices and wait for the first output; then the outputs worth a chunk.
+
+        NOTE: awaiting the first output before the caller yields anything makes planning and
+        validation errors reach the client before any byte is sent (a proper status code).
+        """
+        outputs = self._choices(prompt, params, salt)
+        first = await anext(outputs, None)
+        tally = _Tally(len(prompt), len(params))
+
+        async def deltas() -> AsyncIterator[tuple[int, RequestOutput]]:
+            async for index, out in _prepend(first, outputs):
+                tally.note(index, out)
+                if out.new_text or out.finished or out.new_logprobs:
+                    yield index, out  # else: held back (partial stop string), special token
+
+        return tally, deltas()
 
     # ------------------------------------------------------------------ chat
     async def chat(
@@ -216,7 +229,7 @@ class ChatService:
                     index=i,
                     message=AssistantMessage(content=c.text),
                     finish_reason=c.finish_reason,
-                    logprobs=self._chat_logprobs(c.logprobs),
+                    logprobs=self.logprobs.chat(c.logprobs),
                 )
                 for i, c in enumerate(choices)
             ],
@@ -235,24 +248,12 @@ class ChatService:
             "created": int(time.time()),
             "model": self.model.name,
         }
-        # NOTE: the first output is awaited before anything is yielded, so planning and
-        # validation errors reach the caller before any byte is sent (a proper status code).
-        outputs = self._choices(prompt, params, salt)
-        first = await anext(outputs, None)
+        tally, deltas = await self._deltas(prompt, params, salt)
         for i in range(request.n):
             yield ChatCompletionChunk(
                 **head, choices=[ChunkChoice(index=i, delta=DeltaMessage(role="assistant"))]
             )
-        num_tokens = [0] * request.n
-        cached = 0
-        timings = Timings()
-        async for index, out in _prepend(first, outputs):
-            _note_timing(timings, out)
-            num_tokens[index] = out.num_output_tokens
-            if out.finished:
-                cached = max(cached, out.num_cached_tokens)
-            if not out.new_text and not out.finished and not out.new_logprobs:
-                continue  # held back (partial stop string) or a special token
+        async for index, out in deltas:
             yield ChatCompletionChunk(
                 **head,
                 choices=[
@@ -260,7 +261,7 @@ class ChatService:
                         index=index,
                         delta=DeltaMessage(content=out.new_text or None),
                         finish_reason=out.finish_reason if out.finished else None,
-                        logprobs=self._chat_logprobs(out.new_logprobs)
+                        logprobs=self.logprobs.chat(out.new_logprobs)
                         if params[index].logprobs is not None
                         else None,
                     )
@@ -268,10 +269,7 @@ class ChatService:
             )
         if request.stream_options and request.stream_options.include_usage:
             yield ChatCompletionChunk(
-                **head,
-                choices=[],
-                usage=Usage.of(len(prompt), sum(num_tokens), cached),
-                timings=timings,
+                **head, choices=[], usage=tally.usage(), timings=tally.timings
             )
 
     # ------------------------------------------------------------------ completions
@@ -287,7 +285,7 @@ class ChatService:
                     index=i,
                     text=c.text,
                     finish_reason=c.finish_reason,
-                    logprobs=self._completion_logprobs(c.logprobs),
+                    logprobs=self.logprobs.completion(c.logprobs),
                 )
                 for i, c in enumerate(choices)
             ],
@@ -300,18 +298,8 @@ class ChatService:
         prompt = self.completion_prompt(request)
         params = [self.params(request, prompt, i) for i in range(request.n)]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time())}
-        outputs = self._choices(prompt, params, salt)
-        first = await anext(outputs, None)
-        num_tokens = [0] * request.n
-        cached = 0
-        timings = Timings()
-        async for index, out in _prepend(first, outputs):
-            _note_timing(timings, out)
-            num_tokens[index] = out.num_output_tokens
-            if out.finished:
-                cached = max(cached, out.num_cached_tokens)
-            if not out.new_text and not out.finished and not out.new_logprobs:
-                continue
+        tally, deltas = await self._deltas(prompt, params, salt)
+        async for index, out in deltas:
             yield CompletionResponse(
                 **head,
                 model=self.model.name,
@@ -320,7 +308,7 @@ class ChatService:
                         index=index,
                         text=out.new_text,
                         finish_reason=out.finish_reason if out.finished else None,
-                        logprobs=self._completion_logprobs(out.new_logprobs)
+                        logprobs=self.logprobs.completion(out.new_logprobs)
                         if params[index].logprobs is not None
                         else None,
                     )
@@ -331,46 +319,9 @@ class ChatService:
                 **head,
                 model=self.model.name,
                 choices=[],
-                usage=Usage.of(len(prompt), sum(num_tokens), cached),
-                timings=timings,
+                usage=tally.usage(),
+                timings=tally.timings,
             )
-
-    # ------------------------------------------------------------------ logprobs
-    def _token(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
-
-    def _chat_logprobs(self, logprobs: list[TokenLogprob] | None) -> ChoiceLogprobs | None:
-        if logprobs is None:
-            return None
-        content = []
-        for lp in logprobs:
-            token = self._token(lp.token_id)
-            top = [
-                TopLogprob(token=(t := self._token(i)), logprob=v, bytes=list(t.encode()))
-                for i, v in lp.top
-            ]
-            content.append(
-                TokenLogprobOut(
-                    token=token, logprob=lp.logprob, bytes=list(token.encode()), top_logprobs=top
-                )
-            )
-        return ChoiceLogprobs(content=content)
-
-    def _completion_logprobs(
-        self, logprobs: list[TokenLogprob] | None
-    ) -> CompletionLogprobs | None:
-        if logprobs is None:
-            return None
-        out = CompletionLogprobs()
-        offset = 0
-        for lp in logprobs:
-            token = self._token(lp.token_id)
-            out.tokens.append(token)
-            out.token_logprobs.append(lp.logprob)
-            out.top_logprobs.append({self._token(i): v for i, v in lp.top})
-            out.text_offset.append(offset)
-            offset += len(token)
-        return out
 
 
 async def _prepend(
@@ -383,11 +334,26 @@ async def _prepend(
             yield item
 
 
-def _note_timing(timings: Timings, output: RequestOutput) -> None:
-    """The first choice's PE engine time to its first token (no hops, no transfer)."""
-    seconds = output.metrics.get("engine_first_output_s")
-    if seconds is not None and timings.prefill_ms is None:
-        timings.prefill_ms = seconds * 1e3
+class _Tally:
+    """Usage and timings of a request's choices, from their outputs as they come."""
+
+    def __init__(self, num_prompt_tokens: int, n: int):
+        self.num_prompt_tokens = num_prompt_tokens
+        self.num_tokens = [0] * n
+        self.cached = 0
+        self.timings = Timings()
+
+    def note(self, index: int, output: RequestOutput) -> None:
+        self.num_tokens[index] = output.num_output_tokens
+        if output.finished:
+            self.cached = max(self.cached, output.num_cached_tokens)
+        # the first PE engine time to a first token (no hops, no transfer)
+        seconds = output.metrics.get("engine_first_output_s")
+        if seconds is not None and self.timings.prefill_ms is None:
+            self.timings.prefill_ms = seconds * 1e3
+
+    def usage(self) -> Usage:
+        return Usage.of(self.num_prompt_tokens, sum(self.num_tokens), self.cached)
 
 
 class EngineFailure(RuntimeError):
