@@ -110,29 +110,7 @@ class EngineCore:
             InvalidRequestError: empty/too-long prompt, unknown token ids, duplicate id,
                 KV that does not belong to this prompt.
         """
-        params = params or SamplingParams()
-        self._validate(request_id, prompt_token_ids, params, kv)
-        seq = Sequence(
-            request_id=request_id,
-            token_ids=list(prompt_token_ids),
-            params=params,
-            root_key=root_key(self.model_id, tenant_salt),
-        )
-        if kv is not None:
-            self._resume(seq, kv)
-            self._import_kv(seq, kv)
-        self.seqs[request_id] = seq
-        self.states[request_id] = OutputState(self.tokenizer, params)
-        if kv is not None and kv.output_token_ids:
-            # replay what the PE already emitted, so stop strings and deltas continue from it
-            self.states[request_id].update(
-                list(kv.output_token_ids), finishing=False, check_stop=False
-            )
-        if kv is not None:
-            seq.status = SequenceStatus.RUNNING
-            self.scheduler.running.append(seq)
-        else:
-            self.scheduler.add(seq)
+        self._add(request_id, prompt_token_ids, params, tenant_salt, kv, prefill_only=False)
 
     def add_prefill(
         self,
@@ -146,18 +124,40 @@ class EngineCore:
         first token and the seeded generator's state) unless the request already finished;
         `add_request(..., kv=...)` on the decode engine continues exactly as one engine.
         """
+        self._add(request_id, prompt_token_ids, params, tenant_salt, None, prefill_only=True)
+
+    def _add(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams | None,
+        tenant_salt: bytes,
+        kv: SequenceKV | None,
+        prefill_only: bool,
+    ) -> None:
         params = params or SamplingParams()
-        self._validate(request_id, prompt_token_ids, params, None)
+        self._validate(request_id, prompt_token_ids, params, kv)
         seq = Sequence(
             request_id=request_id,
             token_ids=list(prompt_token_ids),
             params=params,
             root_key=root_key(self.model_id, tenant_salt),
-            prefill_only=True,
+            prefill_only=prefill_only,
         )
+        state = OutputState(self.tokenizer, params)
+        if kv is not None:
+            self._resume(seq, kv)
+            self._import_kv(seq, kv)
+            if kv.output_token_ids:
+                # replay what the PE already emitted: stop strings and deltas continue from it
+                state.update(list(kv.output_token_ids), finishing=False, check_stop=False)
         self.seqs[request_id] = seq
-        self.states[request_id] = OutputState(self.tokenizer, params)
-        self.scheduler.add(seq)
+        self.states[request_id] = state
+        if kv is not None:
+            seq.status = SequenceStatus.RUNNING
+            self.scheduler.running.append(seq)
+        else:
+            self.scheduler.add(seq)
 
     def can_import(self, num_tokens: int) -> bool:
         """Whether a request of `num_tokens` with imported KV fits now (blocks and batch).
