@@ -1,12 +1,16 @@
 """Messages between deployments: small frozen dataclasses, pickled through Serve handles.
 
 Request path (one HTTP request):
-    Ingress --PlanRequest--> Scheduler --Plan--> Ingress
-    Ingress --PrefillJob--> PrefillEngine[plan.prefill_replica] --first token, KVHandoff-->
-        Ingress (a stream: the first token goes to the client before the KV is sent)
-    Ingress --DecodeJob(handoff)--> DecodeEngine[plan.decode_replica] --RequestOutput*--> Ingress
+    Ingress --PlanRequest(block keys)--> Scheduler --Plan(PE, DE, read split)--> Ingress
+    Ingress --load(keys)--> TrafficManager of the DE node and/or the PE node (SNIC reads)
+        --DRAM handles--> Ingress
+    Ingress --PrefillJob(hit handles)--> PrefillEngine[plan.prefill_replica] --first token,
+        KVHandoff--> Ingress (a stream: the first token goes to the client before the KV)
+    Ingress --DecodeJob(handoff, DE-side handles)--> DecodeEngine[plan.decode_replica]
+        --RequestOutput*--> Ingress; the DE persists new full blocks through its node's TM.
 Load: PrefillEngine / DecodeEngine --LoadReport--> Scheduler and --TransferReport--> the
-TrafficManager of their node (periodic, off the request path).
+TrafficManager of their node; TrafficManager --NodeReport(SNIC queues, index events)-->
+Scheduler (periodic, off the request path).
 
 Jobs carry `target_replica` (the replica the Scheduler chose) and node reports carry
 `target_node`; `deployments.routing.ReplicaPinnedRouter` honours both.
@@ -18,9 +22,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from engine.sampling_params import SamplingParams
+from kvstore.index import IndexEvent
 from kvstore.transfer.base import KVDescriptor
 
 Role = Literal["prefill", "decode"]
+
+
+ReadPath = Literal["none", "pe", "de", "split"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,13 +36,31 @@ class PlanRequest:
     request_id: str
     num_prompt_tokens: int
     max_tokens: int
+    block_keys: tuple[bytes, ...] = ()  # chain keys of the prompt's full blocks
 
 
 @dataclass(frozen=True, slots=True)
 class Plan:
+    """Who serves a request, and who reads its stored KV.
+
+    Hit blocks are `[0, num_hit_blocks)` of the prompt. The decode side reads the first
+    `de_read_blocks` of them through its node's SNIC, the prefill side reads the rest, so the
+    PE always ends up with all hit KV and the DE already holds `[0, de_read_blocks)`:
+    read_path "pe" has de_read_blocks = 0, "de" has de_read_blocks = num_hit_blocks.
+    """
+
     request_id: str
     prefill_replica: str
     decode_replica: str
+    prefill_node: str = ""
+    decode_node: str = ""
+    read_path: ReadPath = "none"
+    num_hit_blocks: int = 0
+    de_read_blocks: int = 0
+
+    @property
+    def pe_read_blocks(self) -> int:
+        return self.num_hit_blocks - self.de_read_blocks
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +70,8 @@ class PrefillJob:
     params: SamplingParams  # the PE samples the first token with them
     tenant_salt: bytes
     target_replica: str | None = None
+    prefix_blocks: tuple[Any, ...] = ()  # DRAM handles of the hit blocks [0, n), in order
+    decode_has_blocks: int = 0  # leading blocks the DE holds already: not sent back
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +88,7 @@ class KVHandoff:
     output_token_ids: list[int]
     generator_state: Any  # torch ByteTensor of a seeded generator, else None
     descriptor: KVDescriptor
+    first_block: int  # the descriptor's data starts at this block of the prompt
     prefill_s: float  # engine time from admission to the first token
     send_s: float  # time to hand the layers to the transport
 
@@ -72,6 +101,8 @@ class DecodeJob:
     tenant_salt: bytes
     handoff: KVHandoff | None
     target_replica: str | None = None
+    prefix_blocks: tuple[Any, ...] = ()  # DRAM handles of blocks [0, handoff.first_block)
+    num_stored_blocks: int = 0  # leading blocks already in the KV store: not persisted again
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +120,9 @@ class LoadReport:
     block_size: int
     max_num_seqs: int
     timestamp_s: float
+    num_context_tokens: int = 0  # tokens held by unfinished requests (their KV)
+    kv_bytes_per_token: int = 0
+    prefill_tokens_per_s: float = 0.0  # measured compute rate, 0 until measured
 
     def routing_stats(self) -> dict[str, float]:
         return {
@@ -96,6 +130,21 @@ class LoadReport:
             "running": self.num_running,
             "free_blocks": self.num_free_blocks,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class NodeReport:
+    """What a node's TrafficManager tells the Scheduler: its SNIC queues and index changes."""
+
+    node_id: str
+    read_queue_bytes: int
+    read_queue_tokens: int
+    write_queue_bytes: int
+    bandwidth_bytes_per_s: float | None  # the SNIC cap; None = uncapped
+    read_throughput_bytes_per_s: float
+    timestamp_s: float
+    events: tuple[IndexEvent, ...] = ()
+    full_sync: bool = False  # events are the node's whole content, not a delta
 
 
 @dataclass(slots=True)

@@ -66,10 +66,20 @@ class BlockManager:
             seq.block_table.append(block_id)
             seq.block_keys.append(self.block_keys[block_id])  # type: ignore[arg-type]
         seq.num_computed_tokens = len(hits) * self.block_size
+        self.ensure_slots(seq, seq.num_tokens)
+        prefix = seq.prefix_kv
+        if prefix is not None:
+            # Stored KV beyond the local hits fills fresh blocks (copied in by the runner,
+            # layer by layer, during this sequence's first step); one token stays to compute.
+            num_stored = min(prefix.num_blocks, (seq.num_tokens - 1) // self.block_size)
+            if num_stored > len(hits):
+                seq.pending_import = [
+                    (seq.block_table[i], prefix.blocks[i]) for i in range(len(hits), num_stored)
+                ]
+                seq.num_computed_tokens = num_stored * self.block_size
         if seq.num_admissions == 0:  # re-admission after preemption keeps the first figure
             seq.num_cached_tokens = seq.num_computed_tokens
         seq.num_admissions += 1
-        self.ensure_slots(seq, seq.num_tokens)
 
     def can_ensure_slots(self, seq: Sequence, num_tokens: int) -> bool:
         return self.num_blocks_for(num_tokens) - len(seq.block_table) <= self.num_free_blocks
@@ -91,6 +101,7 @@ class BlockManager:
                     self.free_ids.move_to_end(block_id, last=False)
         seq.block_table = []
         seq.block_keys = []
+        seq.pending_import = []
         seq.num_computed_tokens = 0
 
     def cache_full_blocks(self, seq: Sequence) -> None:

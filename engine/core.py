@@ -18,6 +18,8 @@ from engine.batch_scheduler import BatchScheduler, StepPlan
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
 from engine.errors import InvalidRequestError
+from engine.kv_handoff import KVHandoffMixin
+from engine.kv_import import ImportStats, PrefixKV
 from engine.output import OutputState, RequestOutput, SequenceKV
 from engine.runner import ModelRunner
 from engine.sampling_params import SamplingParams
@@ -52,7 +54,7 @@ def plan_ids(plan: StepPlan) -> list[str]:
     return [chunk.seq.request_id for chunk in plan.chunks]
 
 
-class EngineCore:
+class EngineCore(KVHandoffMixin):
     def __init__(self, config: EngineConfig, tokenizer: Tokenizer | None = None):
         self.config = config
         if config.num_threads is not None:
@@ -76,6 +78,8 @@ class EngineCore:
         self.runner = ModelRunner(config, self.model_config, num_blocks, sorted(self.eos_token_ids))
         self.seqs: dict[str, Sequence] = {}
         self.states: dict[str, OutputState] = {}
+        self.persist_out: list[tuple[bytes, torch.Tensor]] = []
+        self.import_totals = ImportStats()  # stored-KV imports so far (layer-wise overlap)
         self._arrivals = itertools.count()
         logger.info(
             "engine ready",
@@ -96,6 +100,8 @@ class EngineCore:
         params: SamplingParams | None = None,
         tenant_salt: bytes = b"",
         kv: SequenceKV | None = None,
+        prefix: PrefixKV | None = None,
+        persist_from_block: int | None = None,
     ) -> None:
         """Queue a request.
 
@@ -104,13 +110,27 @@ class EngineCore:
             prompt_token_ids: the full prompt (already templated and tokenised).
             params: sampling parameters (defaults: temperature 1, max_tokens 256).
             tenant_salt: enters every block key, so tenants never share cached KV.
-            kv: KV already computed elsewhere for a prefix of the prompt (PD handoff).
+            kv: KV already computed elsewhere for a prefix of the prompt (PD handoff); its
+                blocks before `kv.first_block` come from `prefix`.
+            prefix: stored KV of the prompt's leading full blocks (those blocks are not
+                computed).
+            persist_from_block: hand every full block from this index on to
+                `drain_persist()` as it fills (None: never); earlier blocks are stored already.
 
         Raises:
             InvalidRequestError: empty/too-long prompt, unknown token ids, duplicate id,
                 KV that does not belong to this prompt.
         """
-        self._add(request_id, prompt_token_ids, params, tenant_salt, kv, prefill_only=False)
+        self._add(
+            request_id,
+            prompt_token_ids,
+            params,
+            tenant_salt,
+            kv,
+            prefill_only=False,
+            prefix=prefix,
+            persist_from_block=persist_from_block,
+        )
 
     def add_prefill(
         self,
@@ -118,13 +138,25 @@ class EngineCore:
         prompt_token_ids: list[int],
         params: SamplingParams | None = None,
         tenant_salt: bytes = b"",
+        prefix: PrefixKV | None = None,
+        send_from_block: int = 0,
     ) -> None:
         """Queue the PE side of a PD request: prefill the prompt, sample the first token with
-        the request's own params, then stop. That output carries `kv` (the prompt's KV, the
-        first token and the seeded generator's state) unless the request already finished;
-        `add_request(..., kv=...)` on the decode engine continues exactly as one engine.
+        the request's own params, then stop. That output carries `kv` (the prompt's KV from
+        block `send_from_block` on, the first token and the seeded generator's state) unless
+        the request already finished; `add_request(..., kv=...)` on the decode engine
+        continues exactly as one engine. `prefix`: stored KV of leading blocks (not computed).
         """
-        self._add(request_id, prompt_token_ids, params, tenant_salt, None, prefill_only=True)
+        self._add(
+            request_id,
+            prompt_token_ids,
+            params,
+            tenant_salt,
+            None,
+            prefill_only=True,
+            prefix=prefix,
+            send_from_block=send_from_block,
+        )
 
     def _add(
         self,
@@ -134,6 +166,9 @@ class EngineCore:
         tenant_salt: bytes,
         kv: SequenceKV | None,
         prefill_only: bool,
+        prefix: PrefixKV | None = None,
+        send_from_block: int = 0,
+        persist_from_block: int | None = None,
     ) -> None:
         params = params or SamplingParams()
         self._validate(request_id, prompt_token_ids, params, kv)
@@ -143,11 +178,18 @@ class EngineCore:
             params=params,
             root_key=root_key(self.model_id, tenant_salt),
             prefill_only=prefill_only,
+            send_from_block=send_from_block,
+            persist_from_block=persist_from_block,
         )
+        if prefix is not None and prefix.num_blocks:
+            self._check_prefix(seq, prefix)
+            if kv is None:
+                seq.prefix_kv = prefix
         state = OutputState(self.tokenizer, params)
         if kv is not None:
             self._resume(seq, kv)
-            self._import_kv(seq, kv)
+            self._import_kv(seq, kv, prefix)
+            self._collect_persist(seq)
             if kv.output_token_ids:
                 # replay what the PE already emitted: stop strings and deltas continue from it
                 state.update(list(kv.output_token_ids), finishing=False, check_stop=False)
@@ -197,9 +239,13 @@ class EngineCore:
             # forever); its sequences end with "error" and everything else carries on.
             logger.exception("step failed", extra={"request_ids": plan_ids(plan)})
             return [self._fail(chunk.seq) for chunk in plan.chunks]
+        if self.runner.last_import is not None:
+            self.import_totals.add(self.runner.last_import.stats)
         for chunk in plan.chunks:
             chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
+            chunk.seq.prefix_kv = None  # imported (or cached locally): release the source
             self.block_manager.cache_full_blocks(chunk.seq)
+            self._collect_persist(chunk.seq)
         if result is None:
             return []
         outputs = []
@@ -239,7 +285,7 @@ class EngineCore:
 
     def _hand_off(self, seq: Sequence) -> SequenceKV:
         """Export the prompt's KV and sampling state, then drop the sequence (PE side)."""
-        kv = self.export_kv(seq.request_id)
+        kv = self.export_kv(seq.request_id, seq.send_from_block)
         kv.output_token_ids = list(seq.output_token_ids)
         kv.generator_state = seq.generator.get_state() if seq.generator else None
         self._finish(seq, FinishReason.STOP)
@@ -279,51 +325,6 @@ class EngineCore:
         seq.finish_reason = reason
         del self.seqs[seq.request_id]
         del self.states[seq.request_id]
-
-    # ------------------------------------------------------------------ KV handoff
-    def export_kv(self, request_id: str) -> SequenceKV:
-        """Copy out the computed KV of an unfinished request as Full Blocks.
-
-        Raises:
-            InvalidRequestError: the request is unknown or already finished.
-        """
-        seq = self.seqs.get(request_id)
-        if seq is None:
-            raise InvalidRequestError(f"no unfinished request {request_id!r} to export")
-        n = seq.num_computed_tokens
-        blocks = seq.block_table[: self.block_manager.num_blocks_for(n)]
-        data = self.runner.kv_cache.export_blocks(blocks)
-        return SequenceKV(list(seq.token_ids[:n]), list(seq.block_keys), data)
-
-    @staticmethod
-    def _resume(seq: Sequence, kv: SequenceKV) -> None:
-        """Continue a request whose first tokens were sampled elsewhere (PD handoff)."""
-        seq.token_ids.extend(kv.output_token_ids)
-        if kv.generator_state is not None and seq.generator is not None:
-            seq.generator.set_state(kv.generator_state)
-
-    def _import_kv(self, seq: Sequence, kv: SequenceKV) -> None:
-        bm = self.block_manager
-        num_full = kv.num_tokens // bm.block_size
-        if seq.full_block_keys(bm.block_size, num_full) != kv.block_keys:
-            # NOTE: keys bind KV to model + tenant + tokens; a mismatch is never imported.
-            raise InvalidRequestError("imported KV block keys do not match this prompt/tenant")
-        expected = (bm.num_blocks_for(kv.num_tokens), *self.runner.kv_cache.full_block_shape)
-        if tuple(kv.data.shape) != expected:
-            raise InvalidRequestError(
-                f"imported KV has shape {tuple(kv.data.shape)}, this engine needs {expected}"
-            )
-        if bm.num_blocks_for(seq.num_tokens) > bm.num_free_blocks:
-            raise InvalidRequestError("not enough free KV blocks to import this request")
-        bm.ensure_slots(seq, seq.num_tokens)
-        blocks = seq.block_table[: bm.num_blocks_for(kv.num_tokens)]
-        try:
-            self.runner.kv_cache.import_blocks(blocks, kv.data)
-        except Exception:
-            bm.free(seq)  # the sequence is not registered yet: nobody else would free them
-            raise
-        seq.num_computed_tokens = kv.num_tokens
-        bm.cache_full_blocks(seq)
 
     # ------------------------------------------------------------------ helpers
     def generate(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -40,3 +41,4 @@ class ForwardContext:
     rope: tuple[torch.Tensor, torch.Tensor] | None  # (cos, sin) per token, set by the model
     attn: AttentionMetadata
     kv_caches: list[torch.Tensor]  # per layer: [2, num_blocks, block_size, kv_heads, head_dim]
+    before_layer: Callable[[int], None] | None = None  # waits for layer i's stored KV

@@ -15,17 +15,19 @@ from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 class SequenceKV:
     """A sequence's computed KV as Full Blocks, ready to move to another engine or a tier.
 
-    `data` is `[num_blocks, layers, 2, block_size, kv_heads, head_dim]`; the last block may be
-    partial (only the first `num_tokens % block_size` slots are meaningful).
+    `data` is `[num_blocks - first_block, layers, 2, block_size, kv_heads, head_dim]`: blocks
+    `[first_block, ...)` of the sequence (the receiver already holds the ones before); the
+    last block may be partial (only the first `num_tokens % block_size` slots count).
     """
 
     token_ids: list[int]
-    block_keys: list[bytes]  # keys of the full blocks, in order
+    block_keys: list[bytes]  # keys of all full blocks, in order (from block 0)
     data: torch.Tensor
     # PD resume state: tokens already sampled (their KV not in `data`) and the seeded
     # generator's state after sampling them, so the receiver samples exactly as one engine.
     output_token_ids: list[int] = field(default_factory=list)
     generator_state: torch.Tensor | None = None
+    first_block: int = 0
 
     @property
     def num_tokens(self) -> int:

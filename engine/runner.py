@@ -8,6 +8,7 @@ from engine.batch_scheduler import StepPlan
 from engine.config import EngineConfig, ModelConfig
 from engine.forward_context import AttentionMetadata, ForwardContext, PrefillSpan
 from engine.kv_cache import KVCache
+from engine.kv_import import LayerwiseImport
 from engine.layers.linear import onednn_available
 from engine.loader import load_weights
 from engine.models.registry import resolve_model_class
@@ -49,12 +50,26 @@ class ModelRunner:
         )
         self.kv_layers = self.kv_cache.layer_views()
         self.sampler = Sampler(config.seed, eos_token_ids)
+        self.last_import: LayerwiseImport | None = None
 
     @torch.inference_mode()
     def run(self, plan: StepPlan) -> tuple[list[Sequence], SampleResult | None]:
         """Execute one step; return the sequences that sampled and their new tokens."""
         input_ids, ctx, sample_idx, sample_seqs = self._prepare(plan)
-        hidden = self.model(input_ids, ctx)
+        pending = [pair for chunk in plan.chunks for pair in chunk.seq.pending_import]
+        self.last_import = None
+        if pending:
+            # NOTE: the import writes only blocks this step's chunks attend to, never blocks
+            # the forward writes (fresh tokens go after the imported prefix).
+            self.last_import = LayerwiseImport(self.kv_cache, pending).start()
+            ctx.before_layer = self.last_import.wait
+            for chunk in plan.chunks:
+                chunk.seq.pending_import = []
+        try:
+            hidden = self.model(input_ids, ctx)
+        finally:
+            if self.last_import is not None:
+                self.last_import.join()
         if not sample_seqs:
             return [], None
         logits = self.model.compute_logits(hidden[sample_idx]).cpu()

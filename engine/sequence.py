@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.kv_import import PrefixKV
 from engine.sampling_params import SamplingParams
 from kvstore.keys import chain_key
 
@@ -56,6 +57,10 @@ class Sequence:
     generator: torch.Generator | None = None
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     prefill_only: bool = False  # PD: stop after the first token and hand off KV + state
+    send_from_block: int = 0  # PD: the receiver holds blocks before this one already
+    prefix_kv: PrefixKV | None = None  # stored KV of leading blocks, imported at admission
+    pending_import: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    persist_from_block: int | None = None  # export full blocks from here on (None: never)
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)

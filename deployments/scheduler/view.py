@@ -1,15 +1,16 @@
-"""ClusterView: the Scheduler's picture of every engine replica, built from LoadReports.
+"""ClusterView: the Scheduler's picture of every engine, every node's SNIC, and the KV index.
 
 Pure (no Ray, no clock of its own): callers pass `now`. Between reports the view adds what
-the Scheduler itself planned, so a burst of requests is spread instead of piling onto the
-replica that looked idlest at the last report.
+the Scheduler itself planned (prefill tokens, decode tokens, read bytes), so a burst of
+requests is spread instead of piling onto whatever looked idlest at the last report.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from deployments.protocol import LoadReport, Role
+from deployments.protocol import LoadReport, NodeReport, Role
+from kvstore.index import KVIndex
 
 
 @dataclass(slots=True)
@@ -19,11 +20,22 @@ class EngineState:
     planned_requests: int = 0
 
     @property
+    def node_id(self) -> str:
+        return self.report.node_id
+
+    @property
     def queued_tokens(self) -> int:
+        """Unfinished prefill tokens (PE) or tokens planned onto it (DE)."""
         return self.report.num_queued_tokens + self.planned_tokens
 
     @property
+    def context_tokens(self) -> int:
+        """Tokens of KV it holds or will hold: the paper's tok_e for a decode engine."""
+        return self.report.num_context_tokens + self.planned_tokens
+
+    @property
     def running(self) -> int:
+        """Unfinished requests: the paper's seq_e."""
         return self.report.num_running + self.report.num_waiting + self.planned_requests
 
     @property
@@ -32,13 +44,44 @@ class EngineState:
         return self.report.num_free_blocks - blocks
 
 
+@dataclass(slots=True)
+class NodeState:
+    report: NodeReport
+    planned_read_bytes: int = 0
+
+    @property
+    def read_queue_bytes(self) -> int:
+        return self.report.read_queue_bytes + self.planned_read_bytes
+
+    def read_queue_s(self, fallback_bytes_per_s: float) -> float:
+        """Seconds until a read queued now would start (the SNIC cap, else measured rate)."""
+        rate = self.report.bandwidth_bytes_per_s or self.report.read_throughput_bytes_per_s
+        return self.read_queue_bytes / (rate or fallback_bytes_per_s)
+
+
 class ClusterView:
     def __init__(self, stale_after_s: float = 15.0):
         self.stale_after_s = stale_after_s
         self.engines: dict[str, EngineState] = {}
+        self.nodes: dict[str, NodeState] = {}
+        self.index = KVIndex()
+        self.rr_counter = 0  # the round_robin policy's cursor
 
     def update(self, report: LoadReport) -> None:
         self.engines[report.replica_id] = EngineState(report)
+
+    def update_node(self, report: NodeReport, now: float = 0.0) -> bool:
+        """Apply a node report; returns True when the node must send a full sync.
+
+        A node the view has never seen (this Scheduler restarted, or the node is new) is
+        asked once for everything it stores; until then its deltas are still applied.
+        """
+        known = report.node_id in self.nodes
+        if report.full_sync:
+            self.index.drop_node(report.node_id)
+        self.index.apply(report.events, now)
+        self.nodes[report.node_id] = NodeState(report)
+        return not known and not report.full_sync
 
     def remove(self, replica_id: str) -> None:
         self.engines.pop(replica_id, None)
@@ -50,11 +93,19 @@ class ClusterView:
             if e.report.role == role and now - e.report.timestamp_s <= self.stale_after_s
         ]
 
+    def node(self, node_id: str) -> NodeState | None:
+        return self.nodes.get(node_id)
+
     def note_planned(self, replica_id: str, num_tokens: int) -> None:
         state = self.engines.get(replica_id)
         if state is not None:
             state.planned_tokens += num_tokens
             state.planned_requests += 1
+
+    def note_read(self, node_id: str, num_bytes: int) -> None:
+        state = self.nodes.get(node_id)
+        if state is not None:
+            state.planned_read_bytes += num_bytes
 
     def snapshot(self) -> list[LoadReport]:
         return [replace(e.report) for e in self.engines.values()]

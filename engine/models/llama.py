@@ -85,7 +85,9 @@ class LlamaForCausalLM(nn.Module):
         """Hidden states [T, hidden] for a flat batch of tokens [T]."""
         x = self.embed_tokens(input_ids)
         ctx.rope = self.rotary.lookup(ctx.positions)
-        for layer, kv_cache in zip(self.layers, ctx.kv_caches, strict=True):
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, ctx.kv_caches, strict=True)):
+            if ctx.before_layer is not None:
+                ctx.before_layer(i)
             x = layer(x, kv_cache, ctx)
         return self.norm(x)
 

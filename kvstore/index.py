@@ -1,0 +1,94 @@
+"""KVIndex: which stored blocks exist, in which tier (and on which node's DRAM), how big.
+
+Pure (no Ray, no I/O, no clock of its own). The Scheduler holds one index for the whole
+cluster, fed by `IndexEvent`s that each node's store emits. Keys are hash chains
+(kvstore.keys), so a prompt's longest stored prefix is a walk over its keys in order: the
+first key that is absent ends the prefix (a later key cannot be valid without it).
+
+Restart: the index is soft state. A restarted Scheduler asks every node for a full resync
+(`TieredStore.snapshot_events`), and the NVMe tier itself is rebuilt from its directory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+Tier = Literal["dram", "nvme"]
+
+
+@dataclass(frozen=True, slots=True)
+class IndexEvent:
+    key: bytes
+    tier: Tier
+    present: bool  # False: the block left that tier (evicted, corrupt, deleted)
+    node_id: str = ""  # for "dram": the node whose object store holds it
+    nbytes: int = 0
+
+
+@dataclass(slots=True)
+class IndexEntry:
+    nbytes: int = 0
+    on_nvme: bool = False
+    dram_nodes: set[str] = field(default_factory=set)
+    last_use: float = 0.0
+
+    @property
+    def is_stored(self) -> bool:
+        return self.on_nvme or bool(self.dram_nodes)
+
+
+class KVIndex:
+    def __init__(self) -> None:
+        self.entries: dict[bytes, IndexEntry] = {}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def apply(self, events: Iterable[IndexEvent], now: float = 0.0) -> None:
+        for event in events:
+            entry = self.entries.get(event.key)
+            if entry is None:
+                if not event.present:
+                    continue
+                entry = self.entries[event.key] = IndexEntry(last_use=now)
+            if event.nbytes:
+                entry.nbytes = event.nbytes
+            if event.tier == "nvme":
+                entry.on_nvme = event.present
+            elif event.present:
+                entry.dram_nodes.add(event.node_id)
+            else:
+                entry.dram_nodes.discard(event.node_id)
+            if not entry.is_stored:
+                del self.entries[event.key]
+
+    def drop_node(self, node_id: str) -> None:
+        """A node's DRAM tier is gone (its TrafficManager restarted)."""
+        for key in [k for k, e in self.entries.items() if node_id in e.dram_nodes]:
+            self.apply([IndexEvent(key, "dram", False, node_id)])
+
+    def longest_prefix(self, keys: Sequence[bytes], now: float | None = None) -> int:
+        """How many leading `keys` are stored in some tier; touches them when `now` is given."""
+        n = 0
+        for key in keys:
+            entry = self.entries.get(key)
+            if entry is None:
+                break
+            if now is not None:
+                entry.last_use = now
+            n += 1
+        return n
+
+    def prefix_bytes(self, keys: Sequence[bytes]) -> int:
+        return sum(self.entries[k].nbytes for k in keys)
+
+    def stats(self) -> dict[str, int]:
+        entries = self.entries.values()
+        return {
+            "blocks": len(self.entries),
+            "bytes": sum(e.nbytes for e in entries),
+            "nvme_blocks": sum(1 for e in entries if e.on_nvme),
+            "dram_blocks": sum(1 for e in entries if e.dram_nodes),
+        }
