@@ -1,7 +1,10 @@
-"""build_app(args) -> the Serve application: validate AppConfig, bind the five deployments.
+"""build_app(args) -> the Serve application: validate AppConfig, bind the deployments.
 
-Code holds each deployment's defaults (a 2-core CPU box: the engines take one CPU each,
-everything else none); `serve_config.yaml`'s `deployments:` entries override them by name.
+Ingress and Scheduler once; per logical node (`nodes:` in the config) a TrafficManager
+(the node's KV store and SNIC) and its PrefillEngine / DecodeEngine replicas, named
+`<Deployment>-<node>`. Code holds each deployment's defaults (a 2-core CPU box: the engines
+take one CPU each, everything else none); `serve_config.yaml`'s `deployments:` entries
+override them by name.
 """
 
 from __future__ import annotations
@@ -36,34 +39,51 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         )
     light = {"num_cpus": 0}
     quiet = {"enable_access_log": False}  # periodic load reports would drown the logs
-    traffic = serve.deployment(
-        TrafficManager,
-        name="TrafficManager",
-        ray_actor_options=light,
-        logging_config=quiet,
-        max_replicas_per_node=1,
-        request_router_config=PINNED_ROUTER,
-    ).bind()
     scheduler = serve.deployment(
         Scheduler,
         name="Scheduler",
         ray_actor_options=light,
         logging_config=quiet,
         max_ongoing_requests=1000,
-    ).bind(config.scheduler.stale_after_s)
-    engine = config.engine_replica()
+    ).bind(config.scheduler.stale_after_s, config.scheduler.policy_config())
     engine_options: dict[str, Any] = {
-        "ray_actor_options": {"num_cpus": 1},
         "request_router_config": PINNED_ROUTER,
         "health_check_period_s": 5,
         "graceful_shutdown_timeout_s": 5,
     }
-    prefill = serve.deployment(
-        PrefillEngine, name="PrefillEngine", max_ongoing_requests=256, **engine_options
-    ).bind(engine, scheduler, traffic)
-    decode = serve.deployment(
-        DecodeEngine, name="DecodeEngine", max_ongoing_requests=512, **engine_options
-    ).bind(engine, scheduler, traffic)
+    nodes: dict[str, dict[str, Any]] = {}
+    for node in config.nodes:
+        # NOTE: a logical node's deployments carry its name; `ray_resources` pins them to
+        # one Ray node on a cluster (on one machine they share it and emulate a cluster).
+        pinned = {"resources": dict(node.ray_resources)} if node.ray_resources else {}
+        engine = config.engine_replica(node.name)
+        handles: dict[str, Any] = {}
+        handles["traffic"] = traffic = serve.deployment(
+            TrafficManager,
+            name=f"TrafficManager-{node.name}",
+            ray_actor_options=light | pinned,
+            logging_config=quiet,
+            max_ongoing_requests=1000,
+        ).bind(node.name, engine, config.kvstore, node.snic_bandwidth, scheduler)
+        if node.prefill:
+            handles["prefill"] = serve.deployment(
+                PrefillEngine,
+                name=f"PrefillEngine-{node.name}",
+                num_replicas=node.prefill,
+                max_ongoing_requests=256,
+                ray_actor_options={"num_cpus": 1} | pinned,
+                **engine_options,
+            ).bind(engine, scheduler, traffic)
+        if node.decode:
+            handles["decode"] = serve.deployment(
+                DecodeEngine,
+                name=f"DecodeEngine-{node.name}",
+                num_replicas=node.decode,
+                max_ongoing_requests=512,
+                ray_actor_options={"num_cpus": 1} | pinned,
+                **engine_options,
+            ).bind(engine, scheduler, traffic, config.kvstore.enabled)
+        nodes[node.name] = handles
     return serve.deployment(
         Ingress, name="Ingress", ray_actor_options=light, max_ongoing_requests=1024
-    ).bind(config, scheduler, prefill, decode)
+    ).bind(config, scheduler, nodes)

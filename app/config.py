@@ -6,16 +6,19 @@ Each section goes to exactly one kind of deployment; errors name their field pat
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from deployments.options import (
     Bytes,
     EngineReplicaOptions,
     EngineSection,
+    KVStoreSection,
     ModelSection,
+    NodeSection,
     Section,
     TransferSection,
 )
+from deployments.scheduler.policy import PolicyConfig, PolicyName
 
 
 class IngressSection(Section):
@@ -26,6 +29,28 @@ class IngressSection(Section):
 class SchedulerSection(Section):
     report_interval_s: float = Field(default=0.25, gt=0, description="engine load reports")
     stale_after_s: float = Field(default=15.0, gt=0, description="forget silent engines")
+    policy: PolicyName = Field(
+        default="dualpath", description="dualpath | dualpath_split | single_path | round_robin"
+    )
+    alpha_s: float = Field(default=3.0, gt=0, description="short read queue: drains within")
+    beta_s: float = Field(default=5.0, gt=0, description="PE overloaded beyond this much work")
+    z_factor: float = Field(default=1.05, ge=1.0, description="DE high-token threshold")
+    prefill_tokens_per_s: float = Field(
+        default=1000.0, gt=0, description="a PE's rate until it has measured its own"
+    )
+
+    def policy_config(self) -> PolicyConfig:
+        return PolicyConfig(
+            policy=self.policy,
+            alpha_s=self.alpha_s,
+            beta_s=self.beta_s,
+            z_factor=self.z_factor,
+            prefill_tokens_per_s=self.prefill_tokens_per_s,
+        )
+
+
+def _default_nodes() -> list[NodeSection]:
+    return [NodeSection(name="node0", prefill=1, decode=1)]
 
 
 class AppConfig(Section):
@@ -35,11 +60,23 @@ class AppConfig(Section):
     transfer: TransferSection = Field(default_factory=TransferSection)
     ingress: IngressSection = Field(default_factory=IngressSection)
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
+    kvstore: KVStoreSection = Field(default_factory=KVStoreSection)
+    nodes: list[NodeSection] = Field(default_factory=_default_nodes, min_length=1)
 
-    def engine_replica(self) -> EngineReplicaOptions:
+    @model_validator(mode="after")
+    def _check_nodes(self) -> AppConfig:
+        names = [n.name for n in self.nodes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"node names must be unique, got {names}")
+        if not any(n.prefill for n in self.nodes) or not any(n.decode for n in self.nodes):
+            raise ValueError("the nodes need at least one prefill and one decode engine")
+        return self
+
+    def engine_replica(self, node: str) -> EngineReplicaOptions:
         return EngineReplicaOptions(
             model=self.model,
             engine=self.engine,
             transfer=self.transfer,
+            node=node,
             report_interval_s=self.scheduler.report_interval_s,
         )

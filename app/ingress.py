@@ -14,7 +14,7 @@ import contextvars
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -44,13 +44,17 @@ from app.api.schemas import (
 )
 from app.api.sse import DONE_FRAME, sse_frame
 from app.config import AppConfig
-from app.service import ChatService, ModelInfo
+from app.flow import ModelInfo
+from app.service import ChatService
 from deployments.protocol import DecodeJob, KVHandoff, Plan, PlanRequest, PrefillJob
 from engine.config import ModelConfig
+from engine.core import model_fingerprint
 from engine.output import RequestOutput
 from engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
+
+NodeHandles = dict[str, DeploymentHandle]  # "prefill" / "decode" / "traffic" -> handle
 
 api = FastAPI(title="dualpath-serve", docs_url="/docs", redoc_url=None)
 
@@ -73,17 +77,24 @@ def as_own_request(method: Any, arg: Any) -> Any:
 
 
 class ServeBackend:
-    """The request path over Serve handles: one hop each to Scheduler, PE and DE."""
+    """The request path over Serve handles: Scheduler, the read side's TrafficManagers, the
+    PE and the DE (each logical node has its own deployments, keyed by node name)."""
 
-    def __init__(
-        self, scheduler: DeploymentHandle, prefill: DeploymentHandle, decode: DeploymentHandle
-    ):
+    def __init__(self, scheduler: DeploymentHandle, nodes: dict[str, NodeHandles]):
         self.scheduler = scheduler
-        self.prefill_engine = prefill.options(stream=True)
-        self.decode_engine = decode.options(stream=True)
+        self.prefill_engines = {
+            n: h["prefill"].options(stream=True) for n, h in nodes.items() if "prefill" in h
+        }
+        self.decode_engines = {
+            n: h["decode"].options(stream=True) for n, h in nodes.items() if "decode" in h
+        }
+        self.traffic = {n: h["traffic"] for n, h in nodes.items()}
 
     async def plan(self, request: PlanRequest) -> Plan:
         return await self._unary(self.scheduler.plan, request)
+
+    async def load(self, node: str, keys: Sequence[bytes]) -> list[Any]:
+        return await self._unary(self.traffic[node].load, list(keys))
 
     async def _unary(self, method: Any, arg: Any) -> Any:
         response = as_own_request(method, arg)
@@ -93,11 +104,11 @@ class ServeBackend:
             response.cancel()  # client gone: stop the prefill too
             raise
 
-    def prefill(self, job: PrefillJob) -> AsyncIterator[RequestOutput | KVHandoff]:
-        return self._stream(self.prefill_engine.prefill, job)
+    def prefill(self, node: str, job: PrefillJob) -> AsyncIterator[RequestOutput | KVHandoff]:
+        return self._stream(self.prefill_engines[node].prefill, job)
 
-    def decode(self, job: DecodeJob) -> AsyncIterator[RequestOutput]:
-        return self._stream(self.decode_engine.generate, job)
+    def decode(self, node: str, job: DecodeJob) -> AsyncIterator[RequestOutput]:
+        return self._stream(self.decode_engines[node].generate, job)
 
     async def _stream(self, method: Any, arg: Any) -> AsyncIterator[Any]:
         items = as_own_request(method, arg)
@@ -146,8 +157,7 @@ class Ingress:
         self,
         config: AppConfig,
         scheduler: DeploymentHandle,
-        prefill: DeploymentHandle,
-        decode: DeploymentHandle,
+        nodes: dict[str, NodeHandles],
     ):
         model_dir = config.model.path.expanduser()
         model_config = ModelConfig.from_dir(model_dir)
@@ -158,8 +168,14 @@ class Ingress:
         self.scheduler = scheduler
         self.service = ChatService(
             Tokenizer(model_dir),
-            ModelInfo(config.model.name, max_len, model_config.vocab_size),
-            ServeBackend(scheduler, prefill, decode),
+            ModelInfo(
+                config.model.name,
+                max_len,
+                model_config.vocab_size,
+                model_fingerprint(model_dir),
+                config.engine.block_size,
+            ),
+            ServeBackend(scheduler, nodes),
             config.ingress.default_max_tokens,
         )
 

@@ -14,7 +14,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
 
 from app.api.errors import BadRequestError, model_not_found
 from app.api.schemas import (
@@ -31,27 +30,12 @@ from app.api.schemas import (
     Timings,
     Usage,
 )
+from app.flow import Backend, ModelInfo, run_request
 from app.logprobs import LogprobFormatter
-from deployments.protocol import DecodeJob, KVHandoff, Plan, PlanRequest, PrefillJob
 from engine.output import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.sequence import TokenLogprob
 from engine.tokenizer import ChatTemplateError, Tokenizer
-
-
-class Backend(Protocol):
-    async def plan(self, request: PlanRequest) -> Plan: ...
-
-    def prefill(self, job: PrefillJob) -> AsyncIterator[RequestOutput | KVHandoff]: ...
-
-    def decode(self, job: DecodeJob) -> AsyncIterator[RequestOutput]: ...
-
-
-@dataclass(frozen=True, slots=True)
-class ModelInfo:
-    name: str
-    max_model_len: int
-    vocab_size: int
 
 
 @dataclass(slots=True)
@@ -118,29 +102,10 @@ class ChatService:
         return params
 
     # ------------------------------------------------------------------ the PD path
-    async def run(
+    def run(
         self, request_id: str, prompt: list[int], params: SamplingParams, salt: bytes = b""
     ) -> AsyncIterator[RequestOutput]:
-        """One choice: Scheduler → PE (first token) → DE (the rest). Outputs carry the PE's
-        prefix-cache hits as `num_cached_tokens`."""
-        plan = await self.backend.plan(PlanRequest(request_id, len(prompt), params.max_tokens))
-        prefill = PrefillJob(request_id, prompt, params, salt, plan.prefill_replica)
-        async with contextlib.aclosing(self.backend.prefill(prefill)) as from_pe:
-            first = await anext(from_pe)
-            assert isinstance(first, RequestOutput)
-            _raise_on_failure(first)
-            yield first  # TTFT: the first token comes straight from the PE
-            if first.finished:
-                return
-            handoff = await anext(from_pe)
-            assert isinstance(handoff, KVHandoff)
-        cached = first.num_cached_tokens
-        job = DecodeJob(request_id, prompt, params, salt, handoff, plan.decode_replica)
-        async with contextlib.aclosing(self.backend.decode(job)) as outputs:
-            async for output in outputs:
-                _raise_on_failure(output)
-                output.num_cached_tokens = cached
-                yield output
+        return run_request(self.backend, self.model, request_id, prompt, params, salt)
 
     async def _choices(
         self, prompt: list[int], params: list[SamplingParams], salt: bytes
@@ -354,12 +319,3 @@ class _Tally:
 
     def usage(self) -> Usage:
         return Usage.of(self.num_prompt_tokens, sum(self.num_tokens), self.cached)
-
-
-class EngineFailure(RuntimeError):
-    """An engine ended the request with "error"/"abort": a server error, not a reply."""
-
-
-def _raise_on_failure(output: RequestOutput) -> None:
-    if output.finished and output.finish_reason in ("error", "abort"):
-        raise EngineFailure(f"request {output.request_id} ended with {output.finish_reason}")

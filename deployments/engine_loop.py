@@ -72,8 +72,14 @@ class _Admission:
 
 
 class EngineLoop:
-    def __init__(self, engine: EngineCore, name: str = "engine"):
+    def __init__(
+        self,
+        engine: EngineCore,
+        name: str = "engine",
+        on_step: Callable[[EngineCore], None] | None = None,
+    ):
         self.engine = engine
+        self.on_step = on_step  # runs on the engine thread after every step
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._waiting: deque[_Admission] = deque()
         self._streams: dict[str, OutputStream] = {}
@@ -81,6 +87,8 @@ class EngineLoop:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.num_steps = 0
+        self.busy_s = 0.0  # time spent in steps
+        self.tokens_computed = 0  # tokens those steps computed (prefill chunks + decodes)
         self.load: dict[str, int] = self._measure_load()
 
     # ------------------------------------------------------------------ caller side
@@ -159,8 +167,12 @@ class EngineLoop:
                 admission.stream.put_threadsafe(exc)
 
     def _step(self) -> None:
+        started = time.perf_counter()
+        before = self.engine.num_computed_total
         try:
             outputs = self.engine.step()
+            if self.on_step is not None:
+                self.on_step(self.engine)
         except Exception as exc:  # engine bug: fail what is running, keep the loop alive
             logger.exception("engine step raised")
             # NOTE: outputs made before the raise are lost, so fail every admitted stream
@@ -174,6 +186,8 @@ class EngineLoop:
             return
         self.num_steps += 1
         now = time.perf_counter()
+        self.busy_s += now - started
+        self.tokens_computed += self.engine.num_computed_total - before
         for output in outputs:
             admitted = self._admitted_at.pop(output.request_id, None)
             if admitted is not None:  # engine time to the first output (no client-side hops)
@@ -203,7 +217,9 @@ class EngineLoop:
         for seq in (*sched.waiting, *sched.running):
             if seq.status is not SequenceStatus.FINISHED:
                 queued += seq.num_tokens - seq.num_computed_tokens
+        context = sum(seq.num_tokens for seq in (*sched.waiting, *sched.running))
         return {
+            "num_context_tokens": context + sum(a.num_tokens for a in self._waiting),
             "num_queued_tokens": queued,
             "num_running": len(sched.running),
             "num_waiting": len(sched.waiting) + len(self._waiting),

@@ -11,7 +11,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import torch
 
 from deployments.engine_loop import EngineLoop
 from deployments.protocol import LoadReport, Role
@@ -21,6 +24,15 @@ from engine.core import EngineCore
 logger = logging.getLogger(__name__)
 
 Reporter = Callable[[LoadReport, TransferStats], Awaitable[None]]
+# DRAM handles (Ray ObjectRefs in the app, tensors in tests) -> Full Block tensors
+BlockFetcher = Callable[[Sequence[Any]], Awaitable[list[torch.Tensor]]]
+# full blocks that filled -> the node's KV store (persistence)
+PersistSink = Callable[[list[tuple[bytes, torch.Tensor]]], Awaitable[None]]
+
+
+async def local_blocks(handles: Sequence[Any]) -> list[torch.Tensor]:
+    """The fetcher for in-process use: handles are the tensors themselves."""
+    return list(handles)
 
 
 class EngineServer:
@@ -34,27 +46,43 @@ class EngineServer:
         node_id: str = "local",
         reporter: Reporter | None = None,
         report_interval_s: float = 0.25,
+        fetch_blocks: BlockFetcher = local_blocks,
+        persist: PersistSink | None = None,
     ):
         self.engine = engine
         self.mover = mover
         self.replica_id = replica_id
         self.node_id = node_id
-        self.loop = EngineLoop(engine, name=f"{self.role}-engine")
+        self.fetch_blocks = fetch_blocks
+        self.persist = persist
+        self.loop = EngineLoop(
+            engine,
+            name=f"{self.role}-engine",
+            on_step=self._drain_persist if persist is not None else None,
+        )
+        self._persist_queue: asyncio.Queue[list[tuple[bytes, torch.Tensor]]] = asyncio.Queue()
+        self._persist_task: asyncio.Task[None] | None = None
+        self._event_loop: asyncio.AbstractEventLoop | None = None
+        self.num_persisted_blocks = 0
         self._reporter = reporter
         self._report_interval_s = report_interval_s
         self._report_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        self._event_loop = asyncio.get_running_loop()
+        if self.persist is not None:
+            self._persist_task = asyncio.create_task(self._persist_forever())
         self.loop.start()
         if self._reporter is not None:
             await self._report_once()  # the Scheduler knows us before the first request
             self._report_task = asyncio.create_task(self._report_forever())
 
     async def close(self) -> None:
-        if self._report_task is not None:
-            self._report_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._report_task
+        for task in (self._report_task, self._persist_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await asyncio.to_thread(self.loop.stop)
         self.mover.close()
 
@@ -63,6 +91,8 @@ class EngineServer:
 
     def load_report(self) -> LoadReport:
         config = self.engine.config
+        cache = self.engine.runner.kv_cache
+        loop = self.loop
         return LoadReport(
             replica_id=self.replica_id,
             role=self.role,
@@ -70,8 +100,29 @@ class EngineServer:
             block_size=config.block_size,
             max_num_seqs=config.max_num_seqs,
             timestamp_s=time.time(),
-            **self.loop.load,
+            kv_bytes_per_token=cache.tensor[:, :, 0, 0].numel() * cache.tensor.element_size(),
+            prefill_tokens_per_s=loop.tokens_computed / loop.busy_s if loop.busy_s > 1 else 0.0,
+            **loop.load,
         )
+
+    # ------------------------------------------------------------------ persistence
+    def _drain_persist(self, engine: EngineCore) -> None:
+        """Engine thread, after each step: hand full blocks to the event loop, never wait."""
+        blocks = engine.drain_persist()
+        if blocks and self._event_loop is not None:
+            self._event_loop.call_soon_threadsafe(self._persist_queue.put_nowait, blocks)
+
+    async def _persist_forever(self) -> None:
+        assert self.persist is not None
+        while True:
+            batch = await self._persist_queue.get()
+            while not self._persist_queue.empty():  # coalesce what piled up meanwhile
+                batch += self._persist_queue.get_nowait()
+            try:
+                await self.persist(batch)
+                self.num_persisted_blocks += len(batch)
+            except Exception:  # persistence is best effort: serving goes on
+                logger.warning("persisting %d KV blocks failed", len(batch), exc_info=True)
 
     async def _report_once(self) -> None:
         assert self._reporter is not None

@@ -6,6 +6,7 @@ Byte sizes accept integers or strings such as "256MiB" / "2GB".
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated
@@ -29,6 +30,13 @@ def parse_bytes(value: int | str) -> int:
 
 
 Bytes = Annotated[int, BeforeValidator(parse_bytes), Field(gt=0)]
+ZeroOrBytes = Annotated[int, BeforeValidator(parse_bytes), Field(ge=0)]
+
+
+def default_kvstore_dir() -> Path:
+    """`$DUALPATH_KV_DIR`, else ~/.cache/dualpath-serve/kvstore."""
+    env = os.environ.get("DUALPATH_KV_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "dualpath-serve" / "kvstore"
 
 
 class Section(BaseModel):
@@ -83,10 +91,46 @@ class TransferSection(Section):
     nixl_staging_bytes: Bytes = Field(default=256 * 2**20, description="per-engine NIXL pool")
 
 
+class KVStoreSection(Section):
+    """The tiered KV store: DRAM on each node's object store, NVMe files behind each SNIC."""
+
+    enabled: bool = Field(default=True, description="off: no stored-KV reads or persistence")
+    path: Path = Field(
+        default_factory=default_kvstore_dir,
+        description="NVMe tier directory (a local disk, or a mount shared by all nodes)",
+    )
+    dram_bytes: ZeroOrBytes = Field(
+        default=256 * 2**20, description="DRAM tier per node (0: a staging buffer only)"
+    )
+    nvme_bytes: Bytes | None = Field(default=None, description="NVMe tier cap (LRU beyond)")
+    fsync: bool = Field(default=True, description="fsync block files and their directory")
+    snic_workers: int = Field(default=2, ge=1, description="concurrent NVMe I/Os per node")
+    min_write_share: float = Field(
+        default=0.05, ge=0, le=1, description="SNIC bytes persistence gets under read load"
+    )
+
+
+class NodeSection(Section):
+    """A logical node: its engines, one TrafficManager and one storage NIC.
+
+    On one machine several logical nodes emulate a cluster (each SNIC with its own cap); on
+    a Ray cluster pin each to a Ray node with `ray_resources` (e.g. {"node:10.0.0.5": 0.01}).
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_]+$")
+    prefill: int = Field(default=0, ge=0, description="prefill engine replicas")
+    decode: int = Field(default=0, ge=0, description="decode engine replicas")
+    snic_bandwidth: Bytes | None = Field(
+        default=None, description="storage NIC cap in bytes/s (None: the disk's own speed)"
+    )
+    ray_resources: dict[str, float] = Field(default_factory=dict)
+
+
 class EngineReplicaOptions(Section):
     """Everything a prefill or decode replica needs to start."""
 
     model: ModelSection
     engine: EngineSection
     transfer: TransferSection
+    node: str = "node0"
     report_interval_s: float = Field(default=0.25, gt=0)

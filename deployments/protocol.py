@@ -71,6 +71,7 @@ class PrefillJob:
     tenant_salt: bytes
     target_replica: str | None = None
     prefix_blocks: tuple[Any, ...] = ()  # DRAM handles of the hit blocks [0, n), in order
+    prefix_keys: tuple[bytes, ...] = ()  # their keys (checked against the prompt's chain)
     decode_has_blocks: int = 0  # leading blocks the DE holds already: not sent back
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 
-import ray
+import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -14,12 +14,13 @@ from deployments.options import EngineReplicaOptions
 from deployments.protocol import LoadReport, TransferReport, TransferStats
 from deployments.traffic.manager import KVMover
 from engine.core import EngineCore
+from kvstore.tiers.object_store import block_to_object, fetch_blocks
 from kvstore.transfer.base import create_transport
 
 
-def replica_identity() -> tuple[str, str]:
-    """(this replica's unique id, as the router sees it; this Ray node's id)."""
-    return serve.get_replica_context().replica_id.unique_id, ray.get_runtime_context().get_node_id()
+def replica_id() -> str:
+    """This replica's unique id, as the router sees it."""
+    return serve.get_replica_context().replica_id.unique_id
 
 
 async def start_engine_server(
@@ -27,8 +28,9 @@ async def start_engine_server(
     config: EngineReplicaOptions,
     scheduler: DeploymentHandle,
     traffic: DeploymentHandle,
+    persist_blocks: bool = True,
 ) -> EngineServer:
-    replica_id, node_id = replica_identity()
+    rid, node_id = replica_id(), config.node
     # NOTE: Ray sets OMP_NUM_THREADS from the replica's num_cpus; torch follows it.
     threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or None
     engine_config = config.engine.engine_config(config.model, threads)
@@ -37,20 +39,25 @@ async def start_engine_server(
     transport = create_transport(
         config.transfer.transport, **_transport_kwargs(config, config.transfer.transport)
     )
-    stats = TransferStats(replica_id=replica_id, node_id=node_id, role=server_cls.role)
+    stats = TransferStats(replica_id=rid, node_id=node_id, role=server_cls.role)
     mover = KVMover(transport, stats, fallback=fallback)
 
     async def report(load: LoadReport, transfers: TransferStats) -> None:
         await scheduler.report.remote(load)
         await traffic.record.remote(TransferReport(node_id, transfers))
 
+    async def persist(blocks: list[tuple[bytes, torch.Tensor]]) -> None:
+        await traffic.persist.remote([(key, block_to_object(b)) for key, b in blocks])
+
     server = server_cls(
         engine,
         mover,
-        replica_id,
+        rid,
         node_id,
         reporter=report,
         report_interval_s=config.report_interval_s,
+        fetch_blocks=fetch_blocks,
+        persist=persist if server_cls.role == "decode" and persist_blocks else None,
     )
     await server.start()
     return server

@@ -79,6 +79,7 @@ class EngineCore(KVHandoffMixin):
         self.seqs: dict[str, Sequence] = {}
         self.states: dict[str, OutputState] = {}
         self.persist_out: list[tuple[bytes, torch.Tensor]] = []
+        self.num_computed_total = 0  # tokens run through the model so far
         self.import_totals = ImportStats()  # stored-KV imports so far (layer-wise overlap)
         self._arrivals = itertools.count()
         logger.info(
@@ -232,6 +233,7 @@ class EngineCore(KVHandoffMixin):
         plan = self.scheduler.schedule()
         if plan.is_empty:
             return []
+        self.num_computed_total += plan.num_batched_tokens
         try:
             sampled, result = self.runner.run(plan)
         except Exception:

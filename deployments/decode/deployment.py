@@ -16,9 +16,13 @@ from engine.output import RequestOutput
 
 class DecodeEngine:
     async def __init__(
-        self, config: EngineReplicaOptions, scheduler: DeploymentHandle, traffic: DeploymentHandle
+        self,
+        config: EngineReplicaOptions,
+        scheduler: DeploymentHandle,
+        traffic: DeploymentHandle,
+        persist_blocks: bool = True,
     ):
-        server = await start_engine_server(DecodeServer, config, scheduler, traffic)
+        server = await start_engine_server(DecodeServer, config, scheduler, traffic, persist_blocks)
         assert isinstance(server, DecodeServer)
         self.server = server
 

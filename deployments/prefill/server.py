@@ -1,9 +1,12 @@
 """PrefillServer: prefill a prompt, sample its first token, hand the KV to a decode engine.
 
-The PE prefills the prompt (prefix-cache hits are skipped by the engine) and samples the
-first token with the request's own params, so the client gets it without waiting for the
-DE. The prompt's KV (Full Blocks), the first token and the seeded generator's state go to
-the DE: KV layer by layer through the KVMover, the rest in the KVHandoff. The DE continues
+The PE prefills the prompt and samples the first token with the request's own params, so
+the client gets it without waiting for the DE. Hit blocks are not computed: local
+prefix-cache hits are mapped, stored ones (read by either side's SNIC, handed over as DRAM
+handles) are copied in layer by layer while the miss tokens compute. The prompt's KV from
+`job.decode_has_blocks` on (the DE holds the blocks before it when it read them itself),
+the first token and the seeded generator's state go to the DE: KV layer by layer through
+the KVMover, the rest in the KVHandoff. The DE continues
 exactly as one engine would (greedy and seeded output are identical; tested).
 """
 
@@ -15,6 +18,8 @@ from collections.abc import AsyncIterator
 
 from deployments.engine_server import EngineServer
 from deployments.protocol import KVHandoff, PrefillJob
+from engine.core import EngineCore
+from engine.kv_import import PrefixKV
 from engine.output import RequestOutput
 
 
@@ -29,11 +34,23 @@ class PrefillServer(EngineServer):
         """Yield the first token as soon as it is sampled, then (unless the request already
         finished) the KVHandoff once the KV is with the transport."""
         start = time.perf_counter()
-        stream = self.loop.submit(
-            job.request_id,
-            lambda e: e.add_prefill(job.request_id, job.token_ids, job.params, job.tenant_salt),
-            num_tokens=len(job.token_ids),
-        )
+        prefix = None
+        if job.prefix_blocks:
+            blocks = await self.fetch_blocks(job.prefix_blocks)
+            prefix = PrefixKV(list(job.prefix_keys), blocks)
+
+        def add(engine: EngineCore) -> None:
+            engine.add_prefill(
+                job.request_id,
+                job.token_ids,
+                job.params,
+                job.tenant_salt,
+                prefix=prefix,
+                send_from_block=job.decode_has_blocks,
+            )
+
+        hits = len(job.prefix_blocks) * self.engine.config.block_size
+        stream = self.loop.submit(job.request_id, add, num_tokens=max(1, len(job.token_ids) - hits))
         first: RequestOutput | None = None
         async for output in stream:
             first = output
@@ -52,6 +69,7 @@ class PrefillServer(EngineServer):
             output_token_ids=kv.output_token_ids,
             generator_state=kv.generator_state,
             descriptor=descriptor,
+            first_block=kv.first_block,
             prefill_s=prefill_s,
             send_s=time.perf_counter() - start - prefill_s,
         )

@@ -1,26 +1,51 @@
-"""Scheduler deployment: holds the ClusterView, answers plan(). One replica per app."""
+"""Scheduler deployment: holds the ClusterView (engines, node SNICs, KV index), answers
+plan(). One replica per app; its state is soft: engines and nodes re-report, and a node the
+Scheduler does not know is asked for a full index resync."""
 
 from __future__ import annotations
 
 import time
 
-from deployments.protocol import LoadReport, Plan, PlanRequest
-from deployments.scheduler.policy import plan_and_note
+from deployments.protocol import LoadReport, NodeReport, Plan, PlanRequest
+from deployments.scheduler.policy import PolicyConfig, plan_and_note
 from deployments.scheduler.view import ClusterView
 
 
 class Scheduler:
-    def __init__(self, stale_after_s: float = 15.0):
+    def __init__(self, stale_after_s: float = 15.0, policy: PolicyConfig | None = None):
         self.view = ClusterView(stale_after_s)
+        self.policy = policy or PolicyConfig()
+        self.read_paths: dict[str, int] = {}
 
     async def report(self, report: LoadReport) -> None:
         self.view.update(report)
+
+    async def report_node(self, report: NodeReport) -> bool:
+        """Apply a node's SNIC metrics and index events; True asks for a full resync."""
+        return self.view.update_node(report, time.time())
 
     async def forget(self, replica_id: str) -> None:
         self.view.remove(replica_id)
 
     async def plan(self, request: PlanRequest) -> Plan:
-        return plan_and_note(request, self.view, time.time())
+        result = plan_and_note(request, self.view, time.time(), self.policy)
+        self.read_paths[result.read_path] = self.read_paths.get(result.read_path, 0) + 1
+        return result
 
     async def engines(self) -> list[LoadReport]:
         return self.view.snapshot()
+
+    async def stats(self) -> dict[str, object]:
+        return {
+            "policy": self.policy.policy,
+            "read_paths": dict(self.read_paths),
+            "index": self.view.index.stats(),
+            "nodes": {
+                n: {
+                    "read_queue_bytes": s.report.read_queue_bytes,
+                    "write_queue_bytes": s.report.write_queue_bytes,
+                    "bandwidth_bytes_per_s": s.report.bandwidth_bytes_per_s,
+                }
+                for n, s in self.view.nodes.items()
+            },
+        }

@@ -1,20 +1,31 @@
-"""The TrafficManager interface: every KV transfer between engines goes through a KVMover.
+"""The TrafficManager interface: every KV transfer between engines goes through a KVMover;
+every stored-KV read and write of a node goes through its TrafficManager's store and SNIC.
 
 `KVMover` lives in each engine process: it splits a request's KV into layers, hands them to
 the configured transport (NIXL, or the Ray object store), falls back to the object store
-when NIXL has no staging room, and counts what moved. `TrafficManager` is the per-node
-aggregate of those counters (one per logical node; the Serve shell is `deployment.py`).
+when NIXL has no staging room, and counts what moved. `TrafficManager` (one per logical
+node; the Serve shell is `deployment.py`) owns the node's TieredStore — DRAM tier, NVMe
+tier behind the node's StorageNIC — and aggregates the engines' transfer counters.
+
+Traffic classes on the SNIC: on-path KV reads (a request waits) before persistence
+writes, with a minimum write share so persistence never starves. Engine-to-engine KV moves
+go over their own transport (NIXL / object store), never through the SNIC.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
 
 import torch
 
-from deployments.protocol import TransferStats
+from deployments.protocol import NodeReport, TransferStats
 from engine.output import SequenceKV
+from kvstore.index import IndexEvent
+from kvstore.store import TieredStore
 from kvstore.transfer.base import KVDescriptor, KVTransport
 
 logger = logging.getLogger(__name__)
@@ -83,11 +94,39 @@ class KVMover:
 
 
 class TrafficManager:
-    """Per-node view of KV traffic, fed by the engines' periodic reports."""
+    """Per-node KV store and view of KV traffic, fed by the engines' periodic reports."""
 
-    def __init__(self, node_id: str = "local"):
+    def __init__(self, node_id: str = "local", store: TieredStore[Any] | None = None):
         self.node_id = node_id
+        self.store = store
         self.engines: dict[str, TransferStats] = {}
+
+    def load(self, keys: Sequence[bytes]) -> list[Any]:
+        """DRAM handles of the longest servable prefix of `keys` (reads through the SNIC)."""
+        return self.store.load(keys) if self.store is not None and keys else []
+
+    def persist(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
+        """Store full blocks (DRAM now, NVMe in the background); returns how many were new."""
+        if self.store is None:
+            return 0
+        return sum(self.store.persist(key, block) for key, block in items)
+
+    def node_report(self, full_sync: bool = False) -> NodeReport:
+        snic = self.store.snic.metrics() if self.store is not None else None
+        events: list[IndexEvent] = []
+        if self.store is not None:
+            events = self.store.snapshot_events() if full_sync else self.store.drain_events()
+        return NodeReport(
+            node_id=self.node_id,
+            read_queue_bytes=snic.read_queue_bytes if snic else 0,
+            read_queue_tokens=snic.read_queue_tokens if snic else 0,
+            write_queue_bytes=snic.write_queue_bytes if snic else 0,
+            bandwidth_bytes_per_s=snic.bandwidth_bytes_per_s if snic else None,
+            read_throughput_bytes_per_s=snic.read_throughput_bytes_per_s if snic else 0.0,
+            timestamp_s=time.time(),
+            events=tuple(events),
+            full_sync=full_sync,
+        )
 
     def record(self, stats: TransferStats) -> None:
         self.engines[stats.replica_id] = stats
@@ -105,4 +144,6 @@ class TrafficManager:
             "num_fallbacks": sum(s.num_fallbacks for s in self.engines.values()),
             "bytes_by_transport": totals,
             "engines": {rid: s.role for rid, s in self.engines.items()},
+            "kvstore": self.store.stats() if self.store is not None else None,
+            "snic": asdict(self.store.snic.metrics()) if self.store is not None else None,
         }

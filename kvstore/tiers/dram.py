@@ -40,7 +40,7 @@ class DRAMTier(Generic[V]):
     def __contains__(self, key: bytes) -> bool:
         return key in self._blocks
 
-    def keys(self) -> list[bytes]:
+    def lru_order(self) -> list[bytes]:
         """Least recently used first."""
         return list(self._blocks)
 

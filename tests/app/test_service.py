@@ -11,7 +11,8 @@ import pytest
 
 from app.api.errors import APIError, to_api_error
 from app.api.schemas import ChatCompletionRequest, CompletionRequest
-from app.service import ChatService, ModelInfo
+from app.flow import ModelInfo
+from app.service import ChatService
 from deployments.decode.server import DecodeServer
 from deployments.prefill.server import PrefillServer
 from deployments.protocol import (
@@ -44,12 +45,15 @@ class LocalBackend:
             self.view.update(server.load_report())
         return plan_and_note(request, self.view, time.time())
 
-    async def prefill(self, job: PrefillJob) -> AsyncIterator[RequestOutput | KVHandoff]:
+    async def load(self, node: str, keys) -> list:
+        return []
+
+    async def prefill(self, node: str, job: PrefillJob) -> AsyncIterator[RequestOutput | KVHandoff]:
         assert job.target_replica == "pe"
         async for item in self.prefill_server.prefill(job):
             yield item
 
-    async def decode(self, job: DecodeJob) -> AsyncIterator[RequestOutput]:
+    async def decode(self, node: str, job: DecodeJob) -> AsyncIterator[RequestOutput]:
         assert job.target_replica == "de"
         async for out in self.decode_server.generate(job):
             yield out

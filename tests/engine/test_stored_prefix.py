@@ -117,7 +117,9 @@ def test_persist_hands_over_every_block_that_fills(engine, receiver):
     full = (len(prompt) + params.max_tokens - 1) // bs  # the last token has no KV yet
     assert [k for k, _ in out] == _chain(receiver, prompt, out)[1:full]
     # the prompt's blocks equal what another engine computed for them
-    for (key, data), (ref_key, ref) in zip(out, list(zip(keys, blocks, strict=True))[1:], strict=False):
+    for (key, data), (ref_key, ref) in zip(
+        out, list(zip(keys, blocks, strict=True))[1:], strict=False
+    ):
         assert key == ref_key
         torch.testing.assert_close(data, ref, rtol=1e-4, atol=1e-4)
 

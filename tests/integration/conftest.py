@@ -48,7 +48,7 @@ def serve_port(model_dir):
 
 
 @pytest.fixture(scope="session", params=["nixl", "object_store"])
-def serve_app(request, serve_port, model_dir):
+def serve_app(request, serve_port, model_dir, tmp_path_factory):
     from ray import serve
 
     from app.builder import build_app
@@ -58,6 +58,7 @@ def serve_app(request, serve_port, model_dir):
         "engine": {"kv_cache_bytes": "96MiB", "max_num_seqs": 32},
         "transfer": {"transport": request.param, "nixl_staging_bytes": "64MiB"},
         "scheduler": {"report_interval_s": 0.2},
+        "kvstore": {"path": str(tmp_path_factory.mktemp(f"kv-{request.param}"))},
     }
     serve.delete(APP)
     serve.run(build_app(args), name=APP, route_prefix="/")
@@ -84,4 +85,4 @@ def engines(role: str | None = None):
 def traffic_stats() -> dict:
     from ray import serve
 
-    return serve.get_deployment_handle("TrafficManager", APP).stats.remote().result()
+    return serve.get_deployment_handle("TrafficManager-node0", APP).stats.remote().result()

@@ -54,7 +54,13 @@ def test_models_and_health(serve_app):
     status = serve.status().applications[APP]
     assert {name: d.status for name, d in status.deployments.items()} == {
         name: "HEALTHY"
-        for name in ("Ingress", "Scheduler", "PrefillEngine", "DecodeEngine", "TrafficManager")
+        for name in (
+            "Ingress",
+            "Scheduler",
+            "PrefillEngine-node0",
+            "DecodeEngine-node0",
+            "TrafficManager-node0",
+        )
     }
 
 

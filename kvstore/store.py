@@ -1,0 +1,215 @@
+"""TieredStore: one node's KV store — its DRAM tier, the NVMe tier behind its storage NIC.
+
+    load(keys)        the longest prefix of `keys` that can be served, as DRAM handles:
+                      DRAM hits at once, the rest read from NVMe through the SNIC (READ
+                      class, all submitted together); the first missing or corrupt block ends
+                      the prefix, so the caller recomputes from there — never wrong KV.
+    persist(key, kv)  DRAM now, NVMe in the background through the SNIC (WRITE class);
+                      blocks already stored anywhere are skipped.
+    evictions         LRU in DRAM; a block leaving DRAM that is not on NVMe yet is spilled.
+    events            every change of where a block lives becomes an IndexEvent, drained by
+                      the owner and sent to the cluster index (the Scheduler's KVIndex).
+
+The DRAM handle type is the owner's choice (`wrap`/`unwrap`): Ray ObjectRefs in the
+TrafficManager, tensors in tests. No Ray here.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from functools import partial
+from typing import Generic, TypeVar
+
+import torch
+
+from kvstore.index import IndexEvent
+from kvstore.snic import IOClass, StorageNIC
+from kvstore.tiers.dram import DRAMTier, Evicted
+from kvstore.tiers.nvme import NVMeTier
+
+logger = logging.getLogger(__name__)
+
+V = TypeVar("V")
+
+
+class TieredStore(Generic[V]):
+    def __init__(
+        self,
+        node_id: str,
+        dram: DRAMTier[V],
+        nvme: NVMeTier | None,
+        snic: StorageNIC,
+        *,
+        wrap: Callable[[torch.Tensor], V],
+        unwrap: Callable[[V], torch.Tensor],
+        block_size: int,
+        block_nbytes: int,
+    ):
+        self.node_id = node_id
+        self.dram = dram
+        self.nvme = nvme
+        self.snic = snic
+        self.wrap = wrap
+        self.unwrap = unwrap
+        self.block_size = block_size
+        self.block_nbytes = block_nbytes
+        self._lock = threading.Lock()
+        self._pending_writes: dict[bytes, Future[None]] = {}
+        self._events: list[IndexEvent] = []
+        self.counters = {
+            "loads": 0,
+            "blocks_from_dram": 0,
+            "blocks_from_nvme": 0,
+            "load_misses": 0,
+            "corrupt_or_missing": 0,
+            "persisted": 0,
+            "persist_skipped": 0,
+            "spilled": 0,
+        }
+
+    # ------------------------------------------------------------------ reads
+    def lookup(self, keys: Sequence[bytes]) -> int:
+        """How many leading `keys` this node could serve (DRAM or NVMe), without I/O."""
+        n = 0
+        with self._lock:
+            for key in keys:
+                if key not in self.dram and not (self.nvme and self.nvme.contains(key)):
+                    break
+                n += 1
+        return n
+
+    def load(self, keys: Sequence[bytes]) -> list[V]:
+        """The longest servable prefix of `keys`, as DRAM handles, in order."""
+        handles: list[V | None] = []
+        reads: dict[int, Future[torch.Tensor | None]] = {}
+        with self._lock:
+            self.counters["loads"] += 1
+            for i, key in enumerate(keys):
+                handle = self.dram.get(key)
+                if handle is None:
+                    # NOTE: no index check: on a shared directory another node may have
+                    # written the block; the read itself finds out (a miss ends the prefix).
+                    if self.nvme is None:
+                        self.counters["load_misses"] += 1
+                        break
+                    reads[i] = self.snic.submit(
+                        IOClass.READ,
+                        self.block_nbytes,
+                        partial(self.nvme.read, key),
+                        num_tokens=self.block_size,
+                    )
+                handles.append(handle)
+        out: list[V] = []
+        for i, handle in enumerate(handles):
+            if handle is None:
+                block = reads.pop(i).result()
+                if block is None:  # corrupt or vanished: the prefix ends here
+                    self._note_missing(keys[i])
+                    break
+                handle = self.wrap(block)
+                with self._lock:
+                    self.counters["blocks_from_nvme"] += 1
+                    self._cache(keys[i], handle, self.block_nbytes)
+            else:
+                with self._lock:
+                    self.counters["blocks_from_dram"] += 1
+            out.append(handle)
+        for future in reads.values():  # reads past the end of the prefix are not needed
+            future.cancel()
+        return out
+
+    # ------------------------------------------------------------------ writes
+    def persist(self, key: bytes, block: torch.Tensor) -> bool:
+        """Store a Full Block: DRAM now, NVMe in the background. False if already stored."""
+        with self._lock:
+            if (
+                key in self.dram
+                or key in self._pending_writes
+                or (self.nvme is not None and self.nvme.contains(key))
+            ):
+                self.counters["persist_skipped"] += 1
+                return False
+            self.counters["persisted"] += 1
+            self._cache(key, self.wrap(block), self.block_nbytes)
+            self._write_behind(key, block)
+        return True
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Wait until every queued NVMe write has finished (tests, shutdown)."""
+        with self._lock:
+            pending = list(self._pending_writes.values())
+        for future in pending:
+            future.exception(timeout=timeout_s)
+
+    # ------------------------------------------------------------------ index events
+    def drain_events(self) -> list[IndexEvent]:
+        with self._lock:
+            events, self._events = self._events, []
+        return events
+
+    def snapshot_events(self) -> list[IndexEvent]:
+        """Every block this node knows, as 'present' events (a full index resync)."""
+        with self._lock:
+            events = [
+                IndexEvent(k, "dram", True, self.node_id, self.block_nbytes)
+                for k in self.dram.lru_order()
+            ]
+            if self.nvme is not None:
+                stored = self.nvme.keys()
+                events += [IndexEvent(k, "nvme", True, "", self.block_nbytes) for k in stored]
+        return events
+
+    def stats(self) -> dict[str, object]:
+        with self._lock:
+            return {
+                "node_id": self.node_id,
+                "dram": self.dram.stats(),
+                "nvme": self.nvme.stats() if self.nvme is not None else None,
+                "pending_writes": len(self._pending_writes),
+                **self.counters,
+            }
+
+    # ------------------------------------------------------------------ internals (lock held)
+    def _cache(self, key: bytes, handle: V, nbytes: int) -> None:
+        evicted = self.dram.put(key, handle, nbytes)
+        if key in self.dram:
+            self._events.append(IndexEvent(key, "dram", True, self.node_id, nbytes))
+        for item in evicted:
+            if item.key != key:
+                self._events.append(IndexEvent(item.key, "dram", False, self.node_id))
+            self._spill(item)
+
+    def _spill(self, item: Evicted[V]) -> None:
+        if self.nvme is None or item.key in self._pending_writes or self.nvme.contains(item.key):
+            return
+        self.counters["spilled"] += 1
+        self._write_behind(item.key, self.unwrap(item.value))
+
+    def _write_behind(self, key: bytes, block: torch.Tensor) -> None:
+        if self.nvme is None or not self.nvme.accepting_writes():
+            return
+        self._pending_writes[key] = self.snic.submit(
+            IOClass.WRITE, self.block_nbytes, partial(self._write, key, block), self.block_size
+        )
+
+    def _write(self, key: bytes, block: torch.Tensor) -> None:
+        assert self.nvme is not None
+        try:
+            stored = self.nvme.write(key, block)
+        except Exception:
+            logger.warning("KV block write failed", exc_info=True, extra={"node": self.node_id})
+            stored = False
+        with self._lock:
+            self._pending_writes.pop(key, None)
+            if stored:
+                self._events.append(IndexEvent(key, "nvme", True, "", self.block_nbytes))
+            for gone in self.nvme.drain_evicted():
+                self._events.append(IndexEvent(gone, "nvme", False))
+
+    def _note_missing(self, key: bytes) -> None:
+        with self._lock:
+            self.counters["corrupt_or_missing"] += 1
+            self._events.append(IndexEvent(key, "nvme", False))

@@ -1,0 +1,1 @@
+"""Storage tiers of the KV store: DRAM on the Ray object store, NVMe files."""

@@ -1,0 +1,51 @@
+"""The shipped Serve configs validate, and their `deployments:` overrides name real
+deployments (a typo would silently not apply)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from app.config import AppConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def deployment_names(config: AppConfig) -> set[str]:
+    names = {"Ingress", "Scheduler"}
+    for node in config.nodes:
+        names.add(f"TrafficManager-{node.name}")
+        if node.prefill:
+            names.add(f"PrefillEngine-{node.name}")
+        if node.decode:
+            names.add(f"DecodeEngine-{node.name}")
+    return names
+
+
+@pytest.mark.parametrize("name", ["serve_config.yaml", "serve_config.gpu.yaml"])
+def test_shipped_configs_validate_and_override_real_deployments(name):
+    (app,) = yaml.safe_load((ROOT / name).read_text())["applications"]
+    config = AppConfig.model_validate(app["args"])
+    overrides = {d["name"] for d in app.get("deployments", [])}
+    assert overrides <= deployment_names(config)
+
+
+def test_nodes_need_a_prefill_and_a_decode_engine_and_unique_names():
+    with pytest.raises(ValidationError, match="at least one prefill"):
+        AppConfig.model_validate({"nodes": [{"name": "a", "decode": 1}]})
+    with pytest.raises(ValidationError, match="unique"):
+        AppConfig.model_validate(
+            {"nodes": [{"name": "a", "prefill": 1}, {"name": "a", "decode": 1}]}
+        )
+    config = AppConfig.model_validate(
+        {
+            "nodes": [
+                {"name": "p", "prefill": 1, "snic_bandwidth": "100MB"},
+                {"name": "d", "decode": 2},
+            ]
+        }
+    )
+    assert config.nodes[0].snic_bandwidth == 100_000_000

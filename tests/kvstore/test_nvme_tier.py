@@ -1,0 +1,406 @@
+"""NVMe tier and block format: bit-exact round trips, corruption is a miss (never wrong KV),
+restart, kill -9 mid-write, orphan temp files, disk full, LRU capacity, threads.
+CPU only, no Ray; every test works in its own tmp_path."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import inspect
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvstore.block import (
+    BLOCK_MAGIC,
+    CorruptBlockError,
+    block_nbytes,
+    decode_block,
+    decode_header,
+    encode_block,
+)
+from kvstore.tiers import nvme
+from kvstore.tiers.nvme import NVMeTier, temp_file_name
+
+REPO = Path(__file__).resolve().parents[2]
+SHAPE = (4, 2, 64, 3, 64)  # [layers, 2, block_size, kv_heads, head_dim]
+SMALL = (2, 2, 16, 2, 8)
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+KILL_CYCLES = 5
+KILL_SHAPE = (4, 2, 64, 8, 64)  # 1 MiB of float32 per block: a write takes a while
+
+
+def key_of(i: int) -> bytes:
+    """A hash-like key that still carries `i` in its last 8 bytes (for the kill test)."""
+    return hashlib.blake2b(str(i).encode(), digest_size=8).digest() + i.to_bytes(8, "big")
+
+
+def make_block(seed: int, dtype: torch.dtype = torch.float32, shape=SHAPE) -> torch.Tensor:
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    flat = t.view(-1)
+    flat[:4] = torch.tensor([float("nan"), float("inf"), -0.0, -float("inf")]).to(dtype)
+    return t
+
+
+def same_bits(a: torch.Tensor | None, b: torch.Tensor) -> bool:
+    return (
+        a is not None
+        and a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.view(BITS[a.dtype]), b.view(BITS[b.dtype]))
+    )
+
+
+def tmp_files(root: Path) -> list[Path]:
+    return sorted(root.rglob("*.tmp"))
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_round_trip_is_bit_exact(tmp_path: Path, dtype: torch.dtype):
+    block = make_block(1, dtype)
+    header, payload = encode_block(key_of(1), block)
+    assert len(payload) == block_nbytes(block)
+    back = decode_block(header + bytes(payload), expect_key=key_of(1))
+    assert same_bits(back, block)
+    back.add_(1)  # owns writable memory
+
+    tier = NVMeTier(tmp_path)
+    assert tier.write(key_of(1), block)
+    assert tier.contains(key_of(1))
+    assert same_bits(tier.read(key_of(1)), block)
+    meta_path = tier.path_of(key_of(1))
+    assert meta_path == tmp_path / key_of(1).hex()[:2] / f"{key_of(1).hex()}.kvb"
+    assert tier.usage_bytes == meta_path.stat().st_size == len(header) + len(payload)
+
+
+def test_header_fields_and_any_flipped_header_byte_is_detected():
+    block = make_block(2, torch.bfloat16)
+    header, payload = encode_block(key_of(2), block)
+    h, size = decode_header(header + bytes(payload))
+    assert size == len(header) and size % 64 == 0 and header[:4] == BLOCK_MAGIC
+    assert (h.key, h.shape, h.dtype, h.num_layers) == (key_of(2), SHAPE, "bfloat16", 4)
+    assert h.payload_bytes == block_nbytes(block)
+    for pos in range(len(header)):
+        bad = bytearray(header)
+        bad[pos] ^= 0x01
+        with pytest.raises(CorruptBlockError):
+            decode_block(bytes(bad) + bytes(payload))
+
+
+def test_decode_rejects_wrong_key_truncation_and_payload_flip():
+    header, payload = encode_block(key_of(3), make_block(3))
+    data = header + bytes(payload)
+    with pytest.raises(CorruptBlockError, match="key mismatch"):
+        decode_block(data, expect_key=key_of(4))
+    with pytest.raises(CorruptBlockError, match="truncated"):
+        decode_block(data[:-1])
+    with pytest.raises(CorruptBlockError, match="truncated header"):
+        decode_block(data[:7])
+    bad = bytearray(data)
+    bad[len(header) + 100] ^= 0x01
+    with pytest.raises(CorruptBlockError, match="payload checksum"):
+        decode_block(bad)
+
+
+def test_flipped_payload_byte_is_a_miss_and_the_file_is_removed(tmp_path: Path):
+    tier = NVMeTier(tmp_path)
+    tier.write(key_of(5), make_block(5))
+    path = tier.path_of(key_of(5))
+    flip_byte(path, path.stat().st_size - 10)
+    assert tier.read(key_of(5)) is None
+    assert not path.exists() and not tier.contains(key_of(5))
+    assert tier.stats()["corrupt"] == 1 and tier.usage_bytes == 0
+
+
+def test_truncated_file_is_a_miss(tmp_path: Path):
+    tier = NVMeTier(tmp_path)
+    for i in (6, 7):
+        tier.write(key_of(i), make_block(i))
+    full = tier.path_of(key_of(6))
+    os.truncate(full, full.stat().st_size // 2)
+    assert tier.read(key_of(6)) is None and not full.exists()
+    os.truncate(tier.path_of(key_of(7)), 20)  # cut inside the header: found by the scan
+    assert NVMeTier(tmp_path).keys() == []
+    assert not tier.path_of(key_of(7)).exists()
+
+
+def test_block_under_another_keys_name_is_a_miss(tmp_path: Path):
+    tier = NVMeTier(tmp_path)
+    tier.write(key_of(8), make_block(8))
+    wrong = tier.path_of(key_of(9))
+    wrong.parent.mkdir(exist_ok=True)
+    tier.path_of(key_of(8)).rename(wrong)
+    assert tier.read(key_of(9)) is None and not wrong.exists()
+    assert tier.contains(key_of(8))  # the index is a cache of the directory ...
+    tier.rescan()  # ... rebuilt from it on demand
+    assert tier.keys() == []
+
+    tier.write(key_of(8), make_block(8))
+    wrong.write_bytes(tier.path_of(key_of(8)).read_bytes())  # a copy: found by the scan
+    assert NVMeTier(tmp_path).keys() == [key_of(8)] and not wrong.exists()
+
+
+def test_missing_block_is_a_miss(tmp_path: Path):
+    tier = NVMeTier(tmp_path)
+    assert tier.read(key_of(10)) is None
+    assert not tier.contains(key_of(10)) and not tier.delete(key_of(10))
+    stats = tier.stats()
+    assert (stats["reads"], stats["read_misses"], stats["read_hits"]) == (1, 1, 0)
+    with pytest.raises(ValueError):
+        tier.path_of(b"short")
+
+
+def test_restart_sees_the_same_blocks(tmp_path: Path):
+    blocks = {key_of(i): make_block(i, DTYPES[i % 3]) for i in range(9)}
+    tier = NVMeTier(tmp_path)
+    for key, block in blocks.items():
+        assert tier.write(key, block)
+    assert tier.write(key_of(0), blocks[key_of(0)])  # idempotent
+    assert tier.stats()["writes"] == len(blocks)
+
+    again = NVMeTier(tmp_path)
+    assert sorted(again.keys()) == sorted(blocks)
+    assert again.usage_bytes == tier.usage_bytes
+    for key, block in blocks.items():
+        assert same_bits(again.read(key), block)
+    assert again.verify_all() == (len(blocks), [])
+
+
+def test_delete_and_verify_all_report_corrupt_blocks(tmp_path: Path):
+    tier = NVMeTier(tmp_path)
+    for i in range(3):
+        tier.write(key_of(i), make_block(i, shape=SMALL))
+    assert tier.delete(key_of(0)) and not tier.path_of(key_of(0)).exists()
+    flip_byte(tier.path_of(key_of(1)), -1)
+    assert tier.verify_all() == (1, [key_of(1)])
+    assert tier.keys() == [key_of(2)]
+
+
+# A "zygote" imports torch once, then forks one writer per cycle (5 torch imports would
+# dominate the test's time); each writer is a real process, killed with SIGKILL.
+ZYGOTE = r"""
+import hashlib, os, sys
+import torch
+from kvstore.tiers.nvme import NVMeTier
+root, shape = sys.argv[1], tuple(int(d) for d in sys.argv[2].split(","))
+KEY_OF
+print("ready", flush=True)
+for line in sys.stdin:
+    cmd, arg, fsync = line.split()
+    if cmd == "reap":
+        os.waitpid(int(arg), 0)
+        print("reaped", flush=True)
+        continue
+    pid = os.fork()
+    if pid == 0:
+        tier = NVMeTier(root, fsync=fsync == "1")
+        base = torch.arange(torch.Size(shape).numel(), dtype=torch.float32).reshape(shape)
+        i = int(arg)
+        while True:
+            tier.write(key_of(i), base + i)
+            i += 1
+    print(pid, flush=True)
+"""
+
+
+def test_kill_9_during_writes_never_leaves_a_torn_block(tmp_path: Path):
+    """A writer is killed at a random moment, KILL_CYCLES times (every other one with fsync);
+    after each kill, every block file is whole and right, and a fresh tier lists exactly those
+    with no temp file left behind."""
+    base = torch.arange(torch.Size(KILL_SHAPE).numel(), dtype=torch.float32).reshape(KILL_SHAPE)
+    code = ZYGOTE.replace("KEY_OF", inspect.getsource(key_of))
+    zygote = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path), ",".join(map(str, KILL_SHAPE))],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+    )
+
+    def ask(line: str) -> str:
+        zygote.stdin.write(f"{line}\n".encode())
+        zygote.stdin.flush()
+        return zygote.stdout.readline().decode().strip()
+
+    rng, verified = random.Random(0), set()
+    try:
+        assert zygote.stdout.readline().strip() == b"ready"
+        for cycle in range(KILL_CYCLES):
+            # NOTE: without fsync most of a write's time is the write itself: more torn writes.
+            pid = int(ask(f"go {cycle * 10**6} {cycle % 2}"))
+            time.sleep(rng.uniform(0.02, 0.15))
+            os.kill(pid, signal.SIGKILL)
+            assert ask(f"reap {pid} 0") == "reaped"
+            # Every block file on disk, as any reader would find it, is whole and right ...
+            on_disk = {bytes.fromhex(p.stem): p for p in tmp_path.glob("??/*.kvb")}
+            assert verified <= on_disk.keys()  # (earlier blocks survive later kills)
+            for key in on_disk.keys() - verified:
+                block = decode_block(on_disk[key].read_bytes(), expect_key=key)
+                i = int.from_bytes(key[8:], "big")
+                assert torch.equal(block, base + i), f"block {i} is wrong"
+            verified = set(on_disk)
+            tier = NVMeTier(tmp_path)
+            assert tmp_files(tmp_path) == [] and set(tier.keys()) == verified
+            assert tier.stats()["corrupt"] == 0
+        assert len(verified) > 0
+    finally:
+        zygote.kill()
+        zygote.wait()
+
+
+def test_orphan_temp_files_of_dead_writers_are_removed_at_start(tmp_path: Path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    shard = tmp_path / "ab"
+    shard.mkdir()
+    dead_tmp = shard / temp_file_name(key_of(1), pid=dead.pid)
+    live_tmp = shard / temp_file_name(key_of(2))
+    old_tmp = shard / temp_file_name(key_of(3))
+    other_host = shard / f"{key_of(4).hex()}.00000000.{dead.pid}.deadbeef.tmp"
+    for p in (dead_tmp, live_tmp, old_tmp, other_host):
+        p.write_bytes(b"partial")
+    an_hour_ago = time.time() - 3600
+    os.utime(old_tmp, (an_hour_ago, an_hour_ago))
+
+    NVMeTier(tmp_path, orphan_grace_s=60.0)
+    # a live writer's young temp file stays; another host's pid is not judged here
+    assert tmp_files(tmp_path) == sorted([live_tmp, other_host])
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("fail_at", ["write", "fsync"])
+def test_disk_full_disables_persistence_then_retries(tmp_path, monkeypatch, caplog, fail_at):
+    clock = FakeClock()
+    tier = NVMeTier(tmp_path, retry_after_s=30.0, clock=clock)
+    tier.write(key_of(0), make_block(0, shape=SMALL))
+    disk_full = True
+    calls = 0
+
+    def enospc() -> OSError:
+        nonlocal calls
+        calls += 1
+        return OSError(errno.ENOSPC, "No space left on device")
+
+    class FullFile:
+        def __init__(self, f) -> None:
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self.f.close()
+
+        def write(self, data) -> int:
+            raise enospc()
+
+    real_open, real_fsync = open, os.fsync
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return FullFile(f) if disk_full and "x" in mode else f
+
+    def fake_fsync(fd: int) -> None:
+        if disk_full:
+            raise enospc()
+        real_fsync(fd)
+
+    if fail_at == "write":
+        monkeypatch.setattr(nvme, "open", fake_open, raising=False)
+    else:
+        monkeypatch.setattr(nvme.os, "fsync", fake_fsync)
+
+    assert tier.write(key_of(1), make_block(1, shape=SMALL)) is False
+    assert not tier.persistence_enabled and "No space" in (tier.last_error or "")
+    assert tmp_files(tmp_path) == [] and not tier.path_of(key_of(1)).exists()
+    assert same_bits(tier.read(key_of(0)), make_block(0, shape=SMALL))  # reads still work
+
+    clock.now += 29.0
+    assert tier.write(key_of(2), make_block(2, shape=SMALL)) is False
+    assert calls == 1  # refused without touching the disk
+    assert [r.message for r in caplog.records if r.levelname == "WARNING"] == [
+        "disk full: block persistence disabled"
+    ]
+    disk_full = False
+    clock.now += 2.0
+    assert tier.accepting_writes()
+    assert tier.write(key_of(1), make_block(1, shape=SMALL))
+    assert same_bits(tier.read(key_of(1)), make_block(1, shape=SMALL))
+    assert tier.stats()["persistence_enabled"] is True
+
+
+def test_other_os_errors_raise_and_leave_no_temp_file(tmp_path, monkeypatch):
+    tier = NVMeTier(tmp_path)
+
+    def eio(fd: int) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(nvme.os, "fsync", eio)
+    with pytest.raises(OSError, match="I/O error"):
+        tier.write(key_of(1), make_block(1, shape=SMALL))
+    assert tmp_files(tmp_path) == [] and tier.persistence_enabled and tier.keys() == []
+
+
+def test_capacity_evicts_least_recently_used(tmp_path: Path):
+    blocks = [make_block(i, shape=SMALL) for i in range(4)]
+    probe = NVMeTier(tmp_path / "probe")
+    probe.write(key_of(0), blocks[0])
+    size = probe.usage_bytes
+    tier = NVMeTier(tmp_path / "lru", capacity_bytes=3 * size + size // 2)
+    for i in range(3):
+        assert tier.write(key_of(i), blocks[i])
+    assert tier.drain_evicted() == []
+    assert tier.read(key_of(0)) is not None  # 0 is now more recent than 1
+    assert tier.write(key_of(3), blocks[3])
+    assert tier.drain_evicted() == [key_of(1)] and tier.drain_evicted() == []
+    assert not tier.path_of(key_of(1)).exists() and tier.read(key_of(1)) is None
+    assert sorted(tier.keys()) == sorted([key_of(0), key_of(2), key_of(3)])
+    assert tier.usage_bytes <= tier.capacity_bytes and tier.stats()["evictions"] == 1
+
+    tiny = NVMeTier(tmp_path / "tiny", capacity_bytes=size - 1)
+    assert tiny.write(key_of(0), blocks[0]) is False and tiny.keys() == []
+
+
+def test_threads_share_one_tier(tmp_path: Path):
+    tier = NVMeTier(tmp_path)
+    shared = {key_of(100 + i): make_block(100 + i, shape=SMALL) for i in range(4)}
+    errors: list[BaseException] = []
+
+    def worker(t: int) -> None:
+        try:
+            own = {key_of(10 * t + i): make_block(10 * t + i, shape=SMALL) for i in range(6)}
+            for key, block in [*own.items(), *shared.items()]:
+                assert tier.write(key, block)
+                assert same_bits(tier.read(key), block)
+            for key, block in [*own.items(), *shared.items()]:
+                assert same_bits(tier.read(key), block)
+        except BaseException as e:  # reported below, from the main thread
+            errors.append(e)
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(worker, range(4)))
+    assert errors == []
+    assert len(tier.keys()) == 4 * 6 + len(shared) and tmp_files(tmp_path) == []
+    assert NVMeTier(tmp_path).verify_all() == (len(tier.keys()), [])

@@ -1,0 +1,174 @@
+"""TieredStore (DRAM tier + NVMe tier behind a StorageNIC) and the cluster KVIndex.
+
+No Ray: DRAM handles are the tensors themselves. Real files in a temp directory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvstore.index import IndexEvent, KVIndex
+from kvstore.snic import StorageNIC
+from kvstore.store import TieredStore
+from kvstore.tiers.dram import DRAMTier
+from kvstore.tiers.nvme import NVMeTier
+
+SHAPE = (4, 2, 16, 2, 8)  # [layers, 2, block_size, kv_heads, head_dim]
+NBYTES = 4 * 2 * 16 * 2 * 8 * 4
+
+
+def key(i: int) -> bytes:
+    return i.to_bytes(16, "little")
+
+
+def block(seed: int, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+@pytest.fixture
+def make_store(tmp_path):
+    stores = []
+
+    def make(dram_blocks: int = 2, node: str = "n0", root=None) -> TieredStore:
+        store = TieredStore(
+            node,
+            DRAMTier(dram_blocks * NBYTES),
+            NVMeTier(root or tmp_path / "nvme", fsync=False),
+            StorageNIC(node),
+            wrap=lambda t: t.clone(),
+            unwrap=lambda t: t,
+            block_size=16,
+            block_nbytes=NBYTES,
+        )
+        stores.append(store)
+        return store
+
+    yield make
+    for s in stores:
+        s.snic.close()
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_round_trip_through_both_tiers_is_bit_exact(make_store, dtype):
+    store = make_store(dram_blocks=1)
+    blocks = [block(i, dtype) for i in range(3)]
+    for i, b in enumerate(blocks):
+        assert store.persist(key(i), b)
+    store.flush()
+    # blocks 0 and 1 left DRAM (capacity 1): they come back from NVMe through the SNIC
+    loaded = store.load([key(0), key(1), key(2)])
+    assert len(loaded) == 3
+    for got, want in zip(loaded, blocks, strict=True):
+        assert torch.equal(bits(got), bits(want))
+    assert store.counters["blocks_from_nvme"] >= 2
+    assert store.snic.metrics().bytes_read_total >= 2 * NBYTES
+
+
+def test_persist_is_idempotent_and_writes_in_the_background(make_store):
+    store = make_store()
+    assert store.persist(key(1), block(1))
+    assert not store.persist(key(1), block(1))
+    store.flush()
+    assert store.nvme.contains(key(1))
+    assert store.snic.metrics().bytes_written_total == NBYTES
+
+
+def test_a_corrupt_block_ends_the_prefix_and_is_removed(make_store, tmp_path):
+    store = make_store(dram_blocks=0)
+    for i in range(4):
+        store.persist(key(i), block(i))
+    store.flush()
+    path = store.nvme.path_of(key(2))
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # flip a payload byte
+    path.write_bytes(bytes(data))
+    loaded = store.load([key(i) for i in range(4)])
+    assert len(loaded) == 2  # blocks 0, 1; the corrupt block 2 is a miss, never wrong KV
+    assert not path.exists()
+    events = store.drain_events()
+    assert IndexEvent(key(2), "nvme", False) in events
+
+
+def test_truncated_and_missing_blocks_are_misses(make_store):
+    store = make_store(dram_blocks=0)
+    for i in range(3):
+        store.persist(key(i), block(i))
+    store.flush()
+    path = store.nvme.path_of(key(1))
+    path.write_bytes(path.read_bytes()[:100])
+    assert len(store.load([key(0), key(1), key(2)])) == 1
+    store.nvme.path_of(key(0)).unlink()
+    assert store.load([key(0), key(2)]) == []
+
+
+def test_dram_eviction_is_lru_and_spills_to_nvme(make_store):
+    store = make_store(dram_blocks=2)
+    store.nvme.persistence_enabled = True
+    for i in range(2):
+        store.persist(key(i), block(i))
+    store.flush()
+    store.load([key(0)])  # touch 0: block 1 is now least recently used
+    store.persist(key(2), block(2))
+    assert store.dram.lru_order() == [key(0), key(2)]
+    events = store.drain_events()
+    assert IndexEvent(key(1), "dram", False, "n0") in events
+    assert store.nvme.contains(key(1))  # it had been persisted: still loadable
+    assert torch.equal(store.load([key(1)])[0], block(1))
+
+
+def test_another_nodes_blocks_on_the_shared_directory_are_readable(make_store, tmp_path):
+    writer = make_store(dram_blocks=0, node="a", root=tmp_path / "shared")
+    reader = make_store(dram_blocks=0, node="b", root=tmp_path / "shared")
+    writer.persist(key(7), block(7))
+    writer.flush()
+    (got,) = reader.load([key(7)])
+    assert torch.equal(got, block(7))
+
+
+def test_restart_rebuilds_from_the_directory_and_resyncs_the_index(make_store, tmp_path):
+    store = make_store(dram_blocks=0)
+    for i in range(3):
+        store.persist(key(i), block(i))
+    store.flush()
+    restarted = make_store(dram_blocks=0)
+    index = KVIndex()
+    index.apply(restarted.snapshot_events())
+    assert index.longest_prefix([key(0), key(1), key(2), key(3)]) == 3
+
+
+def test_disk_full_stops_persistence_not_serving(make_store, monkeypatch):
+    store = make_store(dram_blocks=4)
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store.nvme, "_write_file", full)
+    assert store.persist(key(1), block(1))
+    store.flush()
+    assert not store.nvme.contains(key(1))
+    assert not store.nvme.persistence_enabled
+    (got,) = store.load([key(1)])  # still served from DRAM
+    assert torch.equal(got, block(1))
+
+
+def test_index_longest_prefix_tiers_and_node_drop():
+    index = KVIndex()
+    index.apply(
+        [
+            IndexEvent(key(0), "nvme", True, nbytes=10),
+            IndexEvent(key(1), "dram", True, "n1", 10),
+            IndexEvent(key(2), "nvme", True, nbytes=10),
+        ]
+    )
+    assert index.longest_prefix([key(0), key(1), key(2), key(3)]) == 3
+    assert index.longest_prefix([key(1), key(0)]) == 2
+    assert index.longest_prefix([key(9), key(0)]) == 0
+    index.drop_node("n1")  # its DRAM is gone and block 1 lived nowhere else
+    assert index.longest_prefix([key(0), key(1), key(2)]) == 1
+    index.apply([IndexEvent(key(0), "nvme", False)])
+    assert len(index) == 1 and index.stats()["nvme_blocks"] == 1
