@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 # CPU machines pin the local CPU wheel; set TORCH_SPEC="torch" on a CUDA machine.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: serve status chat test lint bench-engine bench-serve fetch clean
+.PHONY: serve status chat test lint bench-engine bench-serve bench-agentic fetch clean
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
@@ -35,6 +35,9 @@ status:
 
 bench-serve: fetch
 	$(PY) -m ops bench serve
+
+bench-agentic: fetch
+	$(PY) -m ops bench agentic
 
 chat: fetch
 	$(PY) -m ops chat

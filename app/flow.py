@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -47,8 +48,11 @@ async def run_request(
     """One choice: Scheduler → PE (first token) → DE (the rest). Outputs carry the PE's
     prefix-cache hits as `num_cached_tokens`."""
     keys = chain_keys(root_key(model.model_id, salt), prompt, model.block_size)
+    start = time.perf_counter()
     plan = await backend.plan(PlanRequest(request_id, len(prompt), params.max_tokens, tuple(keys)))
+    planned = time.perf_counter()
     handles, de_blocks = await _load(backend, plan, keys)
+    loaded = time.perf_counter()
     prefill = PrefillJob(
         request_id,
         prompt,
@@ -64,6 +68,8 @@ async def run_request(
         first = await anext(from_pe)
         assert isinstance(first, RequestOutput)
         _raise_on_failure(first)
+        first.metrics["schedule_s"] = planned - start
+        first.metrics["kv_read_s"] = loaded - planned
         yield first  # TTFT: the first token comes straight from the PE
         if first.finished:
             return

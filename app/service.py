@@ -13,7 +13,7 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from app.api.errors import BadRequestError, model_not_found
 from app.api.schemas import (
@@ -45,6 +45,7 @@ class Choice:
     text: str = ""
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
+    token_ids: list[int] = field(default_factory=list)
 
 
 class ChatService:
@@ -153,6 +154,7 @@ class ChatService:
             tally.note(index, out)
             choice = choices[index]
             choice.text += out.new_text
+            choice.token_ids += out.new_token_ids
             if choice.logprobs is not None:
                 choice.logprobs.extend(out.new_logprobs)
             if out.finished:
@@ -251,6 +253,7 @@ class ChatService:
                     text=c.text,
                     finish_reason=c.finish_reason,
                     logprobs=self.logprobs.completion(c.logprobs),
+                    token_ids=c.token_ids if request.return_token_ids else None,
                 )
                 for i, c in enumerate(choices)
             ],
@@ -276,6 +279,7 @@ class ChatService:
                         logprobs=self.logprobs.completion(out.new_logprobs)
                         if params[index].logprobs is not None
                         else None,
+                        token_ids=out.new_token_ids if request.return_token_ids else None,
                     )
                 ],
             )
@@ -299,6 +303,13 @@ async def _prepend(
             yield item
 
 
+TIMINGS = {  # Timings field -> RequestOutput.metrics key
+    "prefill_ms": "engine_first_output_s",
+    "schedule_ms": "schedule_s",
+    "kv_read_ms": "kv_read_s",
+}
+
+
 class _Tally:
     """Usage and timings of a request's choices, from their outputs as they come."""
 
@@ -312,10 +323,13 @@ class _Tally:
         self.num_tokens[index] = output.num_output_tokens
         if output.finished:
             self.cached = max(self.cached, output.num_cached_tokens)
-        # the first PE engine time to a first token (no hops, no transfer)
-        seconds = output.metrics.get("engine_first_output_s")
-        if seconds is not None and self.timings.prefill_ms is None:
-            self.timings.prefill_ms = seconds * 1e3
+        # the first choice's first output: engine time to the first token on the PE (no
+        # hops, no transfer), and the request path's own steps before it
+        if output.metrics and self.timings.prefill_ms is None:
+            for name, metric in TIMINGS.items():
+                seconds = output.metrics.get(metric)
+                if seconds is not None:
+                    setattr(self.timings, name, seconds * 1e3)
 
     def usage(self) -> Usage:
         return Usage.of(self.num_prompt_tokens, sum(self.num_tokens), self.cached)

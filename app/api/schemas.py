@@ -127,6 +127,11 @@ class CompletionRequest(_Request):
     logprobs: int | None = Field(default=None, ge=0, le=5)
     echo: bool = False
     suffix: str | None = None
+    return_token_ids: bool = Field(
+        default=False,
+        description="extension (vLLM-style): each choice carries its generated `token_ids`, "
+        "so an agent can extend the exact context (and hit the KV cache) next turn",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -157,6 +162,10 @@ class Timings(BaseModel):
 
     prefill_ms: float | None = Field(
         default=None, description="engine time on the PE from admission to the first token"
+    )
+    schedule_ms: float | None = Field(default=None, description="the Scheduler's plan call")
+    kv_read_ms: float | None = Field(
+        default=None, description="reading the stored KV hit through the storage NICs"
     )
 
 
@@ -257,6 +266,7 @@ class CompletionChoice(BaseModel):
     text: str
     finish_reason: FinishReasonName | None
     logprobs: CompletionLogprobs | None = None
+    token_ids: list[int] | None = None  # with `return_token_ids`
 
 
 class CompletionResponse(BaseModel):

@@ -186,6 +186,46 @@ def test_multi_turn_reports_growing_cached_tokens(serve_app):
         assert hit >= (prev - 1) // 64 * 64
 
 
+def test_agent_turn_reads_the_previous_turn_from_the_kv_store(serve_app, engine):
+    """Turn 2 = turn 1's prompt + its exact generated tokens (`return_token_ids`) + a tool
+    result: the blocks the DE persisted (prompt and reply) are read back from the KV store,
+    and greedy output equals one engine computing everything."""
+    api = client(serve_app)
+    from pydoc_data.topics import topics
+
+    ids = engine.tokenizer.encode(topics["exceptions"] + topics["for"])
+    turn1, tool = ids[:400], ids[400:480]
+    first = api.completions.create(
+        model=MODEL,
+        prompt=turn1,
+        max_tokens=70,
+        temperature=0,
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    )
+    reply = first.choices[0].model_extra["token_ids"]
+    assert len(reply) == 70
+    turn2 = turn1 + reply + tool
+    deadline = time.time() + 10
+    while time.time() < deadline:  # persistence and index updates are asynchronous
+        stats = traffic_stats()["kvstore"]
+        if stats["persisted"] >= len(turn1 + reply) // 64 and not stats["pending_writes"]:
+            break
+        time.sleep(0.2)
+    time.sleep(0.5)  # one more node report carries the last index events
+    second = api.completions.create(model=MODEL, prompt=turn2, max_tokens=16, temperature=0)
+    (want,) = engine.generate([turn2], SamplingParams(temperature=0, max_tokens=16))
+    assert second.choices[0].text == want.text
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= (len(turn1 + reply) - 1) // 64 * 64 - 64
+    timings = second.model_extra["timings"]
+    assert timings["kv_read_ms"] is not None and timings["schedule_ms"] is not None
+    from ray import serve
+
+    sched = serve.get_deployment_handle("Scheduler", APP).stats.remote().result()
+    assert sched["index"]["nvme_blocks"] >= len(turn1 + reply) // 64
+    assert sum(n for path, n in sched["read_paths"].items() if path != "none") >= 1
+
+
 def test_sixteen_concurrent_streams_all_complete_with_correct_usage(serve_app, engine):
     questions = [f"Write one sentence about the number {i}." for i in range(16)]
 

@@ -1,0 +1,440 @@
+"""Agentic trace replay: DualPath vs single-path KV loading on an emulated SNIC-bound cluster.
+
+    python -m ops bench agentic [--agents 4 --turns 6 --context 1024 --append 128]
+        [--gen 16] [--snic-mbps 40] [--online-rates 0.2,0.4]
+        [--modes single_path,dualpath,dualpath_split,oracle]
+
+Trace (shaped like the paper's coding-agent traces, scaled down to a 2-core CPU machine and
+stated in the output): every agent starts from `--context` tokens and runs `--turns` turns;
+each turn appends ~`--append` tokens (tool output) and forces exactly ~`--gen` generated
+tokens (EOS ignored). Replay: turn i+1's prompt = turn i's prompt + its generated tokens
+(exact ids, `return_token_ids`) + the next append, so everything but the append and the
+last partial block hits the KV store.
+
+Cluster (one machine, emulated): 1 prefill node + 2 decode nodes, one engine each, every
+node with its own TrafficManager and a StorageNIC capped at `--snic-mbps` (the paper's
+setting: storage bandwidth is the bottleneck). The KV store has no DRAM cache (as the
+paper's 3FS): every hit is read from the NVMe directory through a SNIC.
+
+Modes, in one run on the same trace: `single_path` (PE-side reads only: classic PD),
+`dualpath` (read on the side with the shorter SNIC queue), `dualpath_split` (one request's
+blocks split over both sides), `oracle` (dualpath with the SNIC caps removed: KV I/O is
+not the bottleneck). Offline: all agents start together; JCT = until the last finishes.
+Online (`--online-rates`): agents arrive as a Poisson process; TTFT / TPOT percentiles per
+rate against a scaled SLO. Also measured in-process: turn TTFT with a KV hit vs recompute
+at `--hit-context` tokens (stored blocks read from real files), and the layer-wise import
+overlap (fraction of the stored-KV copy hidden behind compute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import random
+import shutil
+import socket
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from tqdm import tqdm
+
+from engine.config import default_model_dir
+from ops.bench._report import machine_info, write_report
+
+logger = logging.getLogger(__name__)
+APP = "dualpath-agentic"
+MODEL = "bench-model"
+NODES = ("pnode", "dnode0", "dnode1")
+COLUMNS = [
+    "mode",
+    "load",
+    "jct_s",
+    "vs_single",
+    "turns",
+    "ttft_p50_ms",
+    "ttft_p99_ms",
+    "tpot_p50_ms",
+    "sched_ms",
+    "read_ms",
+    "prefill_ms",
+    "hit_rate",
+    "snic_max_avg",
+    "read_paths",
+]
+
+
+@dataclass
+class Agent:
+    context: list[int]
+    appends: list[list[int]]
+    gens: list[int]
+    start_s: float = 0.0
+
+
+@dataclass
+class TurnRecord:
+    agent: int
+    turn: int
+    prompt_tokens: int
+    cached_tokens: int
+    ttft_s: float
+    tpot_s: float | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def make_trace(args: argparse.Namespace, vocab: int) -> list[Agent]:
+    rng = random.Random(args.seed)
+    # NOTE: random ids from the regular vocabulary (no special tokens): the model's output
+    # is forced to `gen` tokens, so content does not matter; block keys and sizes do.
+    lo, hi = 200, min(vocab, 49000) - 1
+    agents = []
+    for _ in range(args.agents):
+        context = [rng.randint(lo, hi) for _ in range(args.context)]
+        appends = [
+            [
+                rng.randint(lo, hi)
+                for _ in range(rng.randint(args.append * 3 // 4, args.append * 5 // 4))
+            ]
+            for _ in range(args.turns)
+        ]
+        gens = [rng.randint(args.gen * 4 // 5, args.gen * 6 // 5) for _ in range(args.turns)]
+        agents.append(Agent(context, appends, gens))
+    return agents
+
+
+async def _turn(http: httpx.AsyncClient, url: str, prompt: list[int], gen: int):
+    body = {
+        "model": MODEL,
+        "prompt": prompt,
+        "max_tokens": gen,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "return_token_ids": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    first = last = None
+    ids: list[int] = []
+    usage: dict[str, Any] = {}
+    timings: dict[str, float] = {}
+    async with http.stream("POST", url, json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:300]!r}")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"])
+            for choice in chunk.get("choices", []):
+                if choice.get("token_ids"):
+                    now = time.perf_counter()
+                    first = first or now
+                    last = now
+                    ids += choice["token_ids"]
+            usage = chunk.get("usage") or usage
+            timings = chunk.get("timings") or timings
+    assert first is not None and last is not None
+    tpot = (last - first) / (len(ids) - 1) if len(ids) > 1 else None
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    return ids, first - start, tpot, cached, {k: v for k, v in timings.items() if v is not None}
+
+
+async def replay(url: str, agents: list[Agent], bar: tqdm) -> tuple[float, list[TurnRecord]]:
+    records: list[TurnRecord] = []
+    t0 = time.perf_counter()
+
+    async def run(i: int, agent: Agent, http: httpx.AsyncClient) -> None:
+        await asyncio.sleep(agent.start_s)
+        prompt = list(agent.context)
+        for turn, (append, gen) in enumerate(zip(agent.appends, agent.gens, strict=True)):
+            prompt += append
+            ids, ttft, tpot, cached, timings = await _turn(http, url, prompt, gen)
+            records.append(TurnRecord(i, turn, len(prompt), cached, ttft, tpot, timings))
+            prompt += ids
+            bar.update(1)
+
+    async with httpx.AsyncClient(timeout=600) as http:
+        await asyncio.gather(*(run(i, a, http) for i, a in enumerate(agents)))
+    return time.perf_counter() - t0, records
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _deploy(args: argparse.Namespace, mode: str, kv_dir: Path, port: int) -> str:
+    from ray import serve
+
+    from app.builder import build_app
+
+    cap = None if mode == "oracle" else int(args.snic_mbps * 1e6)
+    policy = "dualpath" if mode == "oracle" else mode
+    app_args = {
+        "model": {"path": str(args.model), "served_model_name": MODEL},
+        "engine": {"kv_cache_bytes": "160MiB", "num_threads": 1, "max_num_batched_tokens": 2048},
+        "scheduler": {"policy": policy, "report_interval_s": 0.1},
+        "kvstore": {"path": str(kv_dir), "dram_bytes": 0, "fsync": False},
+        "nodes": [
+            {"name": "pnode", "prefill": 1, "snic_bandwidth": cap},
+            {"name": "dnode0", "decode": 1, "snic_bandwidth": cap},
+            {"name": "dnode1", "decode": 1, "snic_bandwidth": cap},
+        ],
+    }
+    serve.delete(APP)
+    serve.run(build_app(app_args), name=APP, route_prefix="/")
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    while httpx.get(f"{base}/health", timeout=5).status_code != 200:
+        if time.time() > deadline:
+            raise RuntimeError("app never became healthy")
+        time.sleep(0.3)
+    return f"{base}/v1/completions"
+
+
+def _cluster_stats() -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    from ray import serve
+
+    nodes = {
+        n: serve.get_deployment_handle(f"TrafficManager-{n}", APP).stats.remote().result()
+        for n in NODES
+    }
+    sched = serve.get_deployment_handle("Scheduler", APP).stats.remote().result()
+    return nodes, sched
+
+
+def _pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else 0.0
+
+
+def summarize(mode: str, load: str, jct: float, records: list[TurnRecord], nodes, sched) -> dict:
+    warm = [r for r in records if r.turn > 0]  # turn 0 is cold by construction
+    traffic = [
+        (s["snic"] or {}).get("bytes_read_total", 0)
+        + (s["snic"] or {}).get("bytes_written_total", 0)
+        for s in nodes.values()
+    ]
+    mean = statistics.mean(traffic) if traffic else 0
+    timing = lambda k: statistics.median(r.timings.get(k, 0.0) for r in warm) if warm else 0.0  # noqa: E731
+    return {
+        "mode": mode,
+        "load": load,
+        "jct_s": round(jct, 2),
+        "turns": len(records),
+        "ttft_p50_ms": round(_pct([r.ttft_s for r in warm], 0.5) * 1e3, 1),
+        "ttft_p99_ms": round(_pct([r.ttft_s for r in warm], 0.99) * 1e3, 1),
+        "tpot_p50_ms": round(_pct([r.tpot_s for r in records if r.tpot_s], 0.5) * 1e3, 1),
+        "sched_ms": round(timing("schedule_ms"), 1),
+        "read_ms": round(timing("kv_read_ms"), 1),
+        "prefill_ms": round(timing("prefill_ms"), 1),
+        "hit_rate": round(
+            sum(r.cached_tokens for r in warm) / max(1, sum(r.prompt_tokens for r in warm)), 3
+        ),
+        "snic_max_avg": round(max(traffic) / mean, 2) if mean else None,
+        "read_paths": ",".join(f"{k}:{v}" for k, v in sorted(sched["read_paths"].items())),
+        "snic_bytes": {n: t for n, t in zip(nodes, traffic, strict=True)},
+    }
+
+
+def run_mode(args, mode: str, agents: list[Agent], port: int) -> list[dict[str, Any]]:
+    rows = []
+    loads = [("offline", None)] + [(f"online {r}/s", r) for r in args.online_rates]
+    for load, rate in loads:
+        kv_dir = Path(tempfile.mkdtemp(prefix=f"dps-kv-{mode}-"))
+        try:
+            url = _deploy(args, mode, kv_dir, port)
+            rng = random.Random(args.seed + 1)
+            t = 0.0
+            for agent in agents:
+                agent.start_s = 0.0 if rate is None else t
+                if rate is not None:
+                    t += rng.expovariate(rate)
+            total = sum(len(a.gens) for a in agents)
+            with tqdm(total=total, desc=f"{mode} {load}", unit="turn") as bar:
+                jct, records = asyncio.run(replay(url, agents, bar))
+            nodes, sched = _cluster_stats()
+            row = summarize(mode, load, jct, records, nodes, sched)
+            logger.info("mode done", extra={"mode": mode, "load": load, "jct_s": jct})
+            rows.append(row)
+        finally:
+            shutil.rmtree(kv_dir, ignore_errors=True)
+    return rows
+
+
+def kv_hit_ttft(args) -> dict[str, Any]:
+    """Turn TTFT with the context's KV read from the NVMe tier vs recomputing it, in-process
+    (one engine, real block files, no SNIC cap), plus the layer-wise import overlap."""
+    from pydoc_data.topics import topics
+
+    from engine import EngineConfig, EngineCore, SamplingParams
+    from engine.kv_import import ImportStats, PrefixKV
+    from kvstore.snic import StorageNIC
+    from kvstore.store import TieredStore
+    from kvstore.tiers.dram import DRAMTier
+    from kvstore.tiers.nvme import NVMeTier
+
+    engine = EngineCore(
+        EngineConfig(
+            model=args.model, num_threads=2, enable_prefix_caching=False, kv_cache_bytes=640 << 20
+        )
+    )
+    text = " ".join(v for _, v in sorted(topics.items()))
+    ids = engine.tokenizer.encode(text)
+    context, append = ids[: args.hit_context], ids[args.hit_context : args.hit_context + 128]
+    one = SamplingParams(temperature=0, max_tokens=1)
+
+    def ttft(rid: str, prompt: list[int], prefix: PrefixKV | None = None) -> float:
+        start = time.perf_counter()
+        engine.add_request(rid, prompt, one, prefix=prefix)
+        while engine.has_unfinished():
+            engine.step()
+        return time.perf_counter() - start
+
+    recompute_s = ttft("recompute", context + append)
+    engine.add_prefill("store", context, one)
+    kv = None
+    while engine.has_unfinished():
+        for out in engine.step():
+            kv = out.kv or kv
+    assert kv is not None
+    bs = engine.config.block_size
+    root = Path(tempfile.mkdtemp(prefix="dps-kv-hit-"))
+    try:
+        block_nbytes = kv.data[0].numel() * kv.data.element_size()
+        store = TieredStore(
+            "n0",
+            DRAMTier(0),
+            NVMeTier(root, fsync=False),
+            StorageNIC("n0", num_workers=2),
+            wrap=lambda t: t,
+            unwrap=lambda t: t,
+            block_size=bs,
+            block_nbytes=block_nbytes,
+        )
+        for key, block in zip(kv.block_keys, kv.data.unbind(0), strict=False):
+            store.persist(key, block)
+        store.flush()
+        before = ImportStats()
+        before.add(engine.import_totals)
+        start = time.perf_counter()
+        blocks = store.load(kv.block_keys)
+        read_s = time.perf_counter() - start
+        hit_s = read_s + ttft("hit", context + append, PrefixKV(kv.block_keys, blocks))
+        store.snic.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    after = engine.import_totals
+    copy_s, wait_s = after.copy_s - before.copy_s, after.wait_s - before.wait_s
+    return {
+        "context_tokens": len(context),
+        "append_tokens": len(append),
+        "hit_blocks": len(blocks),
+        "recompute_ttft_s": round(recompute_s, 3),
+        "hit_ttft_s": round(hit_s, 3),
+        "hit_read_s": round(read_s, 3),
+        "speedup": round(recompute_s / hit_s, 1),
+        "import_copy_ms": round(copy_s * 1e3, 1),
+        "import_wait_ms": round(wait_s * 1e3, 1),
+        "import_overlap": round(1 - min(1.0, wait_s / copy_s), 2) if copy_s else None,
+    }
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    offline = [r for r in rows if r["load"] == "offline"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.bar([r["mode"] for r in offline], [r["jct_s"] for r in offline], color="tab:blue")
+    ax1.set_ylabel("offline JCT (s)")
+    ax1.set_title("Job completion time (lower is better)")
+    width = 0.8 / max(1, len(offline))
+    for i, r in enumerate(offline):
+        xs = [j + i * width for j in range(len(NODES))]
+        ax2.bar(xs, [r["snic_bytes"][n] / 1e6 for n in NODES], width, label=r["mode"])
+    ax2.set_xticks([j + width * (len(offline) - 1) / 2 for j in range(len(NODES))], NODES)
+    ax2.set_ylabel("SNIC traffic (MB, read + write)")
+    ax2.set_title("Storage NIC load per node")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ops bench agentic", description=__doc__)
+    p.add_argument("--model", type=Path, default=default_model_dir())
+    p.add_argument("--modes", default="single_path,dualpath,dualpath_split,oracle")
+    p.add_argument("--agents", type=int, default=4)
+    p.add_argument("--turns", type=int, default=6)
+    p.add_argument("--context", type=int, default=1024, help="tokens before the first turn")
+    p.add_argument("--append", type=int, default=128, help="tokens appended per turn (mean)")
+    p.add_argument("--gen", type=int, default=16, help="tokens generated per turn (mean)")
+    p.add_argument("--snic-mbps", type=float, default=40.0, help="SNIC cap per node, MB/s")
+    p.add_argument("--online-rates", default="", help="agent arrivals per second, e.g. 0.2,0.5")
+    p.add_argument("--hit-context", type=int, default=8000, help="KV-hit TTFT context (0: skip)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default="agentic")
+    args = p.parse_args(argv)
+    args.online_rates = [float(r) for r in args.online_rates.split(",") if r]
+
+    import ray
+    from ray import serve
+
+    from engine.config import ModelConfig
+
+    agents = make_trace(args, ModelConfig.from_dir(args.model).vocab_size)
+    # NOTE: 3 engines of one thread each on a 2-core machine: Ray is told 4 logical CPUs.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    rows: list[dict[str, Any]] = []
+    try:
+        for mode in args.modes.split(","):
+            rows += run_mode(args, mode, agents, port)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    single = {r["load"]: r["jct_s"] for r in rows if r["mode"] == "single_path"}
+    for r in rows:
+        base = single.get(r["load"])
+        r["vs_single"] = round(base / r["jct_s"], 2) if base and r["jct_s"] else None
+    hit = kv_hit_ttft(args) if args.hit_context else None
+    meta = {
+        **machine_info(),
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "layout": (
+            "one machine emulating 3 logical nodes: pnode (1 PE), dnode0 and dnode1 (1 DE "
+            f"each), one thread per engine; every node's SNIC capped at {args.snic_mbps} MB/s "
+            "(oracle: uncapped); KV store without DRAM cache, NVMe tier in a temp directory"
+        ),
+        "trace": (
+            f"{args.agents} agents x {args.turns} turns, {args.context} context tokens, "
+            f"~{args.append} appended and ~{args.gen} generated per turn (paper 64K-class: "
+            "157 turns, 429 appended, 176 generated, 32.7k context; scaled to 2 CPU cores)"
+        ),
+        "kv_hit_ttft": hit,
+    }
+    write_report(args.name, rows, meta, COLUMNS, _plot)
+    if hit:
+        from rich.console import Console
+
+        Console().print({"kv_hit_ttft": hit})
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    raise SystemExit(main())
