@@ -71,7 +71,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
                 name=f"PrefillEngine-{node.name}",
                 num_replicas=node.prefill,
                 max_ongoing_requests=256,
-                ray_actor_options={"num_cpus": 1} | pinned,
+                ray_actor_options={"num_cpus": config.engine.num_cpus} | pinned,
                 **engine_options,
             ).bind(engine, scheduler, traffic)
         if node.decode:
@@ -80,7 +80,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
                 name=f"DecodeEngine-{node.name}",
                 num_replicas=node.decode,
                 max_ongoing_requests=512,
-                ray_actor_options={"num_cpus": 1} | pinned,
+                ray_actor_options={"num_cpus": config.engine.num_cpus} | pinned,
                 **engine_options,
             ).bind(engine, scheduler, traffic, config.kvstore.enabled)
         nodes[node.name] = handles

@@ -48,7 +48,7 @@ from app.flow import ModelInfo
 from app.service import ChatService
 from deployments.protocol import DecodeJob, KVHandoff, Plan, PlanRequest, PrefillJob
 from engine.config import ModelConfig
-from engine.core import model_fingerprint
+from engine.loader import model_fingerprint
 from engine.output import RequestOutput
 from engine.tokenizer import Tokenizer
 

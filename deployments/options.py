@@ -64,12 +64,20 @@ class EngineSection(Section):
     max_num_seqs: int = Field(default=64, ge=1)
     max_num_batched_tokens: int = Field(default=2048, ge=1)
     max_model_len: int | None = Field(default=None, ge=1)
+    prefill_quota_s: float | None = Field(
+        default=0.3, gt=0, description="PE compute quota per step (the paper's 300 ms)"
+    )
     enable_prefix_caching: bool = True
     num_threads: int | None = Field(
         default=None, ge=1, description="torch threads; default: the replica's num_cpus"
     )
+    num_cpus: float = Field(
+        default=1.0, ge=0, description="CPUs Ray reserves per engine replica (0: oversubscribe)"
+    )
 
-    def engine_config(self, model: ModelSection, num_threads: int | None) -> EngineConfig:
+    def engine_config(
+        self, model: ModelSection, num_threads: int | None, prefill: bool = False
+    ) -> EngineConfig:
         return EngineConfig(
             model=model.path.expanduser(),
             dtype=self.dtype,
@@ -79,6 +87,7 @@ class EngineSection(Section):
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len,
+            prefill_quota_s=self.prefill_quota_s if prefill else None,
             enable_prefix_caching=self.enable_prefix_caching,
             num_threads=self.num_threads or num_threads,
         )

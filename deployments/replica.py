@@ -33,7 +33,8 @@ async def start_engine_server(
     rid, node_id = replica_id(), config.node
     # NOTE: Ray sets OMP_NUM_THREADS from the replica's num_cpus; torch follows it.
     threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or None
-    engine_config = config.engine.engine_config(config.model, threads)
+    prefill = server_cls.role == "prefill"
+    engine_config = config.engine.engine_config(config.model, threads, prefill=prefill)
     engine = await asyncio.to_thread(EngineCore, engine_config)
     fallback = create_transport("object_store")
     transport = create_transport(

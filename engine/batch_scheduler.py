@@ -9,6 +9,11 @@ budget. When a running sequence needs a new block and the pool is empty, the mos
 admitted running sequence is preempted (its blocks freed, to be recomputed later: its
 prefix usually survives in the cache). Waiting sequences are admitted only if nothing was
 preempted, while budget, batch slots and blocks (above a small watermark) remain.
+
+With a compute quota (prefill engines; the DualPath paper's PE batch formation), prefill
+chunks also stop at the quota's predicted time: FIFO while the PrefillCostModel's estimate
+of the step stays within it; the request that would overflow gets the largest chunk that
+fits (binary search) and ends the batch. Every step still computes at least one chunk.
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
+from engine.cost_model import PrefillCostModel
 from engine.sequence import Sequence, SequenceStatus
+
+MIN_CHUNK_TOKENS = 16
 
 
 @dataclass(slots=True)
@@ -53,8 +61,12 @@ class BatchScheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         watermark_blocks: int | None = None,
+        compute_quota_s: float | None = None,
+        cost_model: PrefillCostModel | None = None,
     ):
         self.block_manager = block_manager
+        self.compute_quota_s = compute_quota_s
+        self.cost_model = cost_model or PrefillCostModel()
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.watermark_blocks = (
@@ -83,17 +95,38 @@ class BatchScheduler:
         if seq.block_table:
             self.block_manager.free(seq)
 
+    def _fit(self, seq: Sequence, num_tokens: int, plan: StepPlan) -> int:
+        """`num_tokens` cut to what the compute quota has left (prefill chunks only)."""
+        if self.compute_quota_s is None or num_tokens <= 1:
+            return num_tokens
+        left = self._quota_left(plan)
+        fit = self.cost_model.max_tokens_within(seq.num_computed_tokens, left, num_tokens)
+        if fit == 0 and not plan.chunks:
+            fit = min(num_tokens, MIN_CHUNK_TOKENS)  # progress, whatever the estimate says
+        return fit
+
+    def _quota_left(self, plan: StepPlan) -> float:
+        if self.compute_quota_s is None:
+            return float("inf")
+        cost = self.cost_model
+        used = sum(cost.predict(c.start, c.num_tokens) for c in plan.chunks if c.num_tokens > 1)
+        return self.compute_quota_s - used
+
     def schedule(self) -> StepPlan:
         plan = StepPlan()
         budget = self.max_num_batched_tokens
         bm = self.block_manager
+        quota_full = False
 
         for seq in list(self.running):
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_tokens = self._fit(seq, min(seq.num_tokens - seq.num_computed_tokens, budget), plan)
+            if num_tokens == 0:
+                quota_full = True
+                continue
             end = seq.num_computed_tokens + num_tokens
             while not bm.can_ensure_slots(seq, end):
                 victim = self.running[-1]
@@ -103,15 +136,20 @@ class BatchScheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue
             bm.ensure_slots(seq, end)
+            if num_tokens < seq.num_tokens - seq.num_computed_tokens and num_tokens > 1:
+                quota_full = quota_full or self.compute_quota_s is not None
             plan.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_tokens))
             budget -= num_tokens
 
         while (
             not plan.preempted
+            and not quota_full
             and self.waiting
             and budget > 0
             and len(self.running) < self.max_num_seqs
         ):
+            if self._quota_left(plan) <= 0:
+                break
             seq = self.waiting[0]
             # NOTE: the watermark keeps room for running decodes; with nothing running it
             # would only make a request that fits the pool wait forever.
@@ -122,9 +160,14 @@ class BatchScheduler:
             bm.allocate(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            num_tokens = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            wanted = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            # NOTE: admitted before sizing (its cached prefix is known only now); a quota
+            # already spent still gives it one token-sized chunk so it is not stranded.
+            num_tokens = max(1, self._fit(seq, wanted, plan))
             plan.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_tokens))
             budget -= num_tokens
+            if num_tokens < wanted:
+                quota_full = True
         return plan
 
     def _preempt(self, seq: Sequence, plan: StepPlan) -> None:

@@ -118,6 +118,9 @@ class EngineConfig(BaseModel):
     max_num_seqs: int = Field(default=64, ge=1, description="sequences per batch")
     max_num_batched_tokens: int = Field(default=2048, ge=1, description="token budget per step")
     max_model_len: int | None = Field(default=None, ge=1, description="cap on prompt+output")
+    prefill_quota_s: float | None = Field(
+        default=None, gt=0, description="predicted prefill time per step (None: tokens only)"
+    )
     enable_prefix_caching: bool = True
     cpu_linear_backend: Literal["auto", "onednn", "torch"] = Field(
         default="auto", description="CPU matmuls: oneDNN prepacked weights (auto) or F.linear"

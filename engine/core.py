@@ -6,20 +6,20 @@ prefill and decode deployments, the CLI chat and the tests alike.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import logging
-from pathlib import Path
+import time
 
 import torch
 
 from engine.batch_scheduler import BatchScheduler, StepPlan
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
+from engine.cost_model import attention_work
 from engine.errors import InvalidRequestError
 from engine.kv_handoff import KVHandoffMixin
 from engine.kv_import import ImportStats, PrefixKV
+from engine.loader import generation_eos_ids, model_fingerprint
 from engine.output import OutputState, RequestOutput, SequenceKV
 from engine.runner import ModelRunner
 from engine.sampling_params import SamplingParams
@@ -28,26 +28,6 @@ from engine.tokenizer import Tokenizer
 from kvstore.keys import root_key
 
 logger = logging.getLogger(__name__)
-
-
-def model_fingerprint(model_dir: Path) -> str:
-    """Model identity for block keys: dir name + hash of config and weight file sizes.
-
-    Two different checkpoints that happen to share a directory name never share keys.
-    """
-    h = hashlib.blake2b(digest_size=8)
-    h.update((model_dir / "config.json").read_bytes())
-    for f in sorted(model_dir.glob("*.safetensors")):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
-    return f"{model_dir.name}@{h.hexdigest()}"
-
-
-def generation_eos_ids(model_dir: Path) -> list[int]:
-    path = model_dir / "generation_config.json"
-    if not path.is_file():
-        return []
-    eos = json.loads(path.read_text()).get("eos_token_id")
-    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
 def plan_ids(plan: StepPlan) -> list[str]:
@@ -68,7 +48,10 @@ class EngineCore(KVHandoffMixin):
             num_blocks, config.block_size, config.enable_prefix_caching
         )
         self.scheduler = BatchScheduler(
-            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
+            self.block_manager,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            compute_quota_s=config.prefill_quota_s,
         )
         self.eos_token_ids = {
             *self.tokenizer.eos_token_ids,
@@ -234,6 +217,7 @@ class EngineCore(KVHandoffMixin):
         if plan.is_empty:
             return []
         self.num_computed_total += plan.num_batched_tokens
+        started = time.perf_counter()
         try:
             sampled, result = self.runner.run(plan)
         except Exception:
@@ -241,6 +225,7 @@ class EngineCore(KVHandoffMixin):
             # forever); its sequences end with "error" and everything else carries on.
             logger.exception("step failed", extra={"request_ids": plan_ids(plan)})
             return [self._fail(chunk.seq) for chunk in plan.chunks]
+        self._observe_cost(plan, time.perf_counter() - started)
         if self.runner.last_import is not None:
             self.import_totals.add(self.runner.last_import.stats)
         for chunk in plan.chunks:
@@ -260,6 +245,13 @@ class EngineCore(KVHandoffMixin):
                 output.kv = self._hand_off(seq)
             outputs.append(output)
         return outputs
+
+    def _observe_cost(self, plan: StepPlan, seconds: float) -> None:
+        """Fit the prefill cost model on steps that are mostly prefill."""
+        chunks = [c for c in plan.chunks if c.num_tokens > 1]
+        if chunks and sum(c.num_tokens for c in chunks) * 2 > plan.num_batched_tokens:
+            work = sum(attention_work(c.start, c.num_tokens) for c in chunks)
+            self.scheduler.cost_model.observe(plan.num_batched_tokens, work, seconds)
 
     def _postprocess(
         self, seq: Sequence, token_id: int, logprob: TokenLogprob | None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -53,3 +55,23 @@ def _copy(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: shape {tuple(tensor.shape)} != model {tuple(param.shape)}")
     with torch.no_grad():
         param.copy_(tensor.to(param.dtype))
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """Model identity for block keys: dir name + hash of config and weight file sizes.
+
+    Two different checkpoints that happen to share a directory name never share keys.
+    """
+    h = hashlib.blake2b(digest_size=8)
+    h.update((model_dir / "config.json").read_bytes())
+    for f in sorted(model_dir.glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return f"{model_dir.name}@{h.hexdigest()}"
+
+
+def generation_eos_ids(model_dir: Path) -> list[int]:
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return []
+    eos = json.loads(path.read_text()).get("eos_token_id")
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)

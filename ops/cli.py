@@ -83,6 +83,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from ops.bench.serve import main as serve_main
 
         return serve_main(args.rest)
+    if args.which == "kv-hit":
+        from ops.bench.kv_hit import main as kv_hit_main
+
+        return kv_hit_main(args.rest)
     if args.which == "agentic":
         from ops.bench.agentic import main as agentic_main
 
@@ -117,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=_cmd_chat)
 
     bench = sub.add_parser("bench", help="run a benchmark (ops/bench/<name>.py)")
-    bench.add_argument("which", choices=["engine", "serve", "agentic"])
+    bench.add_argument("which", choices=["engine", "serve", "agentic", "kv-hit"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     bench.set_defaults(func=_cmd_bench)
     return parser

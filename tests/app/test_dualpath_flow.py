@@ -27,6 +27,7 @@ from deployments.scheduler.view import ClusterView
 from deployments.traffic.manager import KVMover, TrafficManager
 from engine import EngineConfig, EngineCore
 from engine.output import RequestOutput
+from kvstore.keys import chain_keys, root_key
 from kvstore.snic import StorageNIC
 from kvstore.store import TieredStore
 from kvstore.tiers.dram import DRAMTier
@@ -165,6 +166,18 @@ async def scenario(model_dir, tmp_path, engine_alone):
                 n: tm.store.snic.metrics().bytes_read_total - before[n] for n, tm in nodes.items()
             }
             results[path] = (out, backend.plans[-1], read)
+        # a corrupt block file: the hit prefix ends before it and the PE recomputes the rest
+        hits = results["pe"][1].num_hit_blocks
+        keys = chain_keys(root_key(prefill.engine.model_id), turn2, 64)
+        path = nodes["pnode"].store.nvme.path_of(keys[hits // 2])
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        path.write_bytes(bytes(data))
+        backend.force = "pe"
+        out = await service.complete(
+            CompletionRequest(model=MODEL, prompt=turn2, temperature=0, max_tokens=12)
+        )
+        results["corrupt"] = (out, backend.plans[-1], {})
         return turn2, results, block_nbytes, decode.num_persisted_blocks
     finally:
         for server in servers:
@@ -193,7 +206,8 @@ def test_output_is_identical_whichever_side_reads_the_stored_kv(model_dir, tmp_p
     cached = {
         path: out.usage.prompt_tokens_details.cached_tokens for path, (out, _, _) in results.items()
     }
-    assert cached == {"none": 0, "pe": hits * 64, "de": hits * 64, "split": hits * 64}
+    full = hits * 64
+    assert cached == {"none": 0, "pe": full, "de": full, "split": full, "corrupt": hits // 2 * 64}
     # each side's SNIC read exactly the blocks the plan gave it
     assert results["none"][2] == {"pnode": 0, "dnode": 0}
     assert results["pe"][2] == {"pnode": hits * block_nbytes, "dnode": 0}

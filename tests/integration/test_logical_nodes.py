@@ -1,0 +1,86 @@
+"""Two logical nodes in the real app: the PE on one, the DE on the other, each with its own
+TrafficManager (KV store + SNIC). With `dualpath_split` a turn's stored blocks are read on
+both sides at once: the DE-side part stays on the DE node, the PE gets all of it, and only
+the rest of the KV travels PE → DE. Greedy output equals one engine computing everything."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from engine.sampling_params import SamplingParams
+from tests.integration.conftest import MODEL
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+APP2 = "dualpath-nodes"
+
+
+@pytest.fixture(scope="module")
+def two_nodes(serve_port, model_dir, tmp_path_factory):
+    from ray import serve
+
+    from app.builder import build_app
+
+    args = {
+        "model": {"path": str(model_dir), "served_model_name": MODEL},
+        # NOTE: engines take no CPU reservation here: the session app holds Ray's 2 CPUs
+        "engine": {"kv_cache_bytes": "64MiB", "max_num_seqs": 8, "num_cpus": 0, "num_threads": 1},
+        "transfer": {"transport": "object_store"},
+        "scheduler": {"report_interval_s": 0.1, "policy": "dualpath_split"},
+        "kvstore": {"path": str(tmp_path_factory.mktemp("kv-nodes")), "dram_bytes": 0},
+        "nodes": [
+            {"name": "pnode", "prefill": 1, "snic_bandwidth": "500MB"},
+            {"name": "dnode", "decode": 1, "snic_bandwidth": "500MB"},
+        ],
+    }
+    serve.run(build_app(args), name=APP2, route_prefix="/two")
+    base = f"http://127.0.0.1:{serve_port}/two"
+    deadline = time.time() + 120
+    while httpx.get(f"{base}/health", timeout=5).status_code != 200:
+        assert time.time() < deadline, "the two-node app never became healthy"
+        time.sleep(0.2)
+    yield base
+    serve.delete(APP2)
+
+
+def test_split_read_across_two_nodes_gives_identical_output(two_nodes, engine):
+    from pydoc_data.topics import topics
+
+    from ray import serve
+
+    api = OpenAI(base_url=f"{two_nodes}/v1", api_key="unused", max_retries=0)
+    ids = engine.tokenizer.encode(topics["with"] + topics["while"])
+    turn1, tool = ids[:500], ids[500:560]
+    first = api.completions.create(
+        model=MODEL,
+        prompt=turn1,
+        max_tokens=80,
+        temperature=0,
+        extra_body={"ignore_eos": True, "return_token_ids": True},
+    )
+    turn2 = turn1 + first.choices[0].model_extra["token_ids"] + tool
+    dnode = serve.get_deployment_handle("TrafficManager-dnode", APP2)
+    time.sleep(1.0)  # the DE hands its last full blocks to its node's store
+    deadline = time.time() + 10
+    while dnode.stats.remote().result()["kvstore"]["pending_writes"]:
+        assert time.time() < deadline, "persistence did not finish"
+        time.sleep(0.2)
+    time.sleep(0.5)  # the next node report carries the index events
+
+    second = api.completions.create(model=MODEL, prompt=turn2, max_tokens=16, temperature=0)
+    (want,) = engine.generate([turn2], SamplingParams(temperature=0, max_tokens=16))
+    assert second.choices[0].text == want.text
+    assert second.usage.prompt_tokens_details.cached_tokens >= (580 // 64 - 1) * 64
+
+    sched = serve.get_deployment_handle("Scheduler", APP2).stats.remote().result()
+    assert sched["read_paths"].get("split", 0) >= 1
+    reads = {
+        node: serve.get_deployment_handle(f"TrafficManager-{node}", APP2)
+        .stats.remote()
+        .result()["snic"]["bytes_read_total"]
+        for node in ("pnode", "dnode")
+    }
+    assert reads["pnode"] > 0 and reads["dnode"] > 0  # both SNICs read part of the hit
