@@ -125,16 +125,14 @@ class TieredStore(Generic[V]):
     def persist(self, key: bytes, block: torch.Tensor) -> bool:
         """Store a Full Block: DRAM now, NVMe in the background. False if already stored."""
         with self._lock:
-            if (
-                key in self.dram
-                or key in self._pending_writes
-                or (self.nvme is not None and self.nvme.contains(key))
-            ):
+            if key in self.dram or key in self._pending_writes or self._on_disk(key):
                 self.counters["persist_skipped"] += 1
                 return False
             self.counters["persisted"] += 1
-            self._cache(key, self.wrap(block), self.block_nbytes)
+            # NOTE: queue the write before caching: a block that leaves DRAM at once (a small
+            # tier) must not be spilled as a second write of the same bytes.
             self._write_behind(key, block)
+            self._cache(key, self.wrap(block), self.block_nbytes)
         return True
 
     def flush(self, timeout_s: float | None = None) -> None:
@@ -208,6 +206,11 @@ class TieredStore(Generic[V]):
                 self._events.append(IndexEvent(key, "nvme", True, "", self.block_nbytes))
             for gone in self.nvme.drain_evicted():
                 self._events.append(IndexEvent(gone, "nvme", False))
+
+    def _on_disk(self, key: bytes) -> bool:
+        """On NVMe, including files other nodes wrote to a shared directory (a stat)."""
+        nvme = self.nvme
+        return nvme is not None and (nvme.contains(key) or nvme.path_of(key).exists())
 
     def _note_missing(self, key: bytes) -> None:
         with self._lock:

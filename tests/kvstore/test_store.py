@@ -172,3 +172,16 @@ def test_index_longest_prefix_tiers_and_node_drop():
     assert index.longest_prefix([key(0), key(1), key(2)]) == 1
     index.apply([IndexEvent(key(0), "nvme", False)])
     assert len(index) == 1 and index.stats()["nvme_blocks"] == 1
+
+
+def test_each_block_is_written_once_even_without_a_dram_tier(make_store, tmp_path):
+    store = make_store(dram_blocks=0)
+    for i in range(3):
+        store.persist(key(i), block(i))
+    store.flush()
+    assert store.snic.metrics().bytes_written_total == 3 * NBYTES
+    # a block another node already wrote to the shared directory is not written again
+    other = make_store(dram_blocks=0, node="n1")
+    assert not other.persist(key(1), block(1))
+    other.flush()
+    assert other.snic.metrics().bytes_written_total == 0
