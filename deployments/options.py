@@ -111,7 +111,9 @@ class KVStoreSection(Section):
     dram_bytes: ZeroOrBytes = Field(
         default=256 * 2**20, description="DRAM tier per node (0: a staging buffer only)"
     )
-    nvme_bytes: Bytes | None = Field(default=None, description="NVMe tier cap (LRU beyond)")
+    nvme_bytes: Bytes | None = Field(
+        default=16 * 2**30, description="NVMe tier cap, LRU beyond it (None: the whole disk)"
+    )
     fsync: bool = Field(default=True, description="fsync block files and their directory")
     snic_workers: int = Field(default=2, ge=1, description="concurrent NVMe I/Os per node")
     min_write_share: float = Field(

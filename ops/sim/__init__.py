@@ -1,0 +1,1 @@
+"""Cluster simulator pieces shared with the benchmarks (agentic traces)."""
