@@ -45,8 +45,9 @@ async def run_request(
     params: SamplingParams,
     salt: bytes = b"",
 ) -> AsyncIterator[RequestOutput]:
-    """One choice: Scheduler → PE (first token) → DE (the rest). Outputs carry the PE's
-    prefix-cache hits as `num_cached_tokens`."""
+    """One choice: Scheduler → stored-KV reads → PE (first token) → DE (the rest). Outputs
+    carry the prompt tokens the PE did not compute (stored + prefix-cache hits) as
+    `num_cached_tokens`, and the first one the request path's own timings."""
     keys = chain_keys(root_key(model.model_id, salt), prompt, model.block_size)
     start = time.perf_counter()
     plan = await backend.plan(PlanRequest(request_id, len(prompt), params.max_tokens, tuple(keys)))
