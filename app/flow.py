@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from deployments.protocol import DecodeJob, KVHandoff, Plan, PlanRequest, Prefil
 from engine.output import RequestOutput
 from engine.sampling_params import SamplingParams
 from kvstore.keys import chain_keys, root_key
+
+logger = logging.getLogger(__name__)
 
 
 class Backend(Protocol):
@@ -107,7 +110,13 @@ async def _load(backend: Backend, plan: Plan, keys: list[bytes]) -> tuple[list[A
     split = plan.de_read_blocks
 
     async def read(node: str, part: list[bytes]) -> list[Any]:
-        return await backend.load(node, part) if part else []
+        if not part:
+            return []
+        try:
+            return await backend.load(node, part)
+        except Exception:  # a TrafficManager restarting, a closed SNIC: recompute instead
+            logger.warning("stored-KV read on %s failed; recomputing", node, exc_info=True)
+            return []
 
     de_part, pe_part = await asyncio.gather(
         read(plan.decode_node, keys[:split]),

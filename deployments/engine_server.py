@@ -23,6 +23,8 @@ from engine.core import EngineCore
 
 logger = logging.getLogger(__name__)
 
+MAX_PERSIST_BATCHES = 256  # engine steps' worth of full blocks waiting for the node's store
+
 Reporter = Callable[[LoadReport, TransferStats], Awaitable[None]]
 # DRAM handles (Ray ObjectRefs in the app, tensors in tests) -> Full Block tensors
 BlockFetcher = Callable[[Sequence[Any]], Awaitable[list[torch.Tensor]]]
@@ -64,6 +66,7 @@ class EngineServer:
         self._persist_task: asyncio.Task[None] | None = None
         self._event_loop: asyncio.AbstractEventLoop | None = None
         self.num_persisted_blocks = 0
+        self.num_persist_dropped = 0
         self._reporter = reporter
         self._report_interval_s = report_interval_s
         self._report_task: asyncio.Task[None] | None = None
@@ -110,7 +113,15 @@ class EngineServer:
         """Engine thread, after each step: hand full blocks to the event loop, never wait."""
         blocks = engine.drain_persist()
         if blocks and self._event_loop is not None:
-            self._event_loop.call_soon_threadsafe(self._persist_queue.put_nowait, blocks)
+            self._event_loop.call_soon_threadsafe(self._queue_persist, blocks)
+
+    def _queue_persist(self, blocks: list[tuple[bytes, torch.Tensor]]) -> None:
+        if self._persist_queue.qsize() >= MAX_PERSIST_BATCHES:
+            # NOTE: back-pressure: the store cannot keep up; memory stays bounded and the
+            # blocks are recomputed if a later turn needs them.
+            self.num_persist_dropped += len(blocks)
+            return
+        self._persist_queue.put_nowait(blocks)
 
     async def _persist_forever(self) -> None:
         assert self.persist is not None

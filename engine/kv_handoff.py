@@ -67,7 +67,11 @@ class KVHandoffMixin:
             # NOTE: keys bind KV to model + tenant + tokens; a mismatch is never imported.
             raise InvalidRequestError("stored KV block keys do not match this prompt/tenant")
         shape = self.runner.kv_cache.full_block_shape
+        dtype = self.runner.kv_cache.tensor.dtype
         for block in prefix.blocks:
+            if block.dtype != dtype:
+                # NOTE: keys do not bind the KV dtype; converted KV would change the output.
+                raise InvalidRequestError(f"stored KV block is {block.dtype}, this engine {dtype}")
             if tuple(block.shape) != shape:
                 raise InvalidRequestError(
                     f"stored KV block of shape {tuple(block.shape)}, this engine needs {shape}"

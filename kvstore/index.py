@@ -69,12 +69,22 @@ class KVIndex:
         for key in [k for k, e in self.entries.items() if node_id in e.dram_nodes]:
             self.apply([IndexEvent(key, "dram", False, node_id)])
 
-    def longest_prefix(self, keys: Sequence[bytes], now: float | None = None) -> int:
-        """How many leading `keys` are stored in some tier; touches them when `now` is given."""
+    def longest_prefix(
+        self, keys: Sequence[bytes], now: float | None = None, nodes: set[str] | None = None
+    ) -> int:
+        """How many leading `keys` are stored; touches them when `now` is given.
+
+        With `nodes`, a block counts only if it is on NVMe (readable by every node) or in the
+        DRAM tier of one of `nodes` (another node's DRAM is not readable from here).
+        """
         n = 0
         for key in keys:
             entry = self.entries.get(key)
-            if entry is None:
+            if (
+                entry is None
+                or nodes is not None
+                and not (entry.on_nvme or entry.dram_nodes & nodes)
+            ):
                 break
             if now is not None:
                 entry.last_use = now

@@ -47,6 +47,7 @@ class TieredStore(Generic[V]):
         unwrap: Callable[[V], torch.Tensor],
         block_size: int,
         block_nbytes: int,
+        max_pending_writes: int = 1024,
     ):
         self.node_id = node_id
         self.dram = dram
@@ -56,6 +57,7 @@ class TieredStore(Generic[V]):
         self.unwrap = unwrap
         self.block_size = block_size
         self.block_nbytes = block_nbytes
+        self.max_pending_writes = max_pending_writes
         self._lock = threading.Lock()
         self._pending_writes: dict[bytes, Future[None]] = {}
         self._events: list[IndexEvent] = []
@@ -67,6 +69,7 @@ class TieredStore(Generic[V]):
             "corrupt_or_missing": 0,
             "persisted": 0,
             "persist_skipped": 0,
+            "persist_dropped": 0,
             "spilled": 0,
         }
 
@@ -85,6 +88,7 @@ class TieredStore(Generic[V]):
         """The longest servable prefix of `keys`, as DRAM handles, in order."""
         handles: list[V | None] = []
         reads: dict[int, Future[torch.Tensor | None]] = {}
+        known: dict[int, bool] = {}
         with self._lock:
             self.counters["loads"] += 1
             for i, key in enumerate(keys):
@@ -95,6 +99,7 @@ class TieredStore(Generic[V]):
                     if self.nvme is None:
                         self.counters["load_misses"] += 1
                         break
+                    known[i] = self.nvme.contains(key)
                     reads[i] = self.snic.submit(
                         IOClass.READ,
                         self.block_nbytes,
@@ -106,8 +111,8 @@ class TieredStore(Generic[V]):
         for i, handle in enumerate(handles):
             if handle is None:
                 block = reads.pop(i).result()
-                if block is None:  # corrupt or vanished: the prefix ends here
-                    self._note_missing(keys[i])
+                if block is None:  # corrupt, vanished or not written yet: the prefix ends here
+                    self._note_missing(keys[i], known[i])
                     break
                 handle = self.wrap(block)
                 with self._lock:
@@ -123,16 +128,24 @@ class TieredStore(Generic[V]):
 
     # ------------------------------------------------------------------ writes
     def persist(self, key: bytes, block: torch.Tensor) -> bool:
-        """Store a Full Block: DRAM now, NVMe in the background. False if already stored."""
+        """Store a Full Block: DRAM now, NVMe in the background. False if already stored,
+        or dropped because `max_pending_writes` blocks already wait for the SNIC."""
         with self._lock:
             if key in self.dram or key in self._pending_writes or self._on_disk(key):
                 self.counters["persist_skipped"] += 1
                 return False
+            if len(self._pending_writes) >= self.max_pending_writes:
+                self.counters["persist_dropped"] += 1  # back-pressure: memory stays bounded
+                return False
+        handle = self.wrap(block)  # NOTE: outside the lock: on-path loads do not wait for it
+        with self._lock:
+            if key in self.dram or key in self._pending_writes:
+                return False  # persisted concurrently
             self.counters["persisted"] += 1
             # NOTE: queue the write before caching: a block that leaves DRAM at once (a small
             # tier) must not be spilled as a second write of the same bytes.
             self._write_behind(key, block)
-            self._cache(key, self.wrap(block), self.block_nbytes)
+            self._cache(key, handle, self.block_nbytes)
         return True
 
     def flush(self, timeout_s: float | None = None) -> None:
@@ -181,7 +194,7 @@ class TieredStore(Generic[V]):
             self._spill(item)
 
     def _spill(self, item: Evicted[V]) -> None:
-        if self.nvme is None or item.key in self._pending_writes or self.nvme.contains(item.key):
+        if self.nvme is None or item.key in self._pending_writes or self._on_disk(item.key):
             return
         self.counters["spilled"] += 1
         self._write_behind(item.key, self.unwrap(item.value))
@@ -212,7 +225,11 @@ class TieredStore(Generic[V]):
         nvme = self.nvme
         return nvme is not None and (nvme.contains(key) or nvme.path_of(key).exists())
 
-    def _note_missing(self, key: bytes) -> None:
+    def _note_missing(self, key: bytes, known: bool) -> None:
+        """A read found no valid block. Only a block this node had indexed is reported gone
+        (it was corrupt and removed, or deleted); a block another node announced may simply
+        not be written yet, and must not be dropped from the cluster index."""
         with self._lock:
             self.counters["corrupt_or_missing"] += 1
-            self._events.append(IndexEvent(key, "nvme", False))
+            if known:
+                self._events.append(IndexEvent(key, "nvme", False))

@@ -59,7 +59,7 @@ class DecodeServer(EngineServer):
             return engine.can_import(num_tokens)
 
         stream = self.loop.submit(
-            job.request_id, add, ready=ready if kv is not None else None, num_tokens=1
+            job.request_id, add, ready=ready if kv is not None else None, num_tokens=num_tokens
         )
         async for output in stream:
             yield output

@@ -64,7 +64,8 @@ def plan(
 
     block_size = prefill.report.block_size
     max_hits = (request.num_prompt_tokens - 1) // block_size
-    num_hits = min(view.index.longest_prefix(request.block_keys, now), max_hits)
+    readers = {prefill.node_id, decode.node_id}
+    num_hits = min(view.index.longest_prefix(request.block_keys, now, readers), max_hits)
     de_blocks = _decode_side_blocks(num_hits, prefill, decode, view, cfg) if num_hits else 0
     path: ReadPath = (
         "none"

@@ -78,7 +78,7 @@ class TrafficManager:
         return self.manager.stats()
 
     async def _report_forever(self) -> None:
-        full_sync = False
+        full_sync = True  # a (re)started node replaces whatever the Scheduler had for it
         while True:
             try:
                 report = self.manager.node_report(full_sync)

@@ -205,6 +205,8 @@ class NVMeTier:
             if key in self._index:
                 self._touch(key)
                 return True
+        if path.exists():  # written by another process sharing the directory: nothing to do
+            return True
         header, payload = encode_block(key, block)
         nbytes = len(header) + len(payload)
         victims = self._reserve(nbytes)

@@ -137,6 +137,10 @@ def test_prefix_with_wrong_keys_or_shape_is_refused(engine, receiver):
     keys, blocks = stored_blocks(engine, prompt)
     with pytest.raises(InvalidRequestError, match="keys"):
         receiver.add_request("bad", prompt, GREEDY, prefix=PrefixKV([b"x" * 16], blocks[:1]))
+    with pytest.raises(InvalidRequestError, match="bfloat16"):
+        receiver.add_request(
+            "bad", prompt, GREEDY, prefix=PrefixKV(keys[:1], [blocks[0].to(torch.bfloat16)])
+        )
     with pytest.raises(InvalidRequestError, match="shape"):
         receiver.add_request("bad", prompt, GREEDY, prefix=PrefixKV(keys[:1], [blocks[0][:3]]))
     assert not receiver.has_unfinished()

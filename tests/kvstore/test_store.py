@@ -185,3 +185,26 @@ def test_each_block_is_written_once_even_without_a_dram_tier(make_store, tmp_pat
     assert not other.persist(key(1), block(1))
     other.flush()
     assert other.snic.metrics().bytes_written_total == 0
+
+
+def test_a_block_not_written_yet_is_not_dropped_from_the_index(make_store, tmp_path):
+    """Another node announced the block; a read here before its write lands is a miss, but
+    must not tell the cluster index the block is gone."""
+    reader = make_store(dram_blocks=0, node="b")
+    assert reader.load([key(5)]) == []
+    assert IndexEvent(key(5), "nvme", False) not in reader.drain_events()
+
+
+def test_pending_writes_are_bounded(make_store):
+    store = make_store(dram_blocks=0)
+    store.max_pending_writes = 0
+    assert not store.persist(key(1), block(1))
+    assert store.counters["persist_dropped"] == 1
+
+
+def test_index_hits_in_dram_count_only_on_the_reading_nodes():
+    index = KVIndex()
+    index.apply([IndexEvent(key(0), "nvme", True), IndexEvent(key(1), "dram", True, "a")])
+    keys = [key(0), key(1)]
+    assert index.longest_prefix(keys, nodes={"a", "b"}) == 2
+    assert index.longest_prefix(keys, nodes={"b", "c"}) == 1

@@ -1,0 +1,51 @@
+"""The request flow's stored-KV read step: both sides read at once, the longest contiguous
+prefix wins, and a side that fails is a miss (recompute), never a failed request."""
+
+from __future__ import annotations
+
+import asyncio
+
+from app.flow import _load
+from deployments.protocol import Plan
+
+
+class Sides:
+    """Backend.load per node: returns its blocks, a shorter list (a miss), or raises."""
+
+    def __init__(self, **behaviour):
+        self.behaviour = behaviour
+
+    async def load(self, node, keys):
+        what = self.behaviour[node]
+        if isinstance(what, Exception):
+            raise what
+        return [f"{node}:{k}" for k in keys][: what if what is not None else len(keys)]
+
+
+PLAN = Plan("r", "pe", "de", "pnode", "dnode", "split", num_hit_blocks=6, de_read_blocks=2)
+KEYS = [f"k{i}" for i in range(8)]
+
+
+def load(**behaviour):
+    return asyncio.run(_load(Sides(**behaviour), PLAN, KEYS))
+
+
+def test_both_sides_joined_in_order():
+    handles, de_blocks = load(dnode=None, pnode=None)
+    assert handles == ["dnode:k0", "dnode:k1", "pnode:k2", "pnode:k3", "pnode:k4", "pnode:k5"]
+    assert de_blocks == 2
+
+
+def test_a_short_de_side_ends_the_prefix_there():
+    assert load(dnode=1, pnode=None) == (["dnode:k0"], 1)
+
+
+def test_a_short_pe_side_keeps_what_is_contiguous():
+    handles, de_blocks = load(dnode=None, pnode=1)
+    assert handles == ["dnode:k0", "dnode:k1", "pnode:k2"] and de_blocks == 2
+
+
+def test_a_failing_side_is_a_miss_not_an_error():
+    assert load(dnode=RuntimeError("TrafficManager restarting"), pnode=None) == ([], 0)
+    handles, de_blocks = load(dnode=None, pnode=RuntimeError("SNIC closed"))
+    assert handles == ["dnode:k0", "dnode:k1"] and de_blocks == 2
