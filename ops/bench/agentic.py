@@ -36,7 +36,6 @@ import json
 import logging
 import random
 import shutil
-import socket
 import statistics
 import tempfile
 import time
@@ -49,6 +48,7 @@ from tqdm import tqdm
 
 from engine.config import default_model_dir
 from ops.bench._report import machine_info, write_report
+from ops.bench._serve import deploy, free_port
 from ops.sim.traces import Agent, make_trace
 
 logger = logging.getLogger(__name__)
@@ -157,17 +157,7 @@ async def replay(
     return time.perf_counter() - start, records
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _deploy(args: argparse.Namespace, mode: str, kv_dir: Path, port: int) -> str:
-    from ray import serve
-
-    from app.builder import build_app
-
     cap = None if mode == "oracle" else int(args.snic_mbps * 1e6)
     policy = "dualpath" if mode == "oracle" else mode
     app_args = {
@@ -181,15 +171,7 @@ def _deploy(args: argparse.Namespace, mode: str, kv_dir: Path, port: int) -> str
             {"name": "dnode1", "decode": 1, "snic_bandwidth": cap},
         ],
     }
-    serve.delete(APP)
-    serve.run(build_app(app_args), name=APP, route_prefix="/")
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while httpx.get(f"{base}/health", timeout=5).status_code != 200:
-        if time.time() > deadline:
-            raise RuntimeError("app never became healthy")
-        time.sleep(0.3)
-    return f"{base}/v1/completions"
+    return f"{deploy(APP, app_args, port)}/v1/completions"
 
 
 def _cluster_stats() -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
@@ -326,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     agents = make_trace(args, ModelConfig.from_dir(args.model).vocab_size)
     # NOTE: 3 engines of one thread each on a 2-core machine: Ray is told 4 logical CPUs.
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     rows: list[dict[str, Any]] = []
     try:

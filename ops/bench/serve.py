@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import logging
-import socket
 import statistics
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from tqdm import tqdm
 from engine import EngineConfig, EngineCore, SamplingParams
 from engine.config import default_model_dir
 from ops.bench._report import machine_info, write_report
+from ops.bench._serve import deploy, free_port
 
 logger = logging.getLogger(__name__)
 APP = "dualpath-bench"
@@ -50,12 +50,6 @@ COLUMNS = [
     "target",
     "status",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Prompts:
@@ -142,24 +136,12 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def _deploy(transport: str, model_dir: Path, port: int) -> str:
-    from ray import serve
-
-    from app.builder import build_app
-
     args = {
         "model": {"path": str(model_dir), "served_model_name": MODEL},
         "engine": {"kv_cache_bytes": "128MiB"},
         "transfer": {"transport": transport},
     }
-    serve.delete(APP)
-    serve.run(build_app(args), name=APP, route_prefix="/")
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while httpx.get(f"{base}/health", timeout=5).status_code != 200:
-        if time.time() > deadline:
-            raise RuntimeError("app never became healthy")
-        time.sleep(0.2)
-    return f"{base}/v1/completions"
+    return f"{deploy(APP, args, port)}/v1/completions"
 
 
 def bench_transport(args, transport: str, engine: EngineCore, prompts: Prompts, port: int):
@@ -254,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     engine = EngineCore(
         EngineConfig(
