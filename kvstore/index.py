@@ -91,9 +91,6 @@ class KVIndex:
             n += 1
         return n
 
-    def prefix_bytes(self, keys: Sequence[bytes]) -> int:
-        return sum(self.entries[k].nbytes for k in keys)
-
     def stats(self) -> dict[str, int]:
         entries = self.entries.values()
         return {

@@ -74,16 +74,6 @@ class TieredStore(Generic[V]):
         }
 
     # ------------------------------------------------------------------ reads
-    def lookup(self, keys: Sequence[bytes]) -> int:
-        """How many leading `keys` this node could serve (DRAM or NVMe), without I/O."""
-        n = 0
-        with self._lock:
-            for key in keys:
-                if key not in self.dram and not (self.nvme and self.nvme.contains(key)):
-                    break
-                n += 1
-        return n
-
     def load(self, keys: Sequence[bytes]) -> list[V]:
         """The longest servable prefix of `keys`, as DRAM handles, in order."""
         handles: list[V | None] = []

@@ -27,7 +27,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Literal
 
-from deployments.protocol import NodeReport, Plan, PlanRequest, ReadPath
+from deployments.protocol import Plan, PlanRequest, ReadPath
 from deployments.scheduler.view import ClusterView, EngineState
 
 PolicyName = Literal["dualpath", "dualpath_split", "single_path", "round_robin"]
@@ -156,16 +156,10 @@ def _decode_side_blocks(
     # dualpath_split: x blocks on the DE side so that both sides finish together:
     #   q_pe + (h - x) * b / r_pe == q_de + x * b / r_de
     block_bytes = _block_bytes(prefill)
-    t_pe = block_bytes / _rate(pe_node.report, cfg)
-    t_de = block_bytes / _rate(de_node.report, cfg)
+    t_pe = block_bytes / pe_node.rate(cfg.snic_bytes_per_s)
+    t_de = block_bytes / de_node.rate(cfg.snic_bytes_per_s)
     x = (q_pe - q_de + num_hits * t_pe) / (t_pe + t_de)
     return max(0, min(num_hits, round(x)))
-
-
-def _rate(report: NodeReport, cfg: PolicyConfig) -> float:
-    return (
-        report.bandwidth_bytes_per_s or report.read_throughput_bytes_per_s or cfg.snic_bytes_per_s
-    )
 
 
 def _block_bytes(engine: EngineState) -> int:

@@ -53,10 +53,18 @@ class NodeState:
     def read_queue_bytes(self) -> int:
         return self.report.read_queue_bytes + self.planned_read_bytes
 
+    def rate(self, fallback_bytes_per_s: float) -> float:
+        """The SNIC's read rate: its cap, else its measured throughput, else the fallback."""
+        report = self.report
+        return (
+            report.bandwidth_bytes_per_s
+            or report.read_throughput_bytes_per_s
+            or fallback_bytes_per_s
+        )
+
     def read_queue_s(self, fallback_bytes_per_s: float) -> float:
-        """Seconds until a read queued now would start (the SNIC cap, else measured rate)."""
-        rate = self.report.bandwidth_bytes_per_s or self.report.read_throughput_bytes_per_s
-        return self.read_queue_bytes / (rate or fallback_bytes_per_s)
+        """Seconds until a read queued now would start."""
+        return self.read_queue_bytes / self.rate(fallback_bytes_per_s)
 
 
 class ClusterView:

@@ -26,12 +26,6 @@ from kvstore.tiers.object_store import block_from_object, get_block, put_block
 logger = logging.getLogger(__name__)
 
 
-def kv_bytes_per_token(engine: EngineReplicaOptions) -> int:
-    model = ModelConfig.from_dir(engine.model.path.expanduser())
-    itemsize = 4 if engine.engine.dtype == "float32" else 2
-    return model.num_hidden_layers * 2 * model.num_kv_heads * model.head_size * itemsize
-
-
 class TrafficManager:
     def __init__(
         self,
@@ -57,7 +51,9 @@ class TrafficManager:
                 wrap=put_block,
                 unwrap=get_block,
                 block_size=block_size,
-                block_nbytes=kv_bytes_per_token(engine) * block_size,
+                block_nbytes=engine.engine.engine_config(engine.model, None).kv_bytes_per_block(
+                    ModelConfig.from_dir(engine.model.path.expanduser())
+                ),
             )
         self.manager = _TrafficManager(node, store)
         self.scheduler = scheduler

@@ -73,13 +73,6 @@ class DRAMTier(Generic[V]):
             evicted.append(Evicted(old_key, old_value, old_bytes))
         return evicted
 
-    def pop(self, key: bytes) -> V | None:
-        item = self._blocks.pop(key, None)
-        if item is None:
-            return None
-        self.usage_bytes -= item[1]
-        return item[0]
-
     def stats(self) -> dict[str, int]:
         return {
             "blocks": len(self._blocks),
