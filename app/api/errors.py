@@ -55,6 +55,14 @@ class NotFoundError(APIError):
     status, type = 404, "invalid_request_error"
 
 
+class PermissionDeniedError(APIError):
+    status, type = 403, "permission_error"
+
+
+class RequestTimeoutError(APIError):
+    status, type = 408, "timeout_error"
+
+
 class PayloadTooLargeError(APIError):
     status, type = 413, "invalid_request_error"
 

@@ -1,0 +1,391 @@
+"""The admission queue: which waiting request runs next, and whether it may run now. No Ray;
+the clock and the billing calendar are injected.
+
+- Tiers: `priority` before `default` before `flex`, strictly, except that a tier whose
+  oldest request has waited `aging_s` rises one rank (and again after 2 × `aging_s`), and
+  between tiers of equal rank the older request goes first: nothing starves for ever.
+- Tenants within a tier share by tokens, deficit round robin (DRR): each turn a tenant gets
+  `quantum_tokens × weight` of credit and runs requests while its credit covers their
+  tokens (prompt + max_tokens, × n).
+- Capacity is tokens, not a request count: a request is admitted while the work in flight
+  (this queue's own count, or the engines' last reports if higher) plus its own stays
+  within the budget: queued prefill tokens, decode KV tokens, decode batch slots. Each
+  tier may fill only its `tier_share` of it, which keeps headroom for `priority`. With
+  nothing in flight one request is always admitted, however large.
+- `flex` requests are held while the billing window is `peak`, unless the system is idle
+  (nothing else waiting, load under `flex_idle_share`); they run in the next non-peak
+  window or fail at their deadline with 429 and the time until the peak ends.
+- Limits: a full tier queue answers 503; a default/priority request that waits longer than
+  `queue_timeout_s` answers 408. A request cancelled while queued (client gone) leaves at
+  once. An admitted request is never dropped by the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from pydantic import Field
+
+from app.admission.fair import TierQueue
+from app.api.errors import OverloadedError, RateLimitError, RequestTimeoutError
+from app.auth import TIERS, Tier
+from deployments.options import Section
+from deployments.protocol import LoadReport
+
+RANK: dict[Tier, int] = {"priority": 0, "default": 1, "flex": 2}
+
+
+class QueueSection(Section):
+    max_queued: dict[Tier, int] = Field(
+        default_factory=lambda: {"priority": 256, "default": 1024, "flex": 4096},
+        description="per tier; beyond it 503",
+    )
+    queue_timeout_s: float = Field(default=120.0, gt=0, description="priority/default → 408")
+    flex_deadline_s: float = Field(default=900.0, gt=0, description="flex → 429")
+    aging_s: float = Field(default=30.0, gt=0, description="a waiting tier rises one rank")
+    tier_share: dict[Tier, float] = Field(
+        default_factory=lambda: {"priority": 1.0, "default": 0.85, "flex": 0.6},
+        description="the share of capacity each tier may fill",
+    )
+    flex_idle_share: float = Field(default=0.3, ge=0, le=1, description="flex runs in peak below")
+    quantum_tokens: int = Field(default=2048, ge=1, description="DRR credit per turn")
+    prefill_queue_s: float = Field(
+        default=1.0, gt=0, description="admit while queued prefill work stays under this"
+    )
+    default_prefill_tokens_per_s: float = Field(
+        default=1000.0, gt=0, description="a PE's rate until it has measured its own"
+    )
+
+
+class Meter(Protocol):
+    """What a request used so far: its prompt split into stored-KV hits and misses."""
+
+    def counts(self) -> tuple[int, int, int]: ...  # (hit, miss, output) tokens
+
+
+class Calendar(Protocol):
+    def window_at(self, t: float) -> str: ...
+
+    def seconds_until_not(self, t: float, window: str) -> float: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    """The engines' budget and their last reported use of it (all tokens but `seqs`)."""
+
+    prefill_tokens: float
+    kv_tokens: float
+    seqs: int
+    used_prefill_tokens: int = 0
+    used_kv_tokens: int = 0
+    used_seqs: int = 0
+
+    @classmethod
+    def from_reports(
+        cls, reports: Sequence[LoadReport], prefill_queue_s: float, default_rate: float
+    ) -> Capacity | None:
+        pes = [r for r in reports if r.role == "prefill"]
+        des = [r for r in reports if r.role == "decode"]
+        if not pes or not des:
+            return None
+        return cls(
+            prefill_tokens=sum((r.prefill_tokens_per_s or default_rate) for r in pes)
+            * prefill_queue_s,
+            kv_tokens=sum(r.num_total_blocks * r.block_size for r in des),
+            seqs=sum(r.max_num_seqs for r in des),
+            used_prefill_tokens=sum(r.num_queued_tokens for r in pes),
+            used_kv_tokens=sum(
+                (r.num_total_blocks - r.num_free_blocks) * r.block_size for r in des
+            ),
+            used_seqs=sum(r.num_running + r.num_waiting for r in des),
+        )
+
+
+@dataclass(eq=False, slots=True)
+class Ticket:
+    request_id: str
+    tenant: str
+    tier: Tier
+    prompt_tokens: int
+    max_tokens: int
+    n: int = 1
+    weight: float = 1.0
+    arrival: float = 0.0
+    deadline: float = math.inf
+    future: asyncio.Future[Lease] | None = None
+
+    @property
+    def tokens(self) -> int:
+        """What the request may cost: its DRR charge and its KV reservation."""
+        return (self.prompt_tokens + self.max_tokens) * self.n
+
+    @property
+    def prefill_tokens(self) -> int:
+        return self.prompt_tokens * self.n
+
+
+@dataclass(slots=True)
+class InFlight:
+    requests: int = 0
+    prefill_tokens: int = 0
+    kv_tokens: int = 0
+    seqs: int = 0
+
+
+class Lease:
+    """An admitted request's hold on capacity: `prefill_done` when its first token is out
+    (its prompt left the prefill queue), `release` when it ends (both idempotent)."""
+
+    def __init__(self, queue: AdmissionQueue, ticket: Ticket, admitted_at: float, window: str):
+        self.queue, self.ticket = queue, ticket
+        self.admitted_at, self.window = admitted_at, window
+        self.queued_s = admitted_at - ticket.arrival
+        self.meter: Meter | None = None  # set by the request path; read for the bill
+        self._prefilling = True
+        self._held = True
+
+    @property
+    def tier(self) -> Tier:
+        return self.ticket.tier
+
+    def prefill_done(self) -> None:
+        if self._prefilling and self._held:
+            self._prefilling = False
+            self.queue._finish_prefill(self.ticket)
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self.queue._release(self.ticket, self._prefilling)
+            self._prefilling = False
+
+
+class AdmissionQueue:
+    def __init__(
+        self,
+        config: QueueSection,
+        calendar: Calendar,
+        clock: Callable[[], float],
+        tick_s: float = 0.1,
+    ):
+        self.config = config
+        self.calendar = calendar
+        self.clock = clock
+        self.tick_s = tick_s
+        self.queues: dict[Tier, TierQueue] = {t: TierQueue(config.quantum_tokens) for t in TIERS}
+        self.capacity: Capacity | None = None
+        self.in_flight = InFlight()
+        self.deadlines: list[tuple[float, int, Ticket]] = []
+        self.seq = itertools.count()
+        self.admitted: deque[float] = deque()  # admission times in the last minute
+        self.counts = {"admitted": 0, "queue_full": 0, "timeout": 0, "cancelled": 0}
+        self._timer: asyncio.Task[None] | None = None
+        self._servicing = False
+
+    # ------------------------------------------------------------------ callers
+    async def admit(self, ticket: Ticket) -> Lease:
+        """Wait for the ticket's turn and capacity; raise 503/408/429 if it cannot run."""
+        now = self.clock()
+        ticket.arrival = now
+        flex = ticket.tier == "flex"
+        ticket.deadline = now + (
+            self.config.flex_deadline_s if flex else self.config.queue_timeout_s
+        )
+        queue = self.queues[ticket.tier]
+        if len(queue) >= self.config.max_queued[ticket.tier]:
+            self.counts["queue_full"] += 1
+            raise OverloadedError(
+                f"the {ticket.tier} queue is full ({len(queue)} requests waiting)",
+                code="queue_full",
+                headers={"Retry-After": str(self._retry_after(len(queue)))},
+            )
+        ticket.future = asyncio.get_running_loop().create_future()
+        queue.push(ticket)
+        heapq.heappush(self.deadlines, (ticket.deadline, next(self.seq), ticket))
+        self._ensure_timer()
+        self.service()
+        try:
+            return await ticket.future
+        except asyncio.CancelledError:
+            future = ticket.future
+            if future.done() and not future.cancelled() and future.exception() is None:
+                future.result().release()  # admitted as the caller left: give it back
+            elif self.queues[ticket.tier].remove(ticket):
+                self.counts["cancelled"] += 1
+                self.service()
+            raise
+
+    def update_capacity(self, capacity: Capacity | None) -> None:
+        self.capacity = capacity
+        self.service()
+
+    def service(self) -> None:
+        """Expire deadlines, then admit while the next request in order fits."""
+        if self._servicing:
+            return  # a release inside the loop below: the loop goes on by itself
+        self._servicing = True
+        try:
+            now = self.clock()
+            self._expire(now)
+            while (ticket := self._next(now)) is not None and self._fits(ticket, now):
+                self.queues[ticket.tier].remove(ticket, served=True)
+                self._start(ticket, now)
+        finally:
+            self._servicing = False
+
+    def depth(self) -> dict[str, int]:
+        return {tier: len(q) for tier, q in self.queues.items()}
+
+    # ------------------------------------------------------------------ order
+    def _next(self, now: float) -> Ticket | None:
+        best: tuple[int, float] | None = None
+        choice: Ticket | None = None
+        for tier in TIERS:
+            queue = self.queues[tier]
+            if not queue:
+                continue
+            if tier == "flex" and self._flex_held(now):
+                continue
+            oldest = queue.oldest()
+            key = (self._rank(tier, oldest, now), oldest)
+            if best is None or key < best:
+                best, choice = key, queue.peek()
+        return choice
+
+    def _rank(self, tier: Tier, oldest: float, now: float) -> int:
+        return max(0, RANK[tier] - int((now - oldest) / self.config.aging_s))
+
+    def _flex_held(self, now: float) -> bool:
+        if self.calendar.window_at(now) != "peak":
+            return False
+        if len(self.queues["priority"]) or len(self.queues["default"]):
+            return True
+        return self._load() >= self.config.flex_idle_share
+
+    def _load(self) -> float:
+        """The busiest of the three capacity dimensions, as a fraction."""
+        cap = self.capacity
+        if cap is None:
+            return 1.0 if self.in_flight.requests else 0.0
+        used = self._used()
+        return max(
+            used[0] / max(cap.prefill_tokens, 1.0),
+            used[1] / max(cap.kv_tokens, 1.0),
+            used[2] / max(cap.seqs, 1),
+        )
+
+    def _used(self) -> tuple[int, int, int]:
+        cap, mine = self.capacity, self.in_flight
+        if cap is None:
+            return mine.prefill_tokens, mine.kv_tokens, mine.seqs
+        return (
+            max(mine.prefill_tokens, cap.used_prefill_tokens),
+            max(mine.kv_tokens, cap.used_kv_tokens),
+            max(mine.seqs, cap.used_seqs),
+        )
+
+    def _fits(self, ticket: Ticket, now: float) -> bool:
+        if self.in_flight.requests == 0:
+            return True  # always make progress, whatever the request's size
+        cap = self.capacity
+        if cap is None:
+            return False  # no engine report yet: one request at a time
+        rank = self._rank(ticket.tier, ticket.arrival, now)
+        share = self.config.tier_share[TIERS[rank]]
+        prefill, kv, seqs = self._used()
+        return (
+            prefill + ticket.prefill_tokens <= cap.prefill_tokens * share
+            and kv + ticket.tokens <= cap.kv_tokens * share
+            and seqs + ticket.n <= cap.seqs * share
+        )
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _start(self, ticket: Ticket, now: float) -> None:
+        flight = self.in_flight
+        flight.requests += 1
+        flight.prefill_tokens += ticket.prefill_tokens
+        flight.kv_tokens += ticket.tokens
+        flight.seqs += ticket.n
+        self.counts["admitted"] += 1
+        self.admitted.append(now)
+        lease = Lease(self, ticket, now, self.calendar.window_at(now))
+        assert ticket.future is not None
+        if ticket.future.done():  # cancelled in the same loop iteration
+            lease.release()
+        else:
+            ticket.future.set_result(lease)
+
+    def _finish_prefill(self, ticket: Ticket) -> None:
+        self.in_flight.prefill_tokens -= ticket.prefill_tokens
+        self.service()
+
+    def _release(self, ticket: Ticket, prefilling: bool) -> None:
+        flight = self.in_flight
+        flight.requests -= 1
+        flight.kv_tokens -= ticket.tokens
+        flight.seqs -= ticket.n
+        if prefilling:
+            flight.prefill_tokens -= ticket.prefill_tokens
+        self.service()
+
+    def _expire(self, now: float) -> None:
+        while self.deadlines and self.deadlines[0][0] <= now:
+            _, _, ticket = heapq.heappop(self.deadlines)
+            if not self.queues[ticket.tier].remove(ticket):
+                continue  # admitted or gone already
+            self.counts["timeout"] += 1
+            assert ticket.future is not None
+            if not ticket.future.done():
+                ticket.future.set_exception(self._timeout_error(ticket, now))
+
+    def _timeout_error(self, ticket: Ticket, now: float) -> Exception:
+        waited = now - ticket.arrival
+        if ticket.tier == "flex":
+            until = self.calendar.seconds_until_not(now, "peak")
+            retry = self._retry_after(0) if until == 0 or math.isinf(until) else math.ceil(until)
+            return RateLimitError(
+                f"flex request not started within its {waited:.0f}s deadline (peak hours "
+                "or no idle capacity); retry after the peak window",
+                code="flex_deadline",
+                headers={"Retry-After": str(max(1, retry))},
+            )
+        return RequestTimeoutError(
+            f"request waited {waited:.0f}s in the {ticket.tier} queue without capacity",
+            code="queue_timeout",
+            headers={"Retry-After": str(self._retry_after(len(self.queues[ticket.tier])))},
+        )
+
+    def _retry_after(self, waiting: int) -> int:
+        """Seconds until `waiting` requests would have been admitted at the recent rate."""
+        now = self.clock()
+        while self.admitted and self.admitted[0] < now - 60:
+            self.admitted.popleft()
+        rate = len(self.admitted) / 60.0
+        if rate <= 0:
+            return 5
+        return max(1, min(60, math.ceil(waiting / rate)))
+
+    # ------------------------------------------------------------------ timer
+    def _ensure_timer(self) -> None:
+        if self._timer is None or self._timer.done():
+            self._timer = asyncio.get_running_loop().create_task(self._tick())
+
+    async def _tick(self) -> None:
+        """Deadlines and window changes need no event to be noticed."""
+        while any(self.queues.values()):
+            await asyncio.sleep(self.tick_s)
+            self.service()
+
+    async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._timer
