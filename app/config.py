@@ -6,8 +6,13 @@ Each section goes to exactly one kind of deployment; errors name their field pat
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, model_validator
 
+from app.admission.queues import QueueSection
+from app.auth import AuthSection
+from app.pricing import PricingSection
 from deployments.options import (
     Bytes,
     EngineReplicaOptions,
@@ -24,6 +29,11 @@ from deployments.scheduler.policy import PolicyConfig, PolicyName
 class IngressSection(Section):
     default_max_tokens: int = Field(default=512, ge=1, description="when a request sets none")
     max_body_bytes: Bytes = Field(default=4 * 2**20, description="larger bodies get 413")
+    ledger_path: Path | None = Field(
+        default_factory=lambda: Path("~/.cache/dualpath-serve/usage.jsonl"),
+        description="per-tenant usage ledger (JSON lines); null keeps it in memory",
+    )
+    capacity_poll_s: float = Field(default=0.25, gt=0, description="engine load for admission")
 
 
 class SchedulerSection(Section):
@@ -59,6 +69,9 @@ class AppConfig(Section):
     engine: EngineSection = Field(default_factory=EngineSection)
     transfer: TransferSection = Field(default_factory=TransferSection)
     ingress: IngressSection = Field(default_factory=IngressSection)
+    auth: AuthSection = Field(default_factory=AuthSection)
+    admission: QueueSection = Field(default_factory=QueueSection)
+    pricing: PricingSection = Field(default_factory=PricingSection)
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
     kvstore: KVStoreSection = Field(default_factory=KVStoreSection)
     nodes: list[NodeSection] = Field(default_factory=_default_nodes, min_length=1)

@@ -11,8 +11,10 @@ ServeBackend (Serve handles, the Scheduler's replica choice carried in each job)
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -25,11 +27,16 @@ from ray.serve import context as serve_context
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.admission.capacity import Capacity
+from app.admission.gate import Caller, Gate
+from app.admission.queues import AdmissionQueue
+from app.admission.ratelimit import RateLimiter
 from app.api.errors import (
     APIError,
     BadRequestError,
     OverloadedError,
     PayloadTooLargeError,
+    PermissionDeniedError,
     to_api_error,
 )
 from app.api.schemas import (
@@ -43,8 +50,11 @@ from app.api.schemas import (
     dump,
 )
 from app.api.sse import DONE_FRAME, sse_frame
+from app.auth import Authenticator, Tenant
 from app.config import AppConfig
 from app.flow import ModelInfo
+from app.ledger import Ledger
+from app.pricing import PriceBook
 from app.service import ChatService
 from deployments.protocol import DecodeJob, KVHandoff, Plan, PlanRequest, PrefillJob
 from engine.config import ModelConfig
@@ -121,9 +131,12 @@ class ServeBackend:
 
 def error_response(exc: BaseException) -> JSONResponse:
     error = to_api_error(exc)
-    if error.status >= 500:
+    if error.status >= 500 and error.code != "overloaded":
         logger.error("request failed", exc_info=exc)
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+BUCKET_WIDTHS = {"1m": 60, "1h": 3600, "1d": 86400}
 
 
 async def sse(first: BaseModel, rest: AsyncIterator[BaseModel]) -> AsyncIterator[bytes]:
@@ -166,6 +179,16 @@ class Ingress:
         )
         self.config = config
         self.scheduler = scheduler
+        clock = time.time
+        self.auth = Authenticator(config.auth)
+        prices = PriceBook(config.pricing)
+        self.queue = AdmissionQueue(config.admission, prices.calendar, clock)
+        ledger_path = config.ingress.ledger_path
+        self.ledger = Ledger(ledger_path.expanduser() if ledger_path else None)
+        self.gate = Gate(
+            self.queue, RateLimiter(clock), prices, self.ledger, config.model.name, clock
+        )
+        self._capacity_task: asyncio.Task[None] | None = None
         self.service = ChatService(
             Tokenizer(model_dir),
             ModelInfo(
@@ -177,28 +200,82 @@ class Ingress:
             ),
             ServeBackend(scheduler, nodes),
             config.ingress.default_max_tokens,
+            self.gate,
         )
 
+    # ------------------------------------------------------------------ admission
+    def _caller(self, tenant: Tenant, service_tier: str | None) -> Caller:
+        self._watch_capacity()
+        return Caller(tenant, Gate.tier(tenant, service_tier))
+
+    def _watch_capacity(self) -> None:
+        if self._capacity_task is None or self._capacity_task.done():
+            self._capacity_task = asyncio.get_running_loop().create_task(self._poll_capacity())
+
+    async def _poll_capacity(self) -> None:
+        """Feed the admission queue the engines' budget and load, as the Scheduler sees it."""
+        section = self.config.admission
+        while True:
+            try:
+                reports = await self.scheduler.engines.remote()
+                self.queue.update_capacity(
+                    Capacity.from_reports(
+                        reports, section.prefill_queue_s, section.default_prefill_tokens_per_s
+                    )
+                )
+            except Exception:
+                logger.warning("engine loads unavailable for admission", exc_info=True)
+            await asyncio.sleep(self.config.ingress.capacity_poll_s)
+
+    async def admission_stats(self) -> dict[str, Any]:
+        """Queue depth per tier, work in flight, outcomes so far, the engines' budget."""
+        flight = self.queue.in_flight
+        capacity = self.queue.capacity
+        return {
+            "queued": self.queue.depth(),
+            "in_flight": {
+                "requests": flight.requests,
+                "prefill_tokens": flight.prefill_tokens,
+                "kv_tokens": flight.kv_tokens,
+                "seqs": flight.seqs,
+            },
+            "counts": dict(self.queue.counts),
+            "capacity": None if capacity is None else dataclasses.asdict(capacity),
+            "window": self.queue.calendar.window_at(time.time()),
+            "open": self.auth.open,
+        }
+
     # ------------------------------------------------------------------ Python handle API
-    async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
-        return await self.service.chat(request)
+    # NOTE: handle callers present the same API key as HTTP callers (`api_key=`), and get
+    # the same admission, limits and billing.
+    async def chat(
+        self, request: ChatCompletionRequest, api_key: str | None = None
+    ) -> ChatCompletionResponse:
+        caller = self._caller(self.auth.authenticate(api_key), request.service_tier)
+        return await self.service.chat(request, caller)
 
     async def chat_stream(
-        self, request: ChatCompletionRequest
+        self, request: ChatCompletionRequest, api_key: str | None = None
     ) -> AsyncIterator[ChatCompletionChunk]:
-        async for chunk in self.service.chat_stream(request):
+        caller = self._caller(self.auth.authenticate(api_key), request.service_tier)
+        async for chunk in self.service.chat_stream(request, caller):
             yield chunk
 
-    async def complete(self, request: CompletionRequest) -> CompletionResponse:
-        return await self.service.complete(request)
+    async def complete(
+        self, request: CompletionRequest, api_key: str | None = None
+    ) -> CompletionResponse:
+        caller = self._caller(self.auth.authenticate(api_key), request.service_tier)
+        return await self.service.complete(request, caller)
 
     async def complete_stream(
-        self, request: CompletionRequest
+        self, request: CompletionRequest, api_key: str | None = None
     ) -> AsyncIterator[CompletionResponse]:
-        async for chunk in self.service.complete_stream(request):
+        caller = self._caller(self.auth.authenticate(api_key), request.service_tier)
+        async for chunk in self.service.complete_stream(request, caller):
             yield chunk
 
-    async def models(self) -> ModelList:
+    async def models(self, api_key: str | None = None) -> ModelList:
+        self.auth.authenticate(api_key)
         info = self.service.model
         return ModelList(data=[ModelCard(id=info.name, max_model_len=info.max_model_len)])
 
@@ -214,32 +291,76 @@ class Ingress:
         )
 
     @api.get("/v1/models")
-    async def list_models(self) -> Response:
-        return JSONResponse(dump(await self.models()))
+    async def list_models(self, http: Request) -> Response:
+        try:
+            return JSONResponse(dump(await self.models(http.headers.get("authorization"))))
+        except Exception as exc:
+            return error_response(exc)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, http: Request) -> Response:
         try:
+            tenant = self.auth.authenticate(http.headers.get("authorization"))
             request = ChatCompletionRequest.model_validate(await self._json(http))
+            caller = self._caller(tenant, request.service_tier)
             if not request.stream:
-                return JSONResponse(dump(await self.service.chat(request)))
-            stream = self.service.chat_stream(request)
+                response = await self.service.chat(request, caller)
+                return JSONResponse(dump(response), headers=self.gate.headers(tenant))
+            stream = self.service.chat_stream(request, caller)
             first = await anext(stream)  # errors before any token become a status code
         except Exception as exc:
             return error_response(exc)
-        return StreamingResponse(sse(first, stream), media_type="text/event-stream")
+        return StreamingResponse(
+            sse(first, stream), media_type="text/event-stream", headers=self.gate.headers(tenant)
+        )
 
     @api.post("/v1/completions")
     async def completions(self, http: Request) -> Response:
         try:
+            tenant = self.auth.authenticate(http.headers.get("authorization"))
             request = CompletionRequest.model_validate(await self._json(http))
+            caller = self._caller(tenant, request.service_tier)
             if not request.stream:
-                return JSONResponse(dump(await self.service.complete(request)))
-            stream = self.service.complete_stream(request)
+                response = await self.service.complete(request, caller)
+                return JSONResponse(dump(response), headers=self.gate.headers(tenant))
+            stream = self.service.complete_stream(request, caller)
             first = await anext(stream)
         except Exception as exc:
             return error_response(exc)
-        return StreamingResponse(sse(first, stream), media_type="text/event-stream")
+        return StreamingResponse(
+            sse(first, stream), media_type="text/event-stream", headers=self.gate.headers(tenant)
+        )
+
+    @api.get("/v1/usage")
+    async def usage(self, http: Request) -> Response:
+        """The caller's usage and cost in time buckets (OpenAI usage-API shape). Admins may
+        name any `tenant` or, naming none, see everyone's."""
+        try:
+            tenant = self.auth.authenticate(http.headers.get("authorization"))
+            query = http.query_params
+            now = int(time.time())
+            try:
+                end = int(query.get("end_time", now))
+                start = int(query.get("start_time", end - 7 * 86400))
+            except ValueError:
+                raise BadRequestError("start_time and end_time are unix seconds") from None
+            width = query.get("bucket_width", "1d")
+            if width not in BUCKET_WIDTHS:
+                raise BadRequestError("bucket_width is one of 1m, 1h, 1d", param="bucket_width")
+            who = query.get("tenant")
+            if self.auth.open or tenant.config.admin:
+                scope = who
+            elif who not in (None, tenant.name):
+                raise PermissionDeniedError("only admin keys may read other tenants' usage")
+            else:
+                scope = tenant.name
+            try:
+                data = self.ledger.buckets(start, end, BUCKET_WIDTHS[width], tenant=scope)
+            except ValueError as exc:
+                raise BadRequestError(str(exc)) from None
+            return JSONResponse({"object": "page", "data": data, "has_more": False})
+        except Exception as exc:
+            return error_response(exc)
 
     async def _json(self, http: Request) -> Any:
         limit = self.config.ingress.max_body_bytes

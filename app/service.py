@@ -15,6 +15,8 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from app.admission.gate import Caller, Gate
+from app.admission.queues import Lease, Ticket
 from app.api.errors import BadRequestError, model_not_found
 from app.api.schemas import (
     AssistantMessage,
@@ -26,6 +28,7 @@ from app.api.schemas import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
+    Cost,
     DeltaMessage,
     Timings,
     Usage,
@@ -50,13 +53,19 @@ class Choice:
 
 class ChatService:
     def __init__(
-        self, tokenizer: Tokenizer, model: ModelInfo, backend: Backend, default_max_tokens: int
+        self,
+        tokenizer: Tokenizer,
+        model: ModelInfo,
+        backend: Backend,
+        default_max_tokens: int,
+        gate: Gate | None = None,
     ):
         self.tokenizer = tokenizer
         self.logprobs = LogprobFormatter(tokenizer)
         self.model = model
         self.backend = backend
         self.default_max_tokens = default_max_tokens
+        self.gate = gate  # admission, limits and billing; None runs every request at once
 
     # ------------------------------------------------------------------ prompts
     def chat_prompt(self, request: ChatCompletionRequest) -> list[int]:
@@ -102,6 +111,39 @@ class ChatService:
             )
         return params
 
+    # ------------------------------------------------------------------ admission
+    @contextlib.asynccontextmanager
+    async def _admitted(
+        self, caller: Caller | None, prompt: list[int], params: list[SamplingParams]
+    ) -> AsyncIterator[Lease | None]:
+        """Hold a place in the engines for the request's whole life (its stream's too)."""
+        if self.gate is None or caller is None:
+            yield None
+            return
+        ticket = Ticket(
+            uuid.uuid4().hex,
+            caller.tenant.name,
+            caller.tier,
+            len(prompt),
+            max(p.max_tokens for p in params),
+            len(params),
+        )
+        async with self.gate.enter(caller.tenant, ticket) as lease:
+            yield lease
+
+    def _bill(self, usage: Usage, lease: Lease | None) -> Usage:
+        if self.gate is not None and lease is not None:
+            hit, miss = usage.prompt_cache_hit_tokens, usage.prompt_cache_miss_tokens
+            charge = self.gate.charge(lease, hit, miss, usage.completion_tokens)
+            usage.cost = Cost(
+                amount=charge.amount,
+                currency=charge.currency,
+                window=charge.window,
+                multiplier=charge.multiplier,
+                service_tier=lease.tier,
+            )
+        return usage
+
     # ------------------------------------------------------------------ the PD path
     def run(
         self, request_id: str, prompt: list[int], params: SamplingParams, salt: bytes = b""
@@ -146,10 +188,10 @@ class ChatService:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _collect(
-        self, prompt: list[int], params: list[SamplingParams], salt: bytes
+        self, prompt: list[int], params: list[SamplingParams], salt: bytes, lease: Lease | None
     ) -> tuple[list[Choice], Usage, Timings]:
         choices = [Choice(logprobs=[] if p.logprobs is not None else None) for p in params]
-        tally = _Tally(len(prompt), len(params))
+        tally = _Tally(len(prompt), len(params), lease)
         async for index, out in self._choices(prompt, params, salt):
             tally.note(index, out)
             choice = choices[index]
@@ -159,19 +201,19 @@ class ChatService:
                 choice.logprobs.extend(out.new_logprobs)
             if out.finished:
                 choice.finish_reason = out.finish_reason
-        return choices, tally.usage(), tally.timings
+        return choices, self._bill(tally.usage(), lease), tally.timings
 
     async def _deltas(
-        self, prompt: list[int], params: list[SamplingParams], salt: bytes
+        self, prompt: list[int], params: list[SamplingParams], salt: bytes, lease: Lease | None
     ) -> tuple[_Tally, AsyncIterator[tuple[int, RequestOutput]]]:
         """Start all choices and wait for the first output; then the outputs worth a chunk.
 
         NOTE: awaiting the first output before the caller yields anything makes planning and
         validation errors reach the client before any byte is sent (a proper status code).
         """
+        tally = _Tally(len(prompt), len(params), lease)
         outputs = self._choices(prompt, params, salt)
         first = await anext(outputs, None)
-        tally = _Tally(len(prompt), len(params))
 
         async def deltas() -> AsyncIterator[tuple[int, RequestOutput]]:
             async for index, out in _prepend(first, outputs):
@@ -183,11 +225,12 @@ class ChatService:
 
     # ------------------------------------------------------------------ chat
     async def chat(
-        self, request: ChatCompletionRequest, salt: bytes = b""
+        self, request: ChatCompletionRequest, caller: Caller | None = None
     ) -> ChatCompletionResponse:
         prompt = self.chat_prompt(request)
         params = [self.params(request, prompt, i) for i in range(request.n)]
-        choices, usage, timings = await self._collect(prompt, params, salt)
+        async with self._admitted(caller, prompt, params) as lease:
+            choices, usage, timings = await self._collect(prompt, params, _salt(caller), lease)
         return ChatCompletionResponse(
             timings=timings,
             model=self.model.name,
@@ -201,49 +244,54 @@ class ChatService:
                 for i, c in enumerate(choices)
             ],
             usage=usage,
+            service_tier=lease.tier if lease else None,
         )
 
     async def chat_stream(
-        self, request: ChatCompletionRequest, salt: bytes = b""
+        self, request: ChatCompletionRequest, caller: Caller | None = None
     ) -> AsyncIterator[ChatCompletionChunk]:
         """Chunks as OpenAI sends them: a role chunk per choice, deltas, a finish chunk per
         choice, then (with stream_options.include_usage) one usage chunk without choices."""
         prompt = self.chat_prompt(request)
         params = [self.params(request, prompt, i) for i in range(request.n)]
-        head = {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "created": int(time.time()),
-            "model": self.model.name,
-        }
-        tally, deltas = await self._deltas(prompt, params, salt)
-        for i in range(request.n):
-            yield ChatCompletionChunk(
-                **head, choices=[ChunkChoice(index=i, delta=DeltaMessage(role="assistant"))]
-            )
-        async for index, out in deltas:
-            yield ChatCompletionChunk(
-                **head,
-                choices=[
-                    ChunkChoice(
-                        index=index,
-                        delta=DeltaMessage(content=out.new_text or None),
-                        finish_reason=out.finish_reason if out.finished else None,
-                        logprobs=self.logprobs.chat(out.new_logprobs)
-                        if params[index].logprobs is not None
-                        else None,
-                    )
-                ],
-            )
-        if request.stream_options and request.stream_options.include_usage:
-            yield ChatCompletionChunk(
-                **head, choices=[], usage=tally.usage(), timings=tally.timings
-            )
+        async with self._admitted(caller, prompt, params) as lease:
+            head = {
+                "id": f"chatcmpl-{uuid.uuid4().hex}",
+                "created": int(time.time()),
+                "model": self.model.name,
+                "service_tier": lease.tier if lease else None,
+            }
+            tally, deltas = await self._deltas(prompt, params, _salt(caller), lease)
+            for i in range(request.n):
+                yield ChatCompletionChunk(
+                    **head, choices=[ChunkChoice(index=i, delta=DeltaMessage(role="assistant"))]
+                )
+            async for index, out in deltas:
+                yield ChatCompletionChunk(
+                    **head,
+                    choices=[
+                        ChunkChoice(
+                            index=index,
+                            delta=DeltaMessage(content=out.new_text or None),
+                            finish_reason=out.finish_reason if out.finished else None,
+                            logprobs=self.logprobs.chat(out.new_logprobs)
+                            if params[index].logprobs is not None
+                            else None,
+                        )
+                    ],
+                )
+            if request.stream_options and request.stream_options.include_usage:
+                usage = self._bill(tally.usage(), lease)
+                yield ChatCompletionChunk(**head, choices=[], usage=usage, timings=tally.timings)
 
     # ------------------------------------------------------------------ completions
-    async def complete(self, request: CompletionRequest, salt: bytes = b"") -> CompletionResponse:
+    async def complete(
+        self, request: CompletionRequest, caller: Caller | None = None
+    ) -> CompletionResponse:
         prompt = self.completion_prompt(request)
         params = [self.params(request, prompt, i) for i in range(request.n)]
-        choices, usage, timings = await self._collect(prompt, params, salt)
+        async with self._admitted(caller, prompt, params) as lease:
+            choices, usage, timings = await self._collect(prompt, params, _salt(caller), lease)
         return CompletionResponse(
             timings=timings,
             model=self.model.name,
@@ -258,39 +306,44 @@ class ChatService:
                 for i, c in enumerate(choices)
             ],
             usage=usage,
+            service_tier=lease.tier if lease else None,
         )
 
     async def complete_stream(
-        self, request: CompletionRequest, salt: bytes = b""
+        self, request: CompletionRequest, caller: Caller | None = None
     ) -> AsyncIterator[CompletionResponse]:
         prompt = self.completion_prompt(request)
         params = [self.params(request, prompt, i) for i in range(request.n)]
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time())}
-        tally, deltas = await self._deltas(prompt, params, salt)
-        async for index, out in deltas:
-            yield CompletionResponse(
-                **head,
-                model=self.model.name,
-                choices=[
-                    CompletionChoice(
-                        index=index,
-                        text=out.new_text,
-                        finish_reason=out.finish_reason if out.finished else None,
-                        logprobs=self.logprobs.completion(out.new_logprobs)
-                        if params[index].logprobs is not None
-                        else None,
-                        token_ids=out.new_token_ids if request.return_token_ids else None,
-                    )
-                ],
-            )
-        if request.stream_options and request.stream_options.include_usage:
-            yield CompletionResponse(
-                **head,
-                model=self.model.name,
-                choices=[],
-                usage=tally.usage(),
-                timings=tally.timings,
-            )
+        async with self._admitted(caller, prompt, params) as lease:
+            head = {
+                "id": f"cmpl-{uuid.uuid4().hex}",
+                "created": int(time.time()),
+                "model": self.model.name,
+                "service_tier": lease.tier if lease else None,
+            }
+            tally, deltas = await self._deltas(prompt, params, _salt(caller), lease)
+            async for index, out in deltas:
+                yield CompletionResponse(
+                    **head,
+                    choices=[
+                        CompletionChoice(
+                            index=index,
+                            text=out.new_text,
+                            finish_reason=out.finish_reason if out.finished else None,
+                            logprobs=self.logprobs.completion(out.new_logprobs)
+                            if params[index].logprobs is not None
+                            else None,
+                            token_ids=out.new_token_ids if request.return_token_ids else None,
+                        )
+                    ],
+                )
+            if request.stream_options and request.stream_options.include_usage:
+                usage = self._bill(tally.usage(), lease)
+                yield CompletionResponse(**head, choices=[], usage=usage, timings=tally.timings)
+
+
+def _salt(caller: Caller | None) -> bytes:
+    return caller.tenant.salt if caller else b""
 
 
 async def _prepend(
@@ -313,13 +366,18 @@ TIMINGS = {  # Timings field -> RequestOutput.metrics key
 class _Tally:
     """Usage and timings of a request's choices, from their outputs as they come."""
 
-    def __init__(self, num_prompt_tokens: int, n: int):
+    def __init__(self, num_prompt_tokens: int, n: int, lease: Lease | None = None):
         self.num_prompt_tokens = num_prompt_tokens
         self.num_tokens = [0] * n
         self.cached = 0
         self.timings = Timings()
+        self.lease = lease
+        if lease is not None:
+            lease.meter = self
 
     def note(self, index: int, output: RequestOutput) -> None:
+        if self.lease is not None:
+            self.lease.prefill_done()  # a first token: the prompt left the prefill queue
         self.num_tokens[index] = output.num_output_tokens
         if output.finished:
             self.cached = max(self.cached, output.num_cached_tokens)
@@ -333,3 +391,7 @@ class _Tally:
 
     def usage(self) -> Usage:
         return Usage.of(self.num_prompt_tokens, sum(self.num_tokens), self.cached)
+
+    def counts(self) -> tuple[int, int, int]:
+        """(hit, miss, output) tokens so far: what the request is billed for."""
+        return self.cached, self.num_prompt_tokens - self.cached, sum(self.num_tokens)

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import math
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from app.admission.queues import AdmissionQueue, Lease, Ticket
 from app.admission.ratelimit import Demand, RateLimited, RateLimiter
@@ -23,6 +24,14 @@ from app.api.errors import PermissionDeniedError, RateLimitError
 from app.auth import Tenant, Tier
 from app.ledger import Ledger, UsageRecord
 from app.pricing import Charge, PriceBook
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who sent a request and the tier it runs in."""
+
+    tenant: Tenant
+    tier: Tier
 
 
 class Gate:

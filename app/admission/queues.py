@@ -28,31 +28,30 @@ import heapq
 import itertools
 import math
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 
+from app.admission.capacity import Capacity
 from app.admission.fair import TierQueue
 from app.api.errors import OverloadedError, RateLimitError, RequestTimeoutError
 from app.auth import TIERS, Tier
 from deployments.options import Section
-from deployments.protocol import LoadReport
 
 RANK: dict[Tier, int] = {"priority": 0, "default": 1, "flex": 2}
 
 
 class QueueSection(Section):
     max_queued: dict[Tier, int] = Field(
-        default_factory=lambda: {"priority": 256, "default": 1024, "flex": 4096},
-        description="per tier; beyond it 503",
+        default_factory=lambda: dict(DEFAULT_MAX_QUEUED), description="per tier; beyond it 503"
     )
     queue_timeout_s: float = Field(default=120.0, gt=0, description="priority/default → 408")
     flex_deadline_s: float = Field(default=900.0, gt=0, description="flex → 429")
     aging_s: float = Field(default=30.0, gt=0, description="a waiting tier rises one rank")
     tier_share: dict[Tier, float] = Field(
-        default_factory=lambda: {"priority": 1.0, "default": 0.85, "flex": 0.6},
+        default_factory=lambda: dict(DEFAULT_TIER_SHARE),
         description="the share of capacity each tier may fill",
     )
     flex_idle_share: float = Field(default=0.3, ge=0, le=1, description="flex runs in peak below")
@@ -63,6 +62,20 @@ class QueueSection(Section):
     default_prefill_tokens_per_s: float = Field(
         default=1000.0, gt=0, description="a PE's rate until it has measured its own"
     )
+
+    @field_validator("max_queued", "tier_share", mode="after")
+    @classmethod
+    def _every_tier(cls, v: dict[Tier, Any], info: ValidationInfo) -> dict[Tier, Any]:
+        """A partial map keeps the defaults of the tiers it leaves out."""
+        defaults = DEFAULT_MAX_QUEUED if info.field_name == "max_queued" else DEFAULT_TIER_SHARE
+        for value in v.values():
+            if value < 0 or (info.field_name == "tier_share" and value > 1):
+                raise ValueError(f"{info.field_name} values must be in range, got {value}")
+        return {**defaults, **v}
+
+
+DEFAULT_MAX_QUEUED: dict[Tier, int] = {"priority": 256, "default": 1024, "flex": 4096}
+DEFAULT_TIER_SHARE: dict[Tier, float] = {"priority": 1.0, "default": 0.85, "flex": 0.6}
 
 
 class Meter(Protocol):
@@ -75,38 +88,6 @@ class Calendar(Protocol):
     def window_at(self, t: float) -> str: ...
 
     def seconds_until_not(self, t: float, window: str) -> float: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Capacity:
-    """The engines' budget and their last reported use of it (all tokens but `seqs`)."""
-
-    prefill_tokens: float
-    kv_tokens: float
-    seqs: int
-    used_prefill_tokens: int = 0
-    used_kv_tokens: int = 0
-    used_seqs: int = 0
-
-    @classmethod
-    def from_reports(
-        cls, reports: Sequence[LoadReport], prefill_queue_s: float, default_rate: float
-    ) -> Capacity | None:
-        pes = [r for r in reports if r.role == "prefill"]
-        des = [r for r in reports if r.role == "decode"]
-        if not pes or not des:
-            return None
-        return cls(
-            prefill_tokens=sum((r.prefill_tokens_per_s or default_rate) for r in pes)
-            * prefill_queue_s,
-            kv_tokens=sum(r.num_total_blocks * r.block_size for r in des),
-            seqs=sum(r.max_num_seqs for r in des),
-            used_prefill_tokens=sum(r.num_queued_tokens for r in pes),
-            used_kv_tokens=sum(
-                (r.num_total_blocks - r.num_free_blocks) * r.block_size for r in des
-            ),
-            used_seqs=sum(r.num_running + r.num_waiting for r in des),
-        )
 
 
 @dataclass(eq=False, slots=True)

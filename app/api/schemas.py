@@ -169,6 +169,16 @@ class Timings(BaseModel):
     )
 
 
+class Cost(BaseModel):
+    """dualpath extension: what the request cost, and the billing window it ran in."""
+
+    amount: float
+    currency: str
+    window: Literal["peak", "normal", "off_peak"]
+    multiplier: float = Field(description="the window's price multiplier × the tier's")
+    service_tier: Literal["priority", "default", "flex"]
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -176,6 +186,7 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails
     prompt_cache_hit_tokens: int  # DeepSeek-style names for the same split
     prompt_cache_miss_tokens: int
+    cost: Cost | None = None
 
     @classmethod
     def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
@@ -276,6 +287,7 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    service_tier: ServiceTier | None = None
     timings: Timings | None = None
 
 

@@ -8,7 +8,8 @@ import random
 
 import pytest
 
-from app.admission.queues import AdmissionQueue, Capacity, Lease, QueueSection, Ticket
+from app.admission.capacity import Capacity
+from app.admission.queues import AdmissionQueue, Lease, QueueSection, Ticket
 from app.api.errors import OverloadedError, RateLimitError, RequestTimeoutError
 
 pytestmark = pytest.mark.anyio

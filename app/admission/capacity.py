@@ -1,0 +1,42 @@
+"""The engines' capacity as admission sees it: a budget of queued prefill tokens (each PE's
+measured rate × `prefill_queue_s`), decode KV tokens and decode batch slots, and how much
+of each the engines last reported in use."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from deployments.protocol import LoadReport
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    """The engines' budget and their last reported use of it (all tokens but `seqs`)."""
+
+    prefill_tokens: float
+    kv_tokens: float
+    seqs: int
+    used_prefill_tokens: int = 0
+    used_kv_tokens: int = 0
+    used_seqs: int = 0
+
+    @classmethod
+    def from_reports(
+        cls, reports: Sequence[LoadReport], prefill_queue_s: float, default_rate: float
+    ) -> Capacity | None:
+        pes = [r for r in reports if r.role == "prefill"]
+        des = [r for r in reports if r.role == "decode"]
+        if not pes or not des:
+            return None
+        return cls(
+            prefill_tokens=sum((r.prefill_tokens_per_s or default_rate) for r in pes)
+            * prefill_queue_s,
+            kv_tokens=sum(r.num_total_blocks * r.block_size for r in des),
+            seqs=sum(r.max_num_seqs for r in des),
+            used_prefill_tokens=sum(r.num_queued_tokens for r in pes),
+            used_kv_tokens=sum(
+                (r.num_total_blocks - r.num_free_blocks) * r.block_size for r in des
+            ),
+            used_seqs=sum(r.num_running + r.num_waiting for r in des),
+        )
