@@ -1,0 +1,174 @@
+"""Tenants, tiers and billing through the real app: its own Serve application with API keys
+configured (the session app runs open), driven by the `openai` client and a Serve handle."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from app.auth import hash_key
+from app.pricing import PriceBook, PricingSection
+from tests.integration.conftest import MODEL
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+APP3 = "dualpath-tenants"
+KEYS = {"alice": "sk-alice-123", "bob": "sk-bob-456", "ops": "sk-ops-789"}
+
+
+@pytest.fixture(scope="module")
+def tenants_app(serve_port, model_dir, tmp_path_factory):
+    from ray import serve
+
+    from app.builder import build_app
+
+    root = tmp_path_factory.mktemp("tenants")
+    args = {
+        "name": APP3,
+        "model": {"path": str(model_dir), "served_model_name": MODEL},
+        # NOTE: engines take no CPU reservation here: the session app holds Ray's 2 CPUs
+        "engine": {"kv_cache_bytes": "48MiB", "max_num_seqs": 8, "num_cpus": 0, "num_threads": 1},
+        "transfer": {"transport": "object_store"},
+        "scheduler": {"report_interval_s": 0.1},
+        "kvstore": {"path": str(root / "kv"), "dram_bytes": "16MiB"},
+        "ingress": {"ledger_path": str(root / "usage.jsonl")},
+        "auth": {
+            "tenants": [
+                {"name": "alice", "key_sha256": [hash_key(KEYS["alice"])]},
+                {
+                    "name": "bob",
+                    "key_sha256": [hash_key(KEYS["bob"])],
+                    "limits": {"requests_per_min": 3},
+                    "tiers": ["default", "flex"],
+                },
+                {"name": "ops", "key_sha256": [hash_key(KEYS["ops"])], "admin": True},
+            ]
+        },
+    }
+    serve.run(build_app(args), name=APP3, route_prefix="/t")
+    base = f"http://127.0.0.1:{serve_port}/t"
+    deadline = time.time() + 120
+    while httpx.get(f"{base}/health", timeout=5).status_code != 200:
+        assert time.time() < deadline, "the tenants app never became healthy"
+        time.sleep(0.2)
+    yield base
+    serve.delete(APP3)
+
+
+def client(base: str, who: str | None) -> OpenAI:
+    key = KEYS[who] if who else "sk-wrong"
+    return OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
+
+
+def ask(api: OpenAI, content: str = "Say hi.", **kw):
+    kw = {"max_tokens": 4, "temperature": 0} | kw
+    return api.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": content}], **kw
+    )
+
+
+def test_every_route_but_health_needs_a_key(tenants_app):
+    assert httpx.get(f"{tenants_app}/health").status_code == 200
+    for method, path in [
+        ("GET", "/v1/models"),
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/completions"),
+        ("GET", "/v1/usage"),
+    ]:
+        r = httpx.request(method, f"{tenants_app}{path}", json={}, timeout=10)
+        assert r.status_code == 401, path
+        assert r.json()["error"]["type"] == "authentication_error"
+    with pytest.raises(openai.AuthenticationError):
+        ask(client(tenants_app, None))
+
+
+def test_service_tier_round_trips_with_cost_and_window(tenants_app):
+    api = client(tenants_app, "alice")
+    calendar = PriceBook(PricingSection()).calendar
+    before = calendar.window_at(time.time())
+    reply = ask(api, service_tier="priority")
+    assert reply.service_tier == "priority"
+    cost = reply.usage.model_extra["cost"]
+    assert cost["service_tier"] == "priority" and cost["currency"] == "USD"
+    assert cost["window"] in (before, calendar.window_at(time.time()))
+    assert cost["amount"] > 0
+    assert ask(api).service_tier == "default"  # unset → default, as OpenAI echoes it
+    assert ask(api, service_tier="auto").service_tier == "default"
+    assert ask(api, service_tier="flex").service_tier == "flex"  # idle: runs even in peak
+
+    chunks = list(
+        api.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Count."}],
+            max_tokens=4,
+            stream=True,
+            service_tier="priority",
+            stream_options={"include_usage": True},
+        )
+    )
+    assert {c.service_tier for c in chunks} == {"priority"}
+    assert chunks[-1].usage.model_extra["cost"]["service_tier"] == "priority"
+
+
+def test_limits_and_tiers_per_tenant(tenants_app):
+    bob = client(tenants_app, "bob")
+    with pytest.raises(openai.PermissionDeniedError):
+        ask(bob, service_tier="priority")  # not one of bob's tiers
+    raw = bob.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+    )
+    assert raw.headers["x-ratelimit-limit-requests"] == "3"
+    remaining = int(raw.headers["x-ratelimit-remaining-requests"])
+    for _ in range(remaining):
+        ask(bob, max_tokens=1)
+    with pytest.raises(openai.RateLimitError) as err:
+        ask(bob)
+    retry = int(err.value.response.headers["retry-after"])
+    assert 1 <= retry <= 20  # 3 per minute: one back within 20 s
+    assert err.value.body["code"] == "rate_limit_exceeded"
+    ask(client(tenants_app, "alice"))  # bob's limit is bob's
+
+
+def test_usage_ledger_per_tenant_and_admin(tenants_app):
+    ask(client(tenants_app, "alice"))
+    now = int(time.time())
+    query = {"start_time": now - 3600, "end_time": now + 60, "bucket_width": "1h"}
+
+    def usage(who: str, **extra) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {KEYS[who]}"}
+        return httpx.get(f"{tenants_app}/v1/usage", params=query | extra, headers=headers)
+
+    mine = usage("alice").json()
+    results = [r for b in mine["data"] for r in b["results"]]
+    assert results and {r["tenant"] for r in results} == {"alice"}
+    assert sum(r["num_model_requests"] for r in results) >= 2
+    assert sum(r["cost"] for r in results) > 0
+    assert usage("bob", tenant="alice").status_code == 403
+    everyone = usage("ops").json()
+    assert {r["tenant"] for b in everyone["data"] for r in b["results"]} >= {"alice", "bob"}
+    assert usage("alice", bucket_width="7d").status_code == 400
+
+
+def test_handle_api_takes_the_same_key(tenants_app):
+    from ray import serve
+
+    from app.api.errors import AuthenticationError
+    from app.api.schemas import ChatCompletionRequest
+
+    handle = serve.get_app_handle(APP3)
+    request = ChatCompletionRequest(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=2,
+        service_tier="priority",
+    )
+    reply = handle.chat.remote(request, api_key=KEYS["alice"]).result()
+    assert reply.service_tier == "priority" and reply.usage.cost.amount > 0
+    with pytest.raises(AuthenticationError):
+        handle.chat.remote(request).result()
+    stats = handle.admission_stats.remote().result()
+    assert stats["capacity"] and stats["counts"]["admitted"] >= 1
+    assert stats["in_flight"]["requests"] == 0
