@@ -47,6 +47,7 @@ async def run_request(
     prompt: list[int],
     params: SamplingParams,
     salt: bytes = b"",
+    priority: int = 0,
 ) -> AsyncIterator[RequestOutput]:
     """One choice: Scheduler → stored-KV reads → PE (first token) → DE (the rest). Outputs
     carry the prompt tokens the PE did not compute (stored + prefix-cache hits) as
@@ -66,6 +67,7 @@ async def run_request(
         prefix_blocks=tuple(handles),
         prefix_keys=tuple(keys[: len(handles)]),
         decode_has_blocks=de_blocks,
+        priority=priority,
     )
     from_pe = backend.prefill(plan.prefill_node, prefill)
     async with contextlib.aclosing(from_pe):  # type: ignore[type-var]

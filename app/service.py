@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from app.admission.gate import Caller, Gate
-from app.admission.queues import Lease, Ticket
+from app.admission.queues import RANK, Lease, Ticket
 from app.api.errors import BadRequestError, model_not_found
 from app.api.schemas import (
     AssistantMessage,
@@ -146,17 +146,23 @@ class ChatService:
 
     # ------------------------------------------------------------------ the PD path
     def run(
-        self, request_id: str, prompt: list[int], params: SamplingParams, salt: bytes = b""
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        salt: bytes = b"",
+        priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
-        return run_request(self.backend, self.model, request_id, prompt, params, salt)
+        return run_request(self.backend, self.model, request_id, prompt, params, salt, priority)
 
     async def _choices(
-        self, prompt: list[int], params: list[SamplingParams], salt: bytes
+        self, prompt: list[int], params: list[SamplingParams], salt: bytes, priority: int = 0
     ) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Run all choices concurrently; yield (index, output) as they come."""
         base = uuid.uuid4().hex
         if len(params) == 1:
-            async with contextlib.aclosing(self.run(base, prompt, params[0], salt)) as outputs:
+            outputs = self.run(base, prompt, params[0], salt, priority)
+            async with contextlib.aclosing(outputs):
                 async for output in outputs:
                     yield 0, output
             return
@@ -164,7 +170,7 @@ class ChatService:
 
         async def pump(index: int, p: SamplingParams) -> None:
             try:
-                async for output in self.run(f"{base}-{index}", prompt, p, salt):
+                async for output in self.run(f"{base}-{index}", prompt, p, salt, priority):
                     await queue.put((index, output))
             except Exception as exc:
                 await queue.put(exc)
@@ -192,7 +198,7 @@ class ChatService:
     ) -> tuple[list[Choice], Usage, Timings]:
         choices = [Choice(logprobs=[] if p.logprobs is not None else None) for p in params]
         tally = _Tally(len(prompt), len(params), lease)
-        async for index, out in self._choices(prompt, params, salt):
+        async for index, out in self._choices(prompt, params, salt, _priority(lease)):
             tally.note(index, out)
             choice = choices[index]
             choice.text += out.new_text
@@ -212,7 +218,7 @@ class ChatService:
         validation errors reach the client before any byte is sent (a proper status code).
         """
         tally = _Tally(len(prompt), len(params), lease)
-        outputs = self._choices(prompt, params, salt)
+        outputs = self._choices(prompt, params, salt, _priority(lease))
         first = await anext(outputs, None)
 
         async def deltas() -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -340,6 +346,11 @@ class ChatService:
             if request.stream_options and request.stream_options.include_usage:
                 usage = self._bill(tally.usage(), lease)
                 yield CompletionResponse(**head, choices=[], usage=usage, timings=tally.timings)
+
+
+def _priority(lease: Lease | None) -> int:
+    """The PE prefills `priority` before `default` before `flex` (the tier's rank)."""
+    return RANK[lease.tier] if lease else 0
 
 
 def _salt(caller: Caller | None) -> bytes:

@@ -73,6 +73,7 @@ class PrefillJob:
     prefix_blocks: tuple[Any, ...] = ()  # DRAM handles of the hit blocks [0, n), in order
     prefix_keys: tuple[bytes, ...] = ()  # their keys (checked against the prompt's chain)
     decode_has_blocks: int = 0  # leading blocks the DE holds already: not sent back
+    priority: int = 0  # the PE prefills lower values first (service tier rank)
 
 
 @dataclass(frozen=True, slots=True)

@@ -83,8 +83,12 @@ class BatchScheduler:
         return len(self.waiting) + len(self.running)
 
     def add(self, seq: Sequence) -> None:
+        """Queue behind every waiting request of the same or a more urgent priority."""
         seq.status = SequenceStatus.WAITING
-        self.waiting.append(seq)
+        at = len(self.waiting)
+        while at and self.waiting[at - 1].priority > seq.priority:
+            at -= 1
+        self.waiting.insert(at, seq)
 
     def remove(self, seq: Sequence) -> None:
         """Take `seq` out of whichever queue holds it and release its blocks."""

@@ -124,12 +124,14 @@ class EngineCore(KVHandoffMixin):
         tenant_salt: bytes = b"",
         prefix: PrefixKV | None = None,
         send_from_block: int = 0,
+        priority: int = 0,
     ) -> None:
         """Queue the PE side of a PD request: prefill the prompt, sample the first token with
         the request's own params, then stop. That output carries `kv` (the prompt's KV from
         block `send_from_block` on, the first token and the seeded generator's state) unless
         the request already finished; `add_request(..., kv=...)` on the decode engine
         continues exactly as one engine. `prefix`: stored KV of leading blocks (not computed).
+        `priority`: lower values are prefilled first (the ingress's service tiers).
         """
         self._add(
             request_id,
@@ -140,6 +142,7 @@ class EngineCore(KVHandoffMixin):
             prefill_only=True,
             prefix=prefix,
             send_from_block=send_from_block,
+            priority=priority,
         )
 
     def _add(
@@ -153,6 +156,7 @@ class EngineCore(KVHandoffMixin):
         prefix: PrefixKV | None = None,
         send_from_block: int = 0,
         persist_from_block: int | None = None,
+        priority: int = 0,
     ) -> None:
         params = params or SamplingParams()
         self._validate(request_id, prompt_token_ids, params, kv)
@@ -164,6 +168,7 @@ class EngineCore(KVHandoffMixin):
             prefill_only=prefill_only,
             send_from_block=send_from_block,
             persist_from_block=persist_from_block,
+            priority=priority,
         )
         if prefix is not None and prefix.num_blocks:
             self._check_prefix(seq, prefix)

@@ -61,6 +61,7 @@ class Sequence:
     prefix_kv: PrefixKV | None = None  # stored KV of leading blocks, imported at admission
     pending_import: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     persist_from_block: int | None = None  # export full blocks from here on (None: never)
+    priority: int = 0  # lower runs first among waiting requests (FIFO within a priority)
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)

@@ -47,6 +47,7 @@ class PrefillServer(EngineServer):
                 job.tenant_salt,
                 prefix=prefix,
                 send_from_block=job.decode_has_blocks,
+                priority=job.priority,
             )
 
         hits = len(job.prefix_blocks) * self.engine.config.block_size

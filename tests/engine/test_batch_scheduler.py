@@ -50,6 +50,17 @@ def test_max_num_seqs_caps_the_batch():
     assert len(sched.waiting) == 1
 
 
+def test_waiting_requests_run_by_priority_then_arrival():
+    sched = BatchScheduler(BlockManager(64, 4), max_num_seqs=3, max_num_batched_tokens=100)
+    for rid, priority in [("d1", 1), ("f1", 2), ("d2", 1), ("p1", 0), ("f2", 2), ("p2", 0)]:
+        seq = make_seq([1, 2, 3], rid=rid)
+        seq.priority = priority
+        sched.add(seq)
+    assert [s.request_id for s in sched.waiting] == ["p1", "p2", "d1", "d2", "f1", "f2"]
+    plan = sched.schedule()
+    assert [c.seq.request_id for c in plan.chunks] == ["p1", "p2", "d1"]
+
+
 def test_out_of_blocks_preempts_the_newest_and_requeues_it_first():
     bm = BlockManager(num_blocks=3, block_size=2)
     sched = BatchScheduler(bm, max_num_seqs=4, max_num_batched_tokens=100, watermark_blocks=0)
