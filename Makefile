@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 # CPU machines pin the local CPU wheel; set TORCH_SPEC="torch" on a CUDA machine.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: serve status chat test lint bench-engine bench-serve bench-agentic fetch clean
+.PHONY: serve status chat test lint bench-engine bench-serve bench-agentic bench-admission fetch clean
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
@@ -38,6 +38,9 @@ bench-serve: fetch
 
 bench-agentic: fetch
 	$(PY) -m ops bench agentic
+
+bench-admission: fetch
+	$(PY) -m ops bench admission
 
 chat: fetch
 	$(PY) -m ops chat

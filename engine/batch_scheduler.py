@@ -122,11 +122,16 @@ class BatchScheduler:
         bm = self.block_manager
         quota_full = False
 
-        for seq in list(self.running):
+        # NOTE: a more urgent waiting request goes before the rest of a less urgent prompt:
+        # that prompt's remaining chunks wait (its blocks stay), decodes never do.
+        urgent = self.waiting[0].priority if self.waiting else None
+        for seq in sorted(self.running, key=lambda s: s.priority):
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
+            if urgent is not None and urgent < seq.priority and seq.is_prefilling:
+                continue
             num_tokens = self._fit(seq, min(seq.num_tokens - seq.num_computed_tokens, budget), plan)
             if num_tokens == 0:
                 quota_full = True

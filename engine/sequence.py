@@ -81,6 +81,11 @@ class Sequence:
         return self.token_ids[self.num_prompt_tokens :]
 
     @property
+    def is_prefilling(self) -> bool:
+        """More than the newest token is left to compute: a prompt (or a recompute)."""
+        return self.num_tokens - self.num_computed_tokens > 1
+
+    @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 

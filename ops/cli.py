@@ -91,6 +91,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from ops.bench.agentic import main as agentic_main
 
         return agentic_main(args.rest)
+    if args.which == "admission":
+        from ops.bench.admission import main as admission_main
+
+        return admission_main(args.rest)
     raise SystemExit(f"unknown benchmark {args.which!r}")
 
 
@@ -121,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=_cmd_chat)
 
     bench = sub.add_parser("bench", help="run a benchmark (ops/bench/<name>.py)")
-    bench.add_argument("which", choices=["engine", "serve", "agentic", "kv-hit"])
+    bench.add_argument("which", choices=["engine", "serve", "agentic", "kv-hit", "admission"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     bench.set_defaults(func=_cmd_bench)
     return parser

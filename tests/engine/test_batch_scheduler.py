@@ -61,6 +61,29 @@ def test_waiting_requests_run_by_priority_then_arrival():
     assert [c.seq.request_id for c in plan.chunks] == ["p1", "p2", "d1"]
 
 
+def test_urgent_prompt_goes_before_the_rest_of_a_less_urgent_one():
+    sched = BatchScheduler(BlockManager(64, 4), max_num_seqs=4, max_num_batched_tokens=8)
+    long = make_seq(list(range(20)), rid="default")
+    long.priority = 1
+    sched.add(long)
+    _advance(sched.schedule())  # the first 8-token chunk
+    flex = make_seq([1, 2], rid="flex")
+    flex.priority = 2
+    sched.add(flex)
+    plan = sched.schedule()  # a less urgent prompt waits for the long one's 2nd chunk
+    assert [(c.seq.request_id, c.num_tokens) for c in plan.chunks] == [("default", 8)]
+    _advance(plan)
+    urgent = make_seq([5, 6, 7], rid="priority")
+    urgent.priority = 0
+    sched.add(urgent)
+    plan = sched.schedule()
+    ids = [c.seq.request_id for c in plan.chunks]
+    assert ids[0] == "priority" and "default" not in ids
+    _advance(plan)
+    plan = sched.schedule()  # nothing more urgent waits: the long prompt goes on
+    assert "default" in [c.seq.request_id for c in plan.chunks]
+
+
 def test_out_of_blocks_preempts_the_newest_and_requeues_it_first():
     bm = BlockManager(num_blocks=3, block_size=2)
     sched = BatchScheduler(bm, max_num_seqs=4, max_num_batched_tokens=100, watermark_blocks=0)
