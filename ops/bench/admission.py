@@ -1,12 +1,12 @@
 """Admission under overload: TTFT per service tier, against a FIFO run of the same traffic.
 
-    python -m ops bench admission [--duration 60] [--overload 2.0] [--mix 0.2,0.5,0.3]
+    python -m ops bench admission [--duration 90] [--overload 2.0] [--mix 0.2,0.5,0.3]
         [--prompt 192] [--max-tokens 24] [--unloaded 20]
 
 One run, the real app (1 PE + 1 DE, API keys for two tenants):
 1. `unloaded`: `--unloaded` priority requests one after another: the reference TTFT.
-2. capacity: 4 × 10 s closed-loop clients measure the completions per second the engines
-   sustain (X).
+2. capacity: 16 closed-loop clients for 30 s (after 5 s of warm-up) measure the
+   completions per second the engines sustain (X).
 3. `tiered`: Poisson arrivals at `--overload` × X for `--duration` seconds; each request
    is `priority`, `default` or `flex` by `--mix`, from one of two tenants.
 4. `fifo` (the baseline): the same arrival times and requests sent without a tier (all
@@ -125,26 +125,28 @@ async def run_phase(
     return list(results)
 
 
-async def measure_capacity(base: str, prompts: list[list[int]], max_tokens: int) -> float:
-    """Completions per second with 4 clients kept busy for 10 s (after a 2 s warm-up)."""
+async def measure_capacity(
+    base: str, prompts: list[list[int]], max_tokens: int, clients: int = 16
+) -> float:
+    """Completions per second with `clients` kept busy for 30 s after a 5 s warm-up."""
     done: list[float] = []
-    stop = time.perf_counter() + 12.0
+    warm_s, measure_s = 5.0, 30.0
+    t0 = time.perf_counter()
     limits = httpx.Limits(max_connections=64)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
 
         async def loop(i: int) -> None:
             k = i
-            while time.perf_counter() < stop:
+            while time.perf_counter() - t0 < warm_s + measure_s:
                 job = Job(0.0, "default", "t1", prompts[k % len(prompts)])
-                k += 4
+                k += clients
                 result = await send(client, base, job, max_tokens, tiered=False)
                 if result.status == 200:
-                    done.append(time.perf_counter())
+                    done.append(time.perf_counter() - t0)
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(loop(i) for i in range(4)))
-    measured = [t for t in done if t - t0 >= 2.0]
-    return len(measured) / max(1e-9, (max(done) - t0 - 2.0)) if measured else 0.5
+        await asyncio.gather(*(loop(i) for i in range(clients)))
+    measured = [t for t in done if warm_s <= t <= warm_s + measure_s]
+    return max(len(measured) / measure_s, 0.05)
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -209,7 +211,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ops bench admission", description=__doc__)
     p.add_argument("--model", type=Path, default=default_model_dir())
-    p.add_argument("--duration", type=float, default=60.0, help="overload seconds per phase")
+    p.add_argument("--duration", type=float, default=90.0, help="overload seconds per phase")
     p.add_argument("--overload", type=float, default=2.0, help="arrival rate / capacity")
     p.add_argument("--mix", default="0.2,0.5,0.3", help="priority,default,flex shares")
     p.add_argument("--prompt", type=int, default=192, help="prompt tokens")
