@@ -16,7 +16,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -129,11 +129,13 @@ class ServeBackend:
             items.cancel()  # a no-op once finished; aborts the engine request otherwise
 
 
-def error_response(exc: BaseException) -> JSONResponse:
+def error_response(exc: BaseException, headers: dict[str, str] | None = None) -> JSONResponse:
     error = to_api_error(exc)
-    if error.status >= 500 and error.code != "overloaded":
+    if error.status >= 500 and error.code not in ("overloaded", "queue_full"):
         logger.error("request failed", exc_info=exc)
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+    return JSONResponse(
+        error.body(), status_code=error.status, headers=(headers or {}) | error.headers
+    )
 
 
 BUCKET_WIDTHS = {"1m": 60, "1h": 3600, "1d": 86400}
@@ -299,34 +301,38 @@ class Ingress:
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, http: Request) -> Response:
-        try:
-            tenant = self.auth.authenticate(http.headers.get("authorization"))
-            request = ChatCompletionRequest.model_validate(await self._json(http))
-            caller = self._caller(tenant, request.service_tier)
-            if not request.stream:
-                response = await self.service.chat(request, caller)
-                return JSONResponse(dump(response), headers=self.gate.headers(tenant))
-            stream = self.service.chat_stream(request, caller)
-            first = await anext(stream)  # errors before any token become a status code
-        except Exception as exc:
-            return error_response(exc)
-        return StreamingResponse(
-            sse(first, stream), media_type="text/event-stream", headers=self.gate.headers(tenant)
+        return await self._generate(
+            http, ChatCompletionRequest, self.service.chat, self.service.chat_stream
         )
 
     @api.post("/v1/completions")
     async def completions(self, http: Request) -> Response:
+        return await self._generate(
+            http, CompletionRequest, self.service.complete, self.service.complete_stream
+        )
+
+    async def _generate(
+        self,
+        http: Request,
+        schema: type[ChatCompletionRequest] | type[CompletionRequest],
+        unary: Callable[..., Awaitable[BaseModel]],
+        streaming: Callable[..., AsyncIterator[BaseModel]],
+    ) -> Response:
+        """Key → body → tier → admission → JSON, or SSE once the first chunk exists (errors
+        before any token become a status code). Known tenants get `x-ratelimit-*` headers
+        on every answer, refusals included."""
+        tenant: Tenant | None = None
         try:
             tenant = self.auth.authenticate(http.headers.get("authorization"))
-            request = CompletionRequest.model_validate(await self._json(http))
+            request = schema.model_validate(await self._json(http))
             caller = self._caller(tenant, request.service_tier)
             if not request.stream:
-                response = await self.service.complete(request, caller)
+                response = await unary(request, caller)
                 return JSONResponse(dump(response), headers=self.gate.headers(tenant))
-            stream = self.service.complete_stream(request, caller)
+            stream = streaming(request, caller)
             first = await anext(stream)
         except Exception as exc:
-            return error_response(exc)
+            return error_response(exc, self.gate.headers(tenant) if tenant else None)
         return StreamingResponse(
             sse(first, stream), media_type="text/event-stream", headers=self.gate.headers(tenant)
         )

@@ -1,4 +1,5 @@
-"""`python -m ops` (also installed as `dps`): model fetch, interactive chat, benchmarks."""
+"""`python -m ops` (also installed as `dps`): model fetch, interactive chat, benchmarks, API
+keys and the usage ledger."""
 
 from __future__ import annotations
 
@@ -128,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("which", choices=["engine", "serve", "agentic", "kv-hit", "admission"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     bench.set_defaults(func=_cmd_bench)
+
+    from ops.tenants import add_parsers
+
+    add_parsers(sub)
     return parser
 
 

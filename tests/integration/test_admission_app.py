@@ -35,6 +35,8 @@ def tenants_app(serve_port, model_dir, tmp_path_factory):
         "scheduler": {"report_interval_s": 0.1},
         "kvstore": {"path": str(root / "kv"), "dram_bytes": "16MiB"},
         "ingress": {"ledger_path": str(root / "usage.jsonl")},
+        # default runs only with nothing else in flight: a second default request queues
+        "admission": {"tier_share": {"default": 0.001}},
         "auth": {
             "tenants": [
                 {"name": "alice", "key_sha256": [hash_key(KEYS["alice"])]},
@@ -157,18 +159,46 @@ def test_handle_api_takes_the_same_key(tenants_app):
 
     from app.api.errors import AuthenticationError
     from app.api.schemas import ChatCompletionRequest
+    from app.client import DualPathClient
 
-    handle = serve.get_app_handle(APP3)
     request = ChatCompletionRequest(
         model=MODEL,
         messages=[{"role": "user", "content": "Hi"}],
         max_tokens=2,
         service_tier="priority",
     )
-    reply = handle.chat.remote(request, api_key=KEYS["alice"]).result()
+    reply = DualPathClient(APP3, api_key=KEYS["alice"]).chat_sync(request)
     assert reply.service_tier == "priority" and reply.usage.cost.amount > 0
     with pytest.raises(AuthenticationError):
-        handle.chat.remote(request).result()
-    stats = handle.admission_stats.remote().result()
+        DualPathClient(APP3).chat_sync(request)
+    stats = serve.get_app_handle(APP3).admission_stats.remote().result()
     assert stats["capacity"] and stats["counts"]["admitted"] >= 1
     assert stats["in_flight"]["requests"] == 0
+
+
+def test_queued_request_leaves_when_its_client_disconnects(tenants_app):
+    from ray import serve
+
+    handle = serve.get_app_handle(APP3)
+    url = f"{tenants_app}/v1/completions"
+    headers = {"Authorization": f"Bearer {KEYS['alice']}"}
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 2}
+    long = body | {"max_tokens": 200, "ignore_eos": True, "stream": True}
+    before = handle.admission_stats.remote().result()["counts"]
+    with httpx.stream("POST", url, json=long, headers=headers, timeout=60) as stream:
+        next(stream.iter_lines())  # running: it holds the default tier's only slot
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url, json=body, headers=headers, timeout=2.0)  # queued, then gone
+        deadline = time.time() + 10
+        while True:
+            stats = handle.admission_stats.remote().result()
+            if stats["counts"]["cancelled"] > before["cancelled"]:
+                break
+            assert time.time() < deadline, f"the queued request never left: {stats}"
+            time.sleep(0.2)
+        assert stats["queued"]["default"] == 0
+        assert stats["counts"]["admitted"] == before["admitted"] + 1  # only the stream ran
+        reply = httpx.post(
+            url, json=body | {"service_tier": "priority"}, headers=headers, timeout=30
+        )
+        assert reply.status_code == 200  # priority uses the headroom default may not

@@ -1,0 +1,119 @@
+"""ChatService with the admission gate, over a gated engine pair: each request's prefill
+waits until the test opens its gate, so the order requests reach the PE is exact."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+
+from app.admission.gate import Caller, Gate
+from app.admission.queues import AdmissionQueue, QueueSection
+from app.admission.ratelimit import RateLimiter
+from app.api.schemas import CompletionRequest
+from app.auth import Authenticator, AuthSection, TenantSection
+from app.flow import ModelInfo
+from app.ledger import Ledger
+from app.pricing import PriceBook, PricingSection
+from app.service import ChatService
+from deployments.protocol import Plan, PlanRequest, PrefillJob
+from engine.output import RequestOutput
+from engine.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.anyio
+
+
+class GatedEngines:
+    """A PE that answers a prompt with one token when its gate opens (max_tokens=1: the
+    request finishes on the PE, no decode)."""
+
+    def __init__(self):
+        self.arrived: list[PrefillJob] = []
+        self.gates: dict[str, asyncio.Event] = {}
+
+    async def plan(self, request: PlanRequest) -> Plan:
+        return Plan(request.request_id, "pe", "de", "n0", "n0")
+
+    async def load(self, node: str, keys) -> list:
+        return []
+
+    async def prefill(self, node: str, job: PrefillJob) -> AsyncIterator[RequestOutput]:
+        self.arrived.append(job)
+        gate = self.gates.setdefault(job.request_id, asyncio.Event())
+        await gate.wait()
+        n = len(job.token_ids)
+        yield RequestOutput(job.request_id, [7], "x", True, "length", n, 0, 1)
+
+    def decode(self, node, job):  # pragma: no cover - every request ends on the PE
+        raise AssertionError("no decode expected")
+
+    async def open_next(self) -> None:
+        """Let the oldest unfinished prefill finish."""
+        for job in self.arrived:
+            gate = self.gates.setdefault(job.request_id, asyncio.Event())
+            if not gate.is_set():
+                gate.set()
+                break
+        for _ in range(10):
+            await asyncio.sleep(0)
+
+
+@pytest.fixture
+def setup(model_dir, tmp_path):
+    engines = GatedEngines()
+    prices = PriceBook(PricingSection(windows={"rules": []}))  # always "normal"
+    queue = AdmissionQueue(QueueSection(), prices.calendar, lambda: 1e9, tick_s=3600)
+    ledger = Ledger(tmp_path / "usage.jsonl")
+    gate = Gate(queue, RateLimiter(lambda: 1e9), prices, ledger, "m", lambda: 1e9)
+    service = ChatService(Tokenizer(model_dir), ModelInfo("m", 2048, 49152), engines, 16, gate=gate)
+    auth = Authenticator(
+        AuthSection(tenants=[TenantSection(name=n) for n in ("a", "b")]), environ={}
+    )
+    return service, engines, auth, tmp_path / "usage.jsonl"
+
+
+async def test_requests_reach_the_engine_in_tier_order_and_are_billed(setup):
+    service, engines, auth, ledger_path = setup
+
+    def request(tier: str) -> CompletionRequest:
+        return CompletionRequest(model="m", prompt=[1, 2, 3, 4], max_tokens=1, service_tier=tier)
+
+    def call(tenant: str, tier: str) -> asyncio.Task:
+        caller = Caller(auth.tenants[tenant], Gate.tier(auth.tenants[tenant], tier))
+        return asyncio.ensure_future(service.complete(request(tier), caller))
+
+    first = call("a", "default")
+    await asyncio.sleep(0.01)
+    tasks = [call("b", "flex"), call("a", "default"), call("b", "priority")]
+    await asyncio.sleep(0.01)
+    assert len(engines.arrived) == 1  # one in flight: the rest wait in the gate
+    for _ in range(4):
+        await engines.open_next()
+    replies = await asyncio.gather(first, *tasks)
+    assert [job.priority for job in engines.arrived] == [1, 0, 1, 2]  # PE gets the tier rank
+    assert [r.service_tier for r in replies] == ["default", "flex", "default", "priority"]
+    for reply in replies:
+        assert reply.usage.cost.window == "normal" and reply.usage.cost.amount > 0
+    lines = [json.loads(x) for x in ledger_path.read_text().splitlines()]
+    assert [x["service_tier"] for x in lines] == ["default", "priority", "default", "flex"]
+    assert all(x["status"] == "ok" and x["output_tokens"] == 1 for x in lines)
+    assert service.gate.queue.in_flight.requests == 0
+
+
+async def test_a_disconnected_waiter_never_reaches_the_engine(setup):
+    service, engines, auth, ledger_path = setup
+    caller = Caller(auth.tenants["a"], "default")
+    req = CompletionRequest(model="m", prompt=[1, 2, 3], max_tokens=1)
+    running = asyncio.ensure_future(service.complete(req, caller))
+    await asyncio.sleep(0.01)
+    waiting = asyncio.ensure_future(service.complete(req, caller))
+    await asyncio.sleep(0.01)
+    waiting.cancel()  # what Serve does when the HTTP client goes away
+    await asyncio.sleep(0.01)
+    assert service.gate.queue.depth()["default"] == 0
+    await engines.open_next()
+    await running
+    assert len(engines.arrived) == 1
+    assert service.gate.running["a"] == 0
