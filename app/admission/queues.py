@@ -282,8 +282,10 @@ class AdmissionQueue:
         rank = self._rank(ticket.tier, ticket.arrival, now)
         share = self.config.tier_share[TIERS[rank]]
         prefill, kv, seqs = self._used()
+        # NOTE: an empty prefill queue takes any prompt (a budget smaller than one prompt
+        # must not serialise the engines); KV and batch slots are hard limits.
         return (
-            prefill + ticket.prefill_tokens <= cap.prefill_tokens * share
+            (prefill == 0 or prefill + ticket.prefill_tokens <= cap.prefill_tokens * share)
             and kv + ticket.tokens <= cap.kv_tokens * share
             and seqs + ticket.n <= cap.seqs * share
         )

@@ -260,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
         capacity = asyncio.run(
             measure_capacity(base, [prompt() for _ in range(64)], args.max_tokens)
         )
+        ingress = serve.get_app_handle(APP)
+        admission = {"after_capacity": ingress.admission_stats.remote().result()}
         rate = args.overload * capacity
         jobs, t = [], 0.0
         while True:
@@ -271,8 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("capacity %.2f req/s; %d requests at %.2f req/s", capacity, len(jobs), rate)
         tiered = asyncio.run(run_phase(base, jobs, args.max_tokens, True, "tiered"))
         rows += summarise("tiered", tiered, reference)
+        admission["after_tiered"] = ingress.admission_stats.remote().result()
         fifo = asyncio.run(run_phase(base, jobs, args.max_tokens, False, "fifo"))
         rows += summarise("fifo", fifo, reference)
+        admission["after_fifo"] = ingress.admission_stats.remote().result()
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -284,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         "capacity_req_per_s": round(capacity, 3),
         "arrival_rate_req_per_s": round(rate, 3),
         "requests_per_phase": len(jobs),
+        "admission_stats": admission,
         "target": "priority p99 TTFT under overload <= 1.5x unloaded p99",
         "priority_p99_vs_unloaded": prio["tiered"]["p99_vs_unloaded"],
         "priority_p99_fifo_vs_tiered": round(

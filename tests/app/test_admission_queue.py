@@ -239,6 +239,19 @@ async def test_capacity_is_tokens_and_tiers_keep_headroom():
     assert len(w.admitted) == 4
 
 
+async def test_an_idle_prefill_queue_takes_a_prompt_larger_than_its_budget():
+    queue = make()
+    queue.update_capacity(Capacity(prefill_tokens=100, kv_tokens=100_000, seqs=64))
+    w = Waiters(queue)
+    for _ in range(3):
+        w.submit(ticket("a", prompt=500))
+    await w.settle()
+    assert len(w.admitted) == 1
+    w.leases[0].prefill_done()  # decoding now: the prefill queue is empty again
+    await w.settle()
+    assert len(w.admitted) == 2, "a budget below one prompt must not serialise requests"
+
+
 async def test_cancelled_waiter_leaves_at_once_and_nothing_leaks():
     queue = make()
     w = Waiters(queue)
