@@ -8,10 +8,11 @@ the clock and the billing calendar are injected.
   `quantum_tokens × weight` of credit and runs requests while its credit covers their
   tokens (prompt + max_tokens, × n).
 - Capacity is tokens, not a request count: a request is admitted while the work in flight
-  (this queue's own count, or the engines' last reports if higher) plus its own stays
-  within the budget: queued prefill tokens, decode KV tokens, decode batch slots. Each
-  tier may fill only its `tier_share` of it, which keeps headroom for `priority`. With
-  nothing in flight one request is always admitted, however large.
+  plus its own stays within the budget: prefill tokens not yet computed (of its own and
+  more urgent tiers only: the PE prefills by tier), decode KV tokens and decode batch
+  slots (this queue's own count, or the engines' last reports if higher). Each tier may
+  fill only its `tier_share`, which keeps headroom for `priority`. With nothing in flight
+  one request is always admitted, however large.
 - `flex` requests are held while the billing window is `peak`, unless the system is idle
   (nothing else waiting, load under `flex_idle_share`); they run in the next non-peak
   window or fail at their deadline with 429 and the time until the peak ends.
@@ -29,7 +30,7 @@ import itertools
 import math
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pydantic import Field, ValidationInfo, field_validator
@@ -57,7 +58,7 @@ class QueueSection(Section):
     flex_idle_share: float = Field(default=0.3, ge=0, le=1, description="flex runs in peak below")
     quantum_tokens: int = Field(default=2048, ge=1, description="DRR credit per turn")
     prefill_queue_s: float = Field(
-        default=1.0, gt=0, description="admit while queued prefill work stays under this"
+        default=2.0, gt=0, description="admit while queued prefill work stays under this"
     )
     default_prefill_tokens_per_s: float = Field(
         default=1000.0, gt=0, description="a PE's rate until it has measured its own"
@@ -117,6 +118,7 @@ class Ticket:
 class InFlight:
     requests: int = 0
     prefill_tokens: int = 0
+    prefill_by_rank: list[int] = field(default_factory=lambda: [0, 0, 0])
     kv_tokens: int = 0
     seqs: int = 0
 
@@ -281,11 +283,13 @@ class AdmissionQueue:
             return False  # no engine report yet: one request at a time
         rank = self._rank(ticket.tier, ticket.arrival, now)
         share = self.config.tier_share[TIERS[rank]]
-        prefill, kv, seqs = self._used()
-        # NOTE: an empty prefill queue takes any prompt (a budget smaller than one prompt
-        # must not serialise the engines); KV and batch slots are hard limits.
+        _, kv, seqs = self._used()
+        # NOTE: the PE prefills by tier, so a request waits only behind prompts of its own
+        # or a more urgent tier: that is the work its budget counts. With none of those in
+        # flight any prompt goes (a budget below one prompt must not serialise the PE).
+        ahead = sum(self.in_flight.prefill_by_rank[: RANK[ticket.tier] + 1])
         return (
-            (prefill == 0 or prefill + ticket.prefill_tokens <= cap.prefill_tokens * share)
+            (ahead == 0 or ahead + ticket.prefill_tokens <= cap.prefill_tokens * share)
             and kv + ticket.tokens <= cap.kv_tokens * share
             and seqs + ticket.n <= cap.seqs * share
         )
@@ -295,6 +299,7 @@ class AdmissionQueue:
         flight = self.in_flight
         flight.requests += 1
         flight.prefill_tokens += ticket.prefill_tokens
+        flight.prefill_by_rank[RANK[ticket.tier]] += ticket.prefill_tokens
         flight.kv_tokens += ticket.tokens
         flight.seqs += ticket.n
         self.counts["admitted"] += 1
@@ -308,6 +313,7 @@ class AdmissionQueue:
 
     def _finish_prefill(self, ticket: Ticket) -> None:
         self.in_flight.prefill_tokens -= ticket.prefill_tokens
+        self.in_flight.prefill_by_rank[RANK[ticket.tier]] -= ticket.prefill_tokens
         self.service()
 
     def _release(self, ticket: Ticket, prefilling: bool) -> None:
@@ -317,6 +323,7 @@ class AdmissionQueue:
         flight.seqs -= ticket.n
         if prefilling:
             flight.prefill_tokens -= ticket.prefill_tokens
+            flight.prefill_by_rank[RANK[ticket.tier]] -= ticket.prefill_tokens
         self.service()
 
     def _expire(self, now: float) -> None:

@@ -229,14 +229,29 @@ async def test_capacity_is_tokens_and_tiers_keep_headroom():
     w.leases[2].prefill_done()
     await w.settle()
     assert len(w.admitted) == 4
-    # reported use counts when it is higher than the queue's own
+    # reported KV use counts when it is higher than the queue's own
     queue.update_capacity(
-        Capacity(prefill_tokens=1000, kv_tokens=100_000, seqs=64, used_prefill_tokens=900)
+        Capacity(prefill_tokens=1000, kv_tokens=100_000, seqs=64, used_kv_tokens=49_900)
     )
     for lease in w.leases:
         lease.prefill_done()
     await w.settle()
     assert len(w.admitted) == 4
+    queue.update_capacity(Capacity(prefill_tokens=1000, kv_tokens=100_000, seqs=64))
+    await w.settle()
+    assert len(w.admitted) == 6  # two more prompts (400 of default's 500 tokens)
+
+
+async def test_priority_counts_only_priority_prefill_ahead_of_it():
+    queue = make(tier_share={"priority": 1.0, "default": 1.0, "flex": 1.0})
+    queue.update_capacity(Capacity(prefill_tokens=300, kv_tokens=100_000, seqs=64))
+    w = Waiters(queue)
+    for tier in ("flex", "default", "default", "priority", "priority"):
+        w.submit(ticket("a", tier, prompt=250))
+    await w.settle()
+    # flex runs (nothing in flight); default has no default/priority prefill ahead; the
+    # second default would have 250 ahead (> 300); priority has none; the second has 250
+    assert [t.tier for t in w.admitted] == ["flex", "default", "priority"]
 
 
 async def test_an_idle_prefill_queue_takes_a_prompt_larger_than_its_budget():
