@@ -12,16 +12,18 @@ One run, the real app (1 PE + 1 DE, API keys for two tenants):
 4. `fifo` (the baseline): the same arrival times and requests sent without a tier (all
    `default`): what each group gets with one queue.
 Every request streams (`/v1/completions`, random prompt token ids, EOS ignored); TTFT is
-the time to the first streamed chunk; refusals (429/503/408) are counted, with whether
-they carried `Retry-After`. The billing calendar has no peak window in this run (flex is
-simply the lowest tier; peak holding is covered by tests). The target: priority p99 TTFT
-under overload within 1.5× of its unloaded p99.
+the time to the first streamed chunk, `pe` the PE's own part of it (from its admission of
+the prompt to the first token: waiting behind other prompts + computing it); refusals
+(429/503/408) are counted, with whether they carried `Retry-After`. The billing calendar
+has no peak window in this run (flex is simply the lowest tier; peak holding is tested).
+The target: priority p99 TTFT under overload within 1.5× of its unloaded p99.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import random
 import tempfile
@@ -54,6 +56,8 @@ COLUMNS = [
     "retry_after",
     "ttft_p50_s",
     "ttft_p99_s",
+    "pe_p50_s",
+    "pe_p99_s",
     "e2e_p50_s",
     "p99_vs_unloaded",
 ]
@@ -74,6 +78,7 @@ class Result:
     ttft_s: float | None = None
     e2e_s: float | None = None
     retry_after: bool = False
+    engine_s: float | None = None  # the PE's own time to the first token (timings.prefill_ms)
 
 
 async def send(
@@ -85,6 +90,7 @@ async def send(
         "max_tokens": max_tokens,
         "ignore_eos": True,
         "stream": True,
+        "stream_options": {"include_usage": True},
     }
     if tiered:
         body["service_tier"] = job.tier
@@ -98,11 +104,17 @@ async def send(
             return Result(
                 job.tier, response.status_code, retry_after="retry-after" in response.headers
             )
-        ttft = None
+        ttft = engine = None
         async for line in response.aiter_lines():
-            if line.startswith("data:") and ttft is None:
+            if not line.startswith("data:"):
+                continue
+            if ttft is None:
                 ttft = time.perf_counter() - start
-        return Result(job.tier, 200, ttft, time.perf_counter() - start)
+            if '"usage"' in line:  # the last chunk: usage and the request path's timings
+                timings = json.loads(line[5:]).get("timings") or {}
+                if timings.get("prefill_ms") is not None:
+                    engine = timings["prefill_ms"] / 1e3
+        return Result(job.tier, 200, ttft, time.perf_counter() - start, engine_s=engine)
 
 
 async def run_phase(
@@ -163,6 +175,7 @@ def summarise(phase: str, results: list[Result], reference_p99: float | None) ->
         if not mine:
             continue
         ttft = [r.ttft_s for r in mine if r.ttft_s is not None]
+        engine = [r.engine_s for r in mine if r.engine_s is not None]
         p99 = pct(ttft, 0.99)
         refused = [r for r in mine if r.status != 200]
         rows.append(
@@ -177,6 +190,8 @@ def summarise(phase: str, results: list[Result], reference_p99: float | None) ->
                 "retry_after": f"{sum(r.retry_after for r in refused)}/{len(refused)}",
                 "ttft_p50_s": pct(ttft, 0.5),
                 "ttft_p99_s": p99,
+                "pe_p50_s": pct(engine, 0.5),
+                "pe_p99_s": pct(engine, 0.99),
                 "e2e_p50_s": pct([r.e2e_s for r in mine if r.e2e_s is not None], 0.5),
                 "p99_vs_unloaded": round(p99 / reference_p99, 2) if p99 and reference_p99 else None,
                 "other_status": sorted({r.status for r in mine} - {200, 429, 503, 408}),
