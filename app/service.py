@@ -35,6 +35,7 @@ from app.api.schemas import (
 )
 from app.flow import Backend, ModelInfo, run_request
 from app.logprobs import LogprobFormatter
+from app.tally import Tally
 from engine.output import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.sequence import TokenLogprob
@@ -197,7 +198,7 @@ class ChatService:
         self, prompt: list[int], params: list[SamplingParams], salt: bytes, lease: Lease | None
     ) -> tuple[list[Choice], Usage, Timings]:
         choices = [Choice(logprobs=[] if p.logprobs is not None else None) for p in params]
-        tally = _Tally(len(prompt), len(params), lease)
+        tally = Tally(len(prompt), len(params), lease)
         async for index, out in self._choices(prompt, params, salt, _priority(lease)):
             tally.note(index, out)
             choice = choices[index]
@@ -211,13 +212,13 @@ class ChatService:
 
     async def _deltas(
         self, prompt: list[int], params: list[SamplingParams], salt: bytes, lease: Lease | None
-    ) -> tuple[_Tally, AsyncIterator[tuple[int, RequestOutput]]]:
+    ) -> tuple[Tally, AsyncIterator[tuple[int, RequestOutput]]]:
         """Start all choices and wait for the first output; then the outputs worth a chunk.
 
         NOTE: awaiting the first output before the caller yields anything makes planning and
         validation errors reach the client before any byte is sent (a proper status code).
         """
-        tally = _Tally(len(prompt), len(params), lease)
+        tally = Tally(len(prompt), len(params), lease)
         outputs = self._choices(prompt, params, salt, _priority(lease))
         first = await anext(outputs, None)
 
@@ -365,44 +366,3 @@ async def _prepend(
             yield first
         async for item in rest:
             yield item
-
-
-TIMINGS = {  # Timings field -> RequestOutput.metrics key
-    "prefill_ms": "engine_first_output_s",
-    "schedule_ms": "schedule_s",
-    "kv_read_ms": "kv_read_s",
-}
-
-
-class _Tally:
-    """Usage and timings of a request's choices, from their outputs as they come."""
-
-    def __init__(self, num_prompt_tokens: int, n: int, lease: Lease | None = None):
-        self.num_prompt_tokens = num_prompt_tokens
-        self.num_tokens = [0] * n
-        self.cached = 0
-        self.timings = Timings()
-        self.lease = lease
-        if lease is not None:
-            lease.meter = self
-
-    def note(self, index: int, output: RequestOutput) -> None:
-        if self.lease is not None:
-            self.lease.prefill_done()  # a first token: the prompt left the prefill queue
-        self.num_tokens[index] = output.num_output_tokens
-        if output.finished:
-            self.cached = max(self.cached, output.num_cached_tokens)
-        # the first choice's first output: engine time to the first token on the PE (no
-        # hops, no transfer), and the request path's own steps before it
-        if output.metrics and self.timings.prefill_ms is None:
-            for name, metric in TIMINGS.items():
-                seconds = output.metrics.get(metric)
-                if seconds is not None:
-                    setattr(self.timings, name, seconds * 1e3)
-
-    def usage(self) -> Usage:
-        return Usage.of(self.num_prompt_tokens, sum(self.num_tokens), self.cached)
-
-    def counts(self) -> tuple[int, int, int]:
-        """(hit, miss, output) tokens so far: what the request is billed for."""
-        return self.cached, self.num_prompt_tokens - self.cached, sum(self.num_tokens)

@@ -1,9 +1,12 @@
 """The admission queue: which waiting request runs next, and whether it may run now. No Ray;
 the clock and the billing calendar are injected.
 
-- Tiers: `priority` before `default` before `flex`, strictly, except that a tier whose
-  oldest request has waited `aging_s` rises one rank (and again after 2 × `aging_s`), and
-  between tiers of equal rank the older request goes first: nothing starves for ever.
+- Tiers: each waiting request's turn is its arrival time + its tier's offset
+  (`tier_offset_s`: priority 0, default 120 s, flex 600 s); the earliest turn goes first.
+  That is strict priority for any wait shorter than the offsets' differences (a default
+  request goes before a newly arrived priority one only after waiting 120 s, by default
+  its queue timeout) and aging beyond it: a flex request waiting 10 minutes overtakes
+  everything, so nothing starves for ever (earliest-deadline-first on virtual deadlines).
 - Tenants within a tier share by tokens, deficit round robin (DRR): each turn a tenant gets
   `quantum_tokens × weight` of credit and runs requests while its credit covers their
   tokens (prompt + max_tokens, × n).
@@ -50,7 +53,10 @@ class QueueSection(Section):
     )
     queue_timeout_s: float = Field(default=120.0, gt=0, description="priority/default → 408")
     flex_deadline_s: float = Field(default=900.0, gt=0, description="flex → 429")
-    aging_s: float = Field(default=30.0, gt=0, description="a waiting tier rises one rank")
+    tier_offset_s: dict[Tier, float] = Field(
+        default_factory=lambda: dict(DEFAULT_TIER_OFFSET_S),
+        description="a request's turn: arrival + its tier's offset; the earliest goes first",
+    )
     tier_share: dict[Tier, float] = Field(
         default_factory=lambda: dict(DEFAULT_TIER_SHARE),
         description="the share of capacity each tier may fill",
@@ -64,11 +70,15 @@ class QueueSection(Section):
         default=1000.0, gt=0, description="a PE's rate until it has measured its own"
     )
 
-    @field_validator("max_queued", "tier_share", mode="after")
+    @field_validator("max_queued", "tier_share", "tier_offset_s", mode="after")
     @classmethod
     def _every_tier(cls, v: dict[Tier, Any], info: ValidationInfo) -> dict[Tier, Any]:
         """A partial map keeps the defaults of the tiers it leaves out."""
-        defaults = DEFAULT_MAX_QUEUED if info.field_name == "max_queued" else DEFAULT_TIER_SHARE
+        defaults = {
+            "max_queued": DEFAULT_MAX_QUEUED,
+            "tier_share": DEFAULT_TIER_SHARE,
+            "tier_offset_s": DEFAULT_TIER_OFFSET_S,
+        }[info.field_name or ""]
         for value in v.values():
             if value < 0 or (info.field_name == "tier_share" and value > 1):
                 raise ValueError(f"{info.field_name} values must be in range, got {value}")
@@ -77,6 +87,7 @@ class QueueSection(Section):
 
 DEFAULT_MAX_QUEUED: dict[Tier, int] = {"priority": 256, "default": 1024, "flex": 4096}
 DEFAULT_TIER_SHARE: dict[Tier, float] = {"priority": 1.0, "default": 0.85, "flex": 0.6}
+DEFAULT_TIER_OFFSET_S: dict[Tier, float] = {"priority": 0.0, "default": 120.0, "flex": 600.0}
 
 
 class Meter(Protocol):
@@ -229,7 +240,7 @@ class AdmissionQueue:
 
     # ------------------------------------------------------------------ order
     def _next(self, now: float) -> Ticket | None:
-        best: tuple[int, float] | None = None
+        best: tuple[float, int] | None = None
         choice: Ticket | None = None
         for tier in TIERS:
             queue = self.queues[tier]
@@ -237,14 +248,17 @@ class AdmissionQueue:
                 continue
             if tier == "flex" and self._flex_held(now):
                 continue
-            oldest = queue.oldest()
-            key = (self._rank(tier, oldest, now), oldest)
+            key = (queue.oldest() + self.config.tier_offset_s[tier], RANK[tier])
             if best is None or key < best:
                 best, choice = key, queue.peek()
         return choice
 
-    def _rank(self, tier: Tier, oldest: float, now: float) -> int:
-        return max(0, RANK[tier] - int((now - oldest) / self.config.aging_s))
+    def _tier_now(self, ticket: Ticket, now: float) -> Tier:
+        """The most urgent tier a new request would have to be in to go before this one."""
+        turn = ticket.arrival + self.config.tier_offset_s[ticket.tier]
+        return next(
+            t for t in TIERS if turn <= now + self.config.tier_offset_s[t] or t == ticket.tier
+        )
 
     def _flex_held(self, now: float) -> bool:
         if self.calendar.window_at(now) != "peak":
@@ -281,8 +295,7 @@ class AdmissionQueue:
         cap = self.capacity
         if cap is None:
             return False  # no engine report yet: one request at a time
-        rank = self._rank(ticket.tier, ticket.arrival, now)
-        share = self.config.tier_share[TIERS[rank]]
+        share = self.config.tier_share[self._tier_now(ticket, now)]
         _, kv, seqs = self._used()
         # NOTE: the PE prefills by tier, so a request waits only behind prompts of its own
         # or a more urgent tier: that is the work its budget counts. With none of those in

@@ -52,7 +52,8 @@ class Waiters:
     def __init__(self, queue: AdmissionQueue):
         self.queue = queue
         self.admitted: list[Ticket] = []
-        self.leases: list[Lease] = []
+        self.leases: list[Lease] = []  # running
+        self.history: list[Lease] = []  # every lease granted
         self.tasks: dict[Ticket, asyncio.Task] = {}
 
     def submit(self, t: Ticket) -> asyncio.Task:
@@ -60,6 +61,7 @@ class Waiters:
             lease = await self.queue.admit(t)
             self.admitted.append(t)
             self.leases.append(lease)
+            self.history.append(lease)
             return lease
 
         self.tasks[t] = asyncio.ensure_future(wait())
@@ -92,7 +94,7 @@ async def test_priority_before_default_before_flex():
 
 async def test_aging_lets_flex_through_a_stream_of_priority():
     clock = Clock()
-    queue = make(clock, aging_s=10)
+    queue = make(clock, tier_offset_s={"priority": 0, "default": 10, "flex": 20})
     w = Waiters(queue)
     w.submit(ticket("p", "priority"))
     await w.settle()
@@ -108,8 +110,30 @@ async def test_aging_lets_flex_through_a_stream_of_priority():
             break
         served_before_flex += 1
     assert flex in w.admitted
-    # rank 2 → 0 after 2 × aging_s; then it is older than every waiting priority request
+    # its turn (arrival + 20 s) comes before a priority request's arriving 20 s later
     assert 19 <= served_before_flex <= 21
+
+
+async def test_sustained_overload_keeps_priority_first():
+    """A default backlog older than any priority request still waits (within its offset)."""
+    clock = Clock()
+    queue = make(clock)
+    w = Waiters(queue)
+    w.submit(ticket("d", "default"))
+    await w.settle()
+    for _ in range(50):
+        w.submit(ticket("d", "default"))
+    await w.settle()
+    for _ in range(60):  # one admission per second; a priority request every 2 s
+        clock.t += 1
+        if int(clock.t) % 2 == 0:
+            w.submit(ticket("p", "priority"))
+            await w.settle()
+        await w.release_next()
+    prio = [lease for lease in w.history if lease.tier == "priority"]
+    assert len(prio) == 30
+    assert max(lease.queued_s for lease in prio) <= 1.0  # never behind the older backlog
+    assert max(lease.queued_s for lease in w.history if lease.tier == "default") > 30
 
 
 async def test_equal_tenants_get_equal_token_shares():
@@ -286,7 +310,9 @@ async def test_cancelled_waiter_leaves_at_once_and_nothing_leaks():
 async def test_random_load_admits_each_request_once_and_frees_everything():
     rng = random.Random(3)
     clock = Clock()
-    queue = make(clock, queue_timeout_s=20, flex_deadline_s=30, aging_s=5)
+    queue = make(
+        clock, queue_timeout_s=20, flex_deadline_s=30, tier_offset_s={"default": 5, "flex": 10}
+    )
     queue.update_capacity(Capacity(prefill_tokens=3000, kv_tokens=20_000, seqs=8))
     w = Waiters(queue)
     submitted = []

@@ -1,0 +1,48 @@
+"""Tally: a request's usage and timings, gathered from its choices' outputs as they come;
+also what the admission lease bills (`counts`)."""
+
+from __future__ import annotations
+
+from app.admission.queues import Lease
+from app.api.schemas import Timings, Usage
+from engine.output import RequestOutput
+
+TIMINGS = {  # Timings field -> RequestOutput.metrics key
+    "prefill_ms": "engine_first_output_s",
+    "schedule_ms": "schedule_s",
+    "kv_read_ms": "kv_read_s",
+}
+
+
+class Tally:
+    """Usage and timings of a request's choices, from their outputs as they come."""
+
+    def __init__(self, num_prompt_tokens: int, n: int, lease: Lease | None = None):
+        self.num_prompt_tokens = num_prompt_tokens
+        self.num_tokens = [0] * n
+        self.cached = 0
+        self.timings = Timings()
+        self.lease = lease
+        if lease is not None:
+            lease.meter = self
+
+    def note(self, index: int, output: RequestOutput) -> None:
+        if self.lease is not None:
+            self.lease.prefill_done()  # a first token: the prompt left the prefill queue
+        self.num_tokens[index] = output.num_output_tokens
+        if output.finished:
+            self.cached = max(self.cached, output.num_cached_tokens)
+        # the first choice's first output: engine time to the first token on the PE (no
+        # hops, no transfer), and the request path's own steps before it
+        if output.metrics and self.timings.prefill_ms is None:
+            for name, metric in TIMINGS.items():
+                seconds = output.metrics.get(metric)
+                if seconds is not None:
+                    setattr(self.timings, name, seconds * 1e3)
+
+    def usage(self) -> Usage:
+        return Usage.of(self.num_prompt_tokens, sum(self.num_tokens), self.cached)
+
+    def counts(self) -> tuple[int, int, int]:
+        """(hit, miss, output) tokens so far: what the request is billed for."""
+        return self.cached, self.num_prompt_tokens - self.cached, sum(self.num_tokens)
