@@ -236,6 +236,7 @@ class Ingress:
         return {
             "queued": self.queue.depth(),
             "in_flight": {
+                "by_rank": list(flight.prefill_by_rank),
                 "requests": flight.requests,
                 "prefill_tokens": flight.prefill_tokens,
                 "kv_tokens": flight.kv_tokens,

@@ -25,6 +25,7 @@ class Tally:
         self.lease = lease
         if lease is not None:
             lease.meter = self
+            self.timings.queue_ms = lease.queued_s * 1e3
 
     def note(self, index: int, output: RequestOutput) -> None:
         if self.lease is not None:

@@ -160,6 +160,7 @@ class PromptTokensDetails(BaseModel):
 class Timings(BaseModel):
     """dualpath extension (like DeepSeek's cache fields): where the first token's time went."""
 
+    queue_ms: float | None = Field(default=None, description="waiting for admission")
     prefill_ms: float | None = Field(
         default=None, description="engine time on the PE from admission to the first token"
     )

@@ -9,10 +9,12 @@ One run, the real app (1 PE + 1 DE, API keys for two tenants):
    completions per second the engines sustain (X).
 3. `tiered`: Poisson arrivals at `--overload` × X for `--duration` seconds; each request
    is `priority`, `default` or `flex` by `--mix`, from one of two tenants.
-4. `fifo` (the baseline): the same arrival times and requests sent without a tier (all
-   `default`): what each group gets with one queue.
+4. `fifo` (the baseline): the same arrival times, tiers and prompt lengths (fresh prompt
+   ids: no KV hits from phase 3) sent without a tier (all `default`): what each group
+   gets with one queue.
 Every request streams (`/v1/completions`, random prompt token ids, EOS ignored); TTFT is
-the time to the first streamed chunk, `pe` the PE's own part of it (from its admission of
+the time to the first streamed chunk, `queue` its wait for admission in the ingress, `pe`
+the PE's own part of it (from its admission of
 the prompt to the first token: waiting behind other prompts + computing it); refusals
 (429/503/408) are counted, with whether they carried `Retry-After`. The billing calendar
 has no peak window in this run (flex is simply the lowest tier; peak holding is tested).
@@ -56,6 +58,8 @@ COLUMNS = [
     "retry_after",
     "ttft_p50_s",
     "ttft_p99_s",
+    "queue_p50_s",
+    "queue_p99_s",
     "pe_p50_s",
     "pe_p99_s",
     "e2e_p50_s",
@@ -79,6 +83,7 @@ class Result:
     e2e_s: float | None = None
     retry_after: bool = False
     engine_s: float | None = None  # the PE's own time to the first token (timings.prefill_ms)
+    queue_s: float | None = None  # waiting for admission in the ingress (timings.queue_ms)
 
 
 async def send(
@@ -104,7 +109,7 @@ async def send(
             return Result(
                 job.tier, response.status_code, retry_after="retry-after" in response.headers
             )
-        ttft = engine = None
+        ttft = engine = queued = None
         async for line in response.aiter_lines():
             if not line.startswith("data:"):
                 continue
@@ -114,7 +119,10 @@ async def send(
                 timings = json.loads(line[5:]).get("timings") or {}
                 if timings.get("prefill_ms") is not None:
                     engine = timings["prefill_ms"] / 1e3
-        return Result(job.tier, 200, ttft, time.perf_counter() - start, engine_s=engine)
+                if timings.get("queue_ms") is not None:
+                    queued = timings["queue_ms"] / 1e3
+        e2e = time.perf_counter() - start
+        return Result(job.tier, 200, ttft, e2e, engine_s=engine, queue_s=queued)
 
 
 async def run_phase(
@@ -176,6 +184,7 @@ def summarise(phase: str, results: list[Result], reference_p99: float | None) ->
             continue
         ttft = [r.ttft_s for r in mine if r.ttft_s is not None]
         engine = [r.engine_s for r in mine if r.engine_s is not None]
+        queued = [r.queue_s for r in mine if r.queue_s is not None]
         p99 = pct(ttft, 0.99)
         refused = [r for r in mine if r.status != 200]
         rows.append(
@@ -190,6 +199,8 @@ def summarise(phase: str, results: list[Result], reference_p99: float | None) ->
                 "retry_after": f"{sum(r.retry_after for r in refused)}/{len(refused)}",
                 "ttft_p50_s": pct(ttft, 0.5),
                 "ttft_p99_s": p99,
+                "queue_p50_s": pct(queued, 0.5),
+                "queue_p99_s": pct(queued, 0.99),
                 "pe_p50_s": pct(engine, 0.5),
                 "pe_p99_s": pct(engine, 0.99),
                 "e2e_p50_s": pct([r.e2e_s for r in mine if r.e2e_s is not None], 0.5),
@@ -289,7 +300,10 @@ def main(argv: list[str] | None = None) -> int:
         tiered = asyncio.run(run_phase(base, jobs, args.max_tokens, True, "tiered"))
         rows += summarise("tiered", tiered, reference)
         admission["after_tiered"] = ingress.admission_stats.remote().result()
-        fifo = asyncio.run(run_phase(base, jobs, args.max_tokens, False, "fifo"))
+        # NOTE: the same arrivals and tiers with fresh prompts: the tiered phase's prompts
+        # are in the KV store and the PE's prefix cache now, and would be near free
+        fresh = [Job(j.at, j.tier, j.tenant, prompt()) for j in jobs]
+        fifo = asyncio.run(run_phase(base, fresh, args.max_tokens, False, "fifo"))
         rows += summarise("fifo", fifo, reference)
         admission["after_fifo"] = ingress.admission_stats.remote().result()
     finally:
