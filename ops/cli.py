@@ -130,9 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     bench.set_defaults(func=_cmd_bench)
 
-    from ops.tenants import add_parsers
+    from ops.kvtool import add_parsers as add_kv_parsers
+    from ops.tenants import add_parsers as add_tenant_parsers
 
-    add_parsers(sub)
+    add_tenant_parsers(sub)
+    add_kv_parsers(sub)
     return parser
 
 

@@ -64,7 +64,7 @@ class QueueSection(Section):
     flex_idle_share: float = Field(default=0.3, ge=0, le=1, description="flex runs in peak below")
     quantum_tokens: int = Field(default=2048, ge=1, description="DRR credit per turn")
     prefill_queue_s: float = Field(
-        default=3.0, gt=0, description="admit while queued prefill work stays under this"
+        default=2.0, gt=0, description="admit while queued prefill work stays under this"
     )
     default_prefill_tokens_per_s: float = Field(
         default=1000.0, gt=0, description="a PE's rate until it has measured its own"
