@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from app.admission.queues import QueueSection
+from app.audit import AuditSection
 from app.auth import AuthSection
 from app.pricing import PricingSection
 from deployments.options import (
@@ -72,6 +73,7 @@ class AppConfig(Section):
     auth: AuthSection = Field(default_factory=AuthSection)
     admission: QueueSection = Field(default_factory=QueueSection)
     pricing: PricingSection = Field(default_factory=PricingSection)
+    audit: AuditSection = Field(default_factory=AuditSection)
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
     kvstore: KVStoreSection = Field(default_factory=KVStoreSection)
     nodes: list[NodeSection] = Field(default_factory=_default_nodes, min_length=1)

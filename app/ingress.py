@@ -10,20 +10,18 @@ ServeBackend (Serve handles, the Scheduler's replica choice carried in each job)
 
 import asyncio
 import contextlib
-import contextvars
 import dataclasses
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from ray import serve
-from ray.serve import context as serve_context
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -50,83 +48,22 @@ from app.api.schemas import (
     dump,
 )
 from app.api.sse import DONE_FRAME, sse_frame
+from app.audit import AuditLog, AuditRecord
 from app.auth import Authenticator, Tenant
+from app.backend import NodeHandles, ServeBackend
 from app.config import AppConfig
 from app.flow import ModelInfo
 from app.ledger import Ledger
+from app.pii import PIIFilter
 from app.pricing import PriceBook
 from app.service import ChatService
-from deployments.protocol import DecodeJob, KVHandoff, Plan, PlanRequest, PrefillJob
 from engine.config import ModelConfig
 from engine.loader import model_fingerprint
-from engine.output import RequestOutput
 from engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-NodeHandles = dict[str, DeploymentHandle]  # "prefill" / "decode" / "traffic" -> handle
-
 api = FastAPI(title="dualpath-serve", docs_url="/docs", redoc_url=None)
-
-
-def as_own_request(method: Any, arg: Any) -> Any:
-    """`method.remote(arg)` as its own Serve request, with a fresh internal request id.
-
-    NOTE: Serve gives every handle call made while serving one request that request's
-    internal id, and a router without FIFOMixin (ours: it must honour the Scheduler's
-    replica choice) matches routed replicas to pending calls by that id, so two concurrent
-    calls (the `n` choices) overwrite each other and one is never routed. Each call gets its
-    own id in a copied context; we cancel our calls ourselves (see ServeBackend).
-    """
-
-    def call() -> Any:
-        serve_context._set_request_context(_internal_request_id=uuid.uuid4().hex)
-        return method.remote(arg)
-
-    return contextvars.copy_context().run(call)
-
-
-class ServeBackend:
-    """The request path over Serve handles: Scheduler, the read side's TrafficManagers, the
-    PE and the DE (each logical node has its own deployments, keyed by node name)."""
-
-    def __init__(self, scheduler: DeploymentHandle, nodes: dict[str, NodeHandles]):
-        self.scheduler = scheduler
-        self.prefill_engines = {
-            n: h["prefill"].options(stream=True) for n, h in nodes.items() if "prefill" in h
-        }
-        self.decode_engines = {
-            n: h["decode"].options(stream=True) for n, h in nodes.items() if "decode" in h
-        }
-        self.traffic = {n: h["traffic"] for n, h in nodes.items()}
-
-    async def plan(self, request: PlanRequest) -> Plan:
-        return await self._unary(self.scheduler.plan, request)
-
-    async def load(self, node: str, keys: Sequence[bytes]) -> list[Any]:
-        return await self._unary(self.traffic[node].load, list(keys))
-
-    async def _unary(self, method: Any, arg: Any) -> Any:
-        response = as_own_request(method, arg)
-        try:
-            return await response
-        except asyncio.CancelledError:
-            response.cancel()  # client gone: stop the prefill too
-            raise
-
-    def prefill(self, node: str, job: PrefillJob) -> AsyncIterator[RequestOutput | KVHandoff]:
-        return self._stream(self.prefill_engines[node].prefill, job)
-
-    def decode(self, node: str, job: DecodeJob) -> AsyncIterator[RequestOutput]:
-        return self._stream(self.decode_engines[node].generate, job)
-
-    async def _stream(self, method: Any, arg: Any) -> AsyncIterator[Any]:
-        items = as_own_request(method, arg)
-        try:
-            async for item in items:
-                yield item
-        finally:
-            items.cancel()  # a no-op once finished; aborts the engine request otherwise
 
 
 def error_response(exc: BaseException, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -187,9 +124,18 @@ class Ingress:
         self.queue = AdmissionQueue(config.admission, prices.calendar, clock)
         ledger_path = config.ingress.ledger_path
         self.ledger = Ledger(ledger_path.expanduser() if ledger_path else None)
+        self.audit = AuditLog(config.audit)
         self.gate = Gate(
-            self.queue, RateLimiter(clock), prices, self.ledger, config.model.name, clock
+            self.queue,
+            RateLimiter(clock),
+            prices,
+            self.ledger,
+            config.model.name,
+            clock,
+            audit=self.audit.write,
         )
+        for handler in logging.getLogger().handlers + logging.getLogger("ray.serve").handlers:
+            handler.addFilter(PIIFilter())  # nothing personal reaches a log line
         self._capacity_task: asyncio.Task[None] | None = None
         self.service = ChatService(
             Tokenizer(model_dir),
@@ -206,9 +152,27 @@ class Ingress:
         )
 
     # ------------------------------------------------------------------ admission
-    def _caller(self, tenant: Tenant, service_tier: str | None) -> Caller:
+    def _caller(self, tenant: Tenant, service_tier: str | None, route: str) -> Caller:
         self._watch_capacity()
-        return Caller(tenant, Gate.tier(tenant, service_tier))
+        return Caller(tenant, Gate.tier(tenant, service_tier), route)
+
+    def _audit_refusal(self, tenant: Tenant | None, route: str, exc: BaseException) -> None:
+        """Requests refused before the gate saw them (key, body, tier): one audit line."""
+        if getattr(exc, "audited", False):
+            return
+        error = to_api_error(exc)
+        self.audit.write(
+            AuditRecord(
+                time=time.time(),
+                request_id=uuid.uuid4().hex,
+                tenant=tenant.name if tenant else "unknown",
+                model=self.config.model.name,
+                route=route,
+                status="rejected",
+                http_status=error.status,
+                error_code=error.code,
+            )
+        )
 
     def _watch_capacity(self) -> None:
         if self._capacity_task is None or self._capacity_task.done():
@@ -254,26 +218,32 @@ class Ingress:
     async def chat(
         self, request: ChatCompletionRequest, api_key: str | None = None
     ) -> ChatCompletionResponse:
-        caller = self._caller(self.auth.authenticate(api_key), request.service_tier)
+        caller = self._caller(self.auth.authenticate(api_key), request.service_tier, "handle:chat")
         return await self.service.chat(request, caller)
 
     async def chat_stream(
         self, request: ChatCompletionRequest, api_key: str | None = None
     ) -> AsyncIterator[ChatCompletionChunk]:
-        caller = self._caller(self.auth.authenticate(api_key), request.service_tier)
+        caller = self._caller(
+            self.auth.authenticate(api_key), request.service_tier, "handle:chat_stream"
+        )
         async for chunk in self.service.chat_stream(request, caller):
             yield chunk
 
     async def complete(
         self, request: CompletionRequest, api_key: str | None = None
     ) -> CompletionResponse:
-        caller = self._caller(self.auth.authenticate(api_key), request.service_tier)
+        caller = self._caller(
+            self.auth.authenticate(api_key), request.service_tier, "handle:complete"
+        )
         return await self.service.complete(request, caller)
 
     async def complete_stream(
         self, request: CompletionRequest, api_key: str | None = None
     ) -> AsyncIterator[CompletionResponse]:
-        caller = self._caller(self.auth.authenticate(api_key), request.service_tier)
+        caller = self._caller(
+            self.auth.authenticate(api_key), request.service_tier, "handle:complete_stream"
+        )
         async for chunk in self.service.complete_stream(request, caller):
             yield chunk
 
@@ -323,16 +293,18 @@ class Ingress:
         before any token become a status code). Known tenants get `x-ratelimit-*` headers
         on every answer, refusals included."""
         tenant: Tenant | None = None
+        route = http.url.path
         try:
             tenant = self.auth.authenticate(http.headers.get("authorization"))
             request = schema.model_validate(await self._json(http))
-            caller = self._caller(tenant, request.service_tier)
+            caller = self._caller(tenant, request.service_tier, route)
             if not request.stream:
                 response = await unary(request, caller)
                 return JSONResponse(dump(response), headers=self.gate.headers(tenant))
             stream = streaming(request, caller)
             first = await anext(stream)
         except Exception as exc:
+            self._audit_refusal(tenant, route, exc)
             return error_response(exc, self.gate.headers(tenant) if tenant else None)
         return StreamingResponse(
             sse(first, stream), media_type="text/event-stream", headers=self.gate.headers(tenant)

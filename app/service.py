@@ -115,7 +115,11 @@ class ChatService:
     # ------------------------------------------------------------------ admission
     @contextlib.asynccontextmanager
     async def _admitted(
-        self, caller: Caller | None, prompt: list[int], params: list[SamplingParams]
+        self,
+        caller: Caller | None,
+        prompt: list[int],
+        params: list[SamplingParams],
+        user: str | None = None,
     ) -> AsyncIterator[Lease | None]:
         """Hold a place in the engines for the request's whole life (its stream's too)."""
         if self.gate is None or caller is None:
@@ -128,6 +132,8 @@ class ChatService:
             len(prompt),
             max(p.max_tokens for p in params),
             len(params),
+            route=caller.route,
+            user=user,
         )
         async with self.gate.enter(caller.tenant, ticket) as lease:
             yield lease
@@ -236,7 +242,7 @@ class ChatService:
     ) -> ChatCompletionResponse:
         prompt = self.chat_prompt(request)
         params = [self.params(request, prompt, i) for i in range(request.n)]
-        async with self._admitted(caller, prompt, params) as lease:
+        async with self._admitted(caller, prompt, params, request.user) as lease:
             choices, usage, timings = await self._collect(prompt, params, _salt(caller), lease)
         return ChatCompletionResponse(
             timings=timings,
@@ -261,7 +267,7 @@ class ChatService:
         choice, then (with stream_options.include_usage) one usage chunk without choices."""
         prompt = self.chat_prompt(request)
         params = [self.params(request, prompt, i) for i in range(request.n)]
-        async with self._admitted(caller, prompt, params) as lease:
+        async with self._admitted(caller, prompt, params, request.user) as lease:
             head = {
                 "id": f"chatcmpl-{uuid.uuid4().hex}",
                 "created": int(time.time()),
@@ -297,7 +303,7 @@ class ChatService:
     ) -> CompletionResponse:
         prompt = self.completion_prompt(request)
         params = [self.params(request, prompt, i) for i in range(request.n)]
-        async with self._admitted(caller, prompt, params) as lease:
+        async with self._admitted(caller, prompt, params, request.user) as lease:
             choices, usage, timings = await self._collect(prompt, params, _salt(caller), lease)
         return CompletionResponse(
             timings=timings,
@@ -321,7 +327,7 @@ class ChatService:
     ) -> AsyncIterator[CompletionResponse]:
         prompt = self.completion_prompt(request)
         params = [self.params(request, prompt, i) for i in range(request.n)]
-        async with self._admitted(caller, prompt, params) as lease:
+        async with self._admitted(caller, prompt, params, request.user) as lease:
             head = {
                 "id": f"cmpl-{uuid.uuid4().hex}",
                 "created": int(time.time()),

@@ -131,10 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_cmd_bench)
 
     from ops.kvtool import add_parsers as add_kv_parsers
+    from ops.status import add_parsers as add_status_parsers
     from ops.tenants import add_parsers as add_tenant_parsers
 
     add_tenant_parsers(sub)
     add_kv_parsers(sub)
+    add_status_parsers(sub)
     return parser
 
 

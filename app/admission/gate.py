@@ -20,7 +20,8 @@ from dataclasses import dataclass
 
 from app.admission.queues import AdmissionQueue, Lease, Ticket
 from app.admission.ratelimit import Demand, RateLimited, RateLimiter
-from app.api.errors import PermissionDeniedError, RateLimitError
+from app.api.errors import APIError, PermissionDeniedError, RateLimitError, to_api_error
+from app.audit import AuditRecord
 from app.auth import Tenant, Tier
 from app.ledger import Ledger, UsageRecord
 from app.pricing import Charge, PriceBook
@@ -32,6 +33,7 @@ class Caller:
 
     tenant: Tenant
     tier: Tier
+    route: str = ""  # for the audit log: "/v1/chat/completions", "handle:chat", ...
 
 
 class Gate:
@@ -43,10 +45,12 @@ class Gate:
         ledger: Ledger,
         model: str,
         clock: Callable[[], float],
+        audit: Callable[[AuditRecord], None] | None = None,
     ):
         self.queue, self.limiter, self.prices, self.ledger = queue, limiter, prices, ledger
         self.model = model
         self.clock = clock
+        self.audit = audit  # one record per outcome, refusals included
         self.running: dict[str, int] = {}  # tenant -> queued + running
 
     @staticmethod
@@ -68,8 +72,51 @@ class Gate:
 
     @contextlib.asynccontextmanager
     async def enter(self, tenant: Tenant, ticket: Ticket) -> AsyncIterator[Lease]:
+        """Admit `ticket` for the body's duration; every outcome gets one audit record
+        (refusals too) and every admitted request one ledger line."""
         config = tenant.config
         ticket.weight = config.weight
+        ticket.arrival = self.clock()
+        demand = Demand(1, ticket.prompt_tokens, ticket.max_tokens * ticket.n)
+        try:
+            self._take(tenant, demand)
+        except APIError as exc:
+            self._audit(tenant, ticket, None, "rejected", exc)
+            raise
+        self.running[tenant.name] = self.running.get(tenant.name, 0) + 1
+        lease: Lease | None = None
+        try:
+            try:
+                lease = await self.queue.admit(ticket)
+            except BaseException as exc:
+                cancelled = isinstance(exc, asyncio.CancelledError)
+                self._audit(tenant, ticket, None, "cancelled" if cancelled else "rejected", exc)
+                raise
+            status, error = "error", None
+            try:
+                yield lease
+                status = "ok"
+            except (asyncio.CancelledError, GeneratorExit):
+                status = "cancelled"
+                raise
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                lease.release()
+                hit, miss, out = lease.meter.counts() if lease.meter else (0, 0, 0)
+                unused = max(0, ticket.max_tokens * ticket.n - out)
+                self.limiter.give_back(tenant.name, config.limits, Demand(0, 0, unused))
+                charge = self._record(tenant, lease, status, hit, miss, out)
+                self._audit(tenant, ticket, lease, status, error, (hit, miss, out), charge)
+        finally:
+            self.running[tenant.name] -= 1
+            if lease is None:  # never ran: the whole reservation goes back
+                self.limiter.give_back(tenant.name, config.limits, demand)
+
+    def _take(self, tenant: Tenant, demand: Demand) -> None:
+        """The tenant's concurrency and rate limits, or RateLimitError taking nothing."""
+        config = tenant.config
         running = self.running.get(tenant.name, 0)
         if config.max_concurrent is not None and running >= config.max_concurrent:
             raise RateLimitError(
@@ -77,7 +124,6 @@ class Gate:
                 code="concurrency_limit",
                 headers={"Retry-After": "1"} | self.headers(tenant),
             )
-        demand = Demand(1, ticket.prompt_tokens, ticket.max_tokens * ticket.n)
         try:
             self.limiter.take(tenant.name, config.limits, demand)
         except RateLimited as exc:
@@ -88,34 +134,53 @@ class Gate:
                 code="request_too_large" if too_large else "rate_limit_exceeded",
                 headers={"Retry-After": str(retry)} | self.headers(tenant),
             ) from None
-        self.running[tenant.name] = running + 1
-        lease: Lease | None = None
-        try:
-            lease = await self.queue.admit(ticket)
-            status = "error"
-            try:
-                yield lease
-                status = "ok"
-            except (asyncio.CancelledError, GeneratorExit):
-                status = "cancelled"
-                raise
-            finally:
-                lease.release()
-                hit, miss, out = lease.meter.counts() if lease.meter else (0, 0, 0)
-                unused = max(0, ticket.max_tokens * ticket.n - out)
-                self.limiter.give_back(tenant.name, config.limits, Demand(0, 0, unused))
-                self._record(tenant, lease, status, hit, miss, out)
-        finally:
-            self.running[tenant.name] -= 1
-            if lease is None:  # never ran: the whole reservation goes back
-                self.limiter.give_back(tenant.name, config.limits, demand)
+
+    def _audit(
+        self,
+        tenant: Tenant,
+        ticket: Ticket,
+        lease: Lease | None,
+        status: str,
+        error: BaseException | None,
+        counts: tuple[int, int, int] = (0, 0, 0),
+        charge: Charge | None = None,
+    ) -> None:
+        if self.audit is None:
+            return
+        api = to_api_error(error) if isinstance(error, Exception) else None
+        http = {"ok": 200, "cancelled": 499}.get(status, api.status if api else 500)
+        if error is not None:
+            with contextlib.suppress(AttributeError, TypeError):
+                error.audited = True  # type: ignore[attr-defined]
+        hit, miss, out = counts
+        self.audit(
+            AuditRecord(
+                time=self.clock(),
+                request_id=ticket.request_id,
+                tenant=tenant.name,
+                model=self.model,
+                route=ticket.route,
+                status=status,
+                http_status=http,
+                service_tier=ticket.tier,
+                window=lease.window if lease else None,
+                prompt_tokens=hit + miss if lease else ticket.prompt_tokens,
+                cached_tokens=hit,
+                completion_tokens=out,
+                cost=charge.amount if charge else 0.0,
+                currency=charge.currency if charge else self.prices.section.currency,
+                error_code=api.code if api else None,
+                latency_ms=(self.clock() - ticket.arrival) * 1e3,
+                user=ticket.user,
+            )
+        )
 
     def charge(self, lease: Lease, hit: int, miss: int, out: int) -> Charge:
         return self.prices.charge(self.model, lease.tier, lease.window, hit, miss, out)
 
     def _record(
         self, tenant: Tenant, lease: Lease, status: str, hit: int, miss: int, out: int
-    ) -> None:
+    ) -> Charge:
         charge = self.charge(lease, hit, miss, out)
         self.ledger.record(
             UsageRecord(
@@ -133,3 +198,4 @@ class Gate:
                 currency=charge.currency,
             )
         )
+        return charge

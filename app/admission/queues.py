@@ -114,6 +114,8 @@ class Ticket:
     arrival: float = 0.0
     deadline: float = math.inf
     future: asyncio.Future[Lease] | None = None
+    route: str = ""  # audit only
+    user: str | None = None  # the request's `user` field, audit only (masked there)
 
     @property
     def tokens(self) -> int:

@@ -204,3 +204,29 @@ async def test_ledger_lines_for_success_error_and_cancel(tmp_path):
     assert (ok["window"], ok["service_tier"], ok["tenant"]) == ("peak", "priority", "acme")
     assert lines[2]["output_tokens"] == 3
     assert gate.queue.in_flight.requests == 0 and gate.running["acme"] == 0
+
+
+async def test_every_outcome_gets_one_audit_record(tmp_path):
+    records = []
+    gate = make_gate(Clock(), tmp_path)
+    gate.audit = records.append
+    acme = tenant(limits=RateLimits(requests_per_min=2))
+    ok = Ticket("ok", "acme", "default", 30, 5, route="/v1/completions", user="bob@example.com")
+    async with gate.enter(acme, ok) as lease:
+        lease.meter = Meter(10, 20, 5)
+    with pytest.raises(RuntimeError):
+        async with gate.enter(acme, Ticket("bad", "acme", "default", 10, 10)):
+            raise RuntimeError("engine died")
+    with pytest.raises(RateLimitError):
+        async with gate.enter(acme, Ticket("over", "acme", "default", 10, 10)):
+            pass
+    got = [(r.request_id, r.status, r.http_status, r.error_code) for r in records]
+    assert got == [
+        ("ok", "ok", 200, None),
+        ("bad", "error", 500, "internal_error"),
+        ("over", "rejected", 429, "rate_limit_exceeded"),
+    ]
+    first = records[0]
+    assert (first.prompt_tokens, first.cached_tokens, first.completion_tokens) == (30, 10, 5)
+    assert first.cost > 0 and first.window == "peak" and first.route == "/v1/completions"
+    assert first.user == "bob@example.com"  # masked by AuditLog when written

@@ -20,12 +20,17 @@ KEYS = {"alice": "sk-alice-123", "bob": "sk-bob-456", "ops": "sk-ops-789"}
 
 
 @pytest.fixture(scope="module")
-def tenants_app(serve_port, model_dir, tmp_path_factory):
+def tenants_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("tenants")
+
+
+@pytest.fixture(scope="module")
+def tenants_app(serve_port, model_dir, tenants_root):
     from ray import serve
 
     from app.builder import build_app
 
-    root = tmp_path_factory.mktemp("tenants")
+    root = tenants_root
     args = {
         "name": APP3,
         "model": {"path": str(model_dir), "served_model_name": MODEL},
@@ -35,6 +40,7 @@ def tenants_app(serve_port, model_dir, tmp_path_factory):
         "scheduler": {"report_interval_s": 0.1},
         "kvstore": {"path": str(root / "kv"), "dram_bytes": "16MiB"},
         "ingress": {"ledger_path": str(root / "usage.jsonl")},
+        "audit": {"path": str(root / "audit")},
         # default runs only with nothing else in flight: a second default request queues
         "admission": {"tier_share": {"default": 0.001}},
         "auth": {
@@ -203,3 +209,40 @@ def test_queued_request_leaves_when_its_client_disconnects(tenants_app):
             url, json=body | {"service_tier": "priority"}, headers=headers, timeout=30
         )
         assert reply.status_code == 200  # priority uses the headroom default may not
+
+
+def test_audit_lines_for_success_and_failure_without_personal_data(tenants_app, tenants_root):
+    import json
+
+    audit_dir = tenants_root / "audit"
+    ask(client(tenants_app, "alice"), user="carol@example.com")
+    with pytest.raises(openai.AuthenticationError):
+        ask(client(tenants_app, None))
+    time.sleep(0.5)
+    files = sorted(audit_dir.glob("audit-*.jsonl"))
+    lines = [json.loads(x) for f in files for x in f.read_text().splitlines()]
+    ok = [x for x in lines if x["tenant"] == "alice" and x["status"] == "ok"]
+    assert ok and ok[-1]["http_status"] == 200 and ok[-1]["completion_tokens"] > 0
+    assert ok[-1]["route"] == "/t/v1/chat/completions" and ok[-1]["cost"] > 0
+    assert ok[-1]["user"] == "[EMAIL]"
+    refused = [x for x in lines if x["status"] == "rejected" and x["http_status"] == 401]
+    assert refused and refused[-1]["error_code"] == "invalid_api_key"
+    assert "carol@example.com" not in "".join(f.read_text() for f in files)
+
+
+def test_ops_status_on_the_running_app(tenants_app):
+    from rich.console import Console
+
+    from ops.status import collect, render
+
+    ask(client(tenants_app, "alice"))
+    data = collect(APP3)
+    assert data["status"] == "RUNNING"
+    assert set(data["deployments"].values()) == {"HEALTHY"}
+    assert {e["role"] for e in data["engines"]} == {"prefill", "decode"}
+    assert "node0" in data["nodes"] and data["nodes"]["node0"]["snic"] is not None
+    assert data["admission"]["counts"]["admitted"] >= 1
+    console = Console(width=160, record=True)
+    render(data, console)
+    text = console.export_text()
+    assert "PrefillEngine-node0" in text and "HEALTHY" in text and "admission" in text

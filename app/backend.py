@@ -1,0 +1,78 @@
+"""ServeBackend: the request path's hops over Serve handles (Scheduler, TrafficManagers, PEs,
+DEs), each call its own Serve request so concurrent choices are routed independently."""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from ray.serve import context as serve_context
+from ray.serve.handle import DeploymentHandle
+
+from deployments.protocol import DecodeJob, KVHandoff, Plan, PlanRequest, PrefillJob
+from engine.output import RequestOutput
+
+NodeHandles = dict[str, DeploymentHandle]  # "prefill" / "decode" / "traffic" -> handle
+
+
+def as_own_request(method: Any, arg: Any) -> Any:
+    """`method.remote(arg)` as its own Serve request, with a fresh internal request id.
+
+    NOTE: Serve gives every handle call made while serving one request that request's
+    internal id, and a router without FIFOMixin (ours: it must honour the Scheduler's
+    replica choice) matches routed replicas to pending calls by that id, so two concurrent
+    calls (the `n` choices) overwrite each other and one is never routed. Each call gets its
+    own id in a copied context; we cancel our calls ourselves (see ServeBackend).
+    """
+
+    def call() -> Any:
+        serve_context._set_request_context(_internal_request_id=uuid.uuid4().hex)
+        return method.remote(arg)
+
+    return contextvars.copy_context().run(call)
+
+
+class ServeBackend:
+    """The request path over Serve handles: Scheduler, the read side's TrafficManagers, the
+    PE and the DE (each logical node has its own deployments, keyed by node name)."""
+
+    def __init__(self, scheduler: DeploymentHandle, nodes: dict[str, NodeHandles]):
+        self.scheduler = scheduler
+        self.prefill_engines = {
+            n: h["prefill"].options(stream=True) for n, h in nodes.items() if "prefill" in h
+        }
+        self.decode_engines = {
+            n: h["decode"].options(stream=True) for n, h in nodes.items() if "decode" in h
+        }
+        self.traffic = {n: h["traffic"] for n, h in nodes.items()}
+
+    async def plan(self, request: PlanRequest) -> Plan:
+        return await self._unary(self.scheduler.plan, request)
+
+    async def load(self, node: str, keys: Sequence[bytes]) -> list[Any]:
+        return await self._unary(self.traffic[node].load, list(keys))
+
+    async def _unary(self, method: Any, arg: Any) -> Any:
+        response = as_own_request(method, arg)
+        try:
+            return await response
+        except asyncio.CancelledError:
+            response.cancel()  # client gone: stop the prefill too
+            raise
+
+    def prefill(self, node: str, job: PrefillJob) -> AsyncIterator[RequestOutput | KVHandoff]:
+        return self._stream(self.prefill_engines[node].prefill, job)
+
+    def decode(self, node: str, job: DecodeJob) -> AsyncIterator[RequestOutput]:
+        return self._stream(self.decode_engines[node].generate, job)
+
+    async def _stream(self, method: Any, arg: Any) -> AsyncIterator[Any]:
+        items = as_own_request(method, arg)
+        try:
+            async for item in items:
+                yield item
+        finally:
+            items.cancel()  # a no-op once finished; aborts the engine request otherwise

@@ -1,0 +1,157 @@
+"""`python -m ops status`: one screen on a running app — deployments, engines and their load,
+each node's storage NIC and KV tiers, the admission queue.
+
+    python -m ops status [--app dualpath] [--address auto] [--json]
+
+Connects to the Ray cluster (token auth: reads ~/.ray/auth_token) and asks the app's own
+deployments through Serve handles; it changes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def collect(app: str) -> dict[str, Any]:
+    """Everything `status` shows, as plain data (the caller is connected to Ray)."""
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    if status is None:
+        raise SystemExit(f"no Serve application named {app!r} (see `serve status`)")
+    deployments = {name: d.status.value for name, d in status.deployments.items()}
+    scheduler = serve.get_deployment_handle("Scheduler", app)
+    sched = scheduler.stats.remote().result()
+    engines = [
+        {
+            "replica": r.replica_id,
+            "role": r.role,
+            "node": r.node_id,
+            "running": r.num_running,
+            "waiting": r.num_waiting,
+            "queued_tokens": r.num_queued_tokens,
+            "free_blocks": r.num_free_blocks,
+            "total_blocks": r.num_total_blocks,
+            "prefill_tokens_per_s": round(r.prefill_tokens_per_s, 1),
+        }
+        for r in scheduler.engines.remote().result()
+    ]
+    nodes = {}
+    for name in deployments:
+        if name.startswith("TrafficManager-"):
+            node = name.removeprefix("TrafficManager-")
+            nodes[node] = serve.get_deployment_handle(name, app).stats.remote().result()
+    admission = serve.get_app_handle(app).admission_stats.remote().result()
+    return {
+        "app": app,
+        "status": status.status.value,
+        "deployments": deployments,
+        "scheduler": sched,
+        "engines": engines,
+        "nodes": nodes,
+        "admission": admission,
+    }
+
+
+def render(data: dict[str, Any], console: Console) -> None:
+    console.print(f"[bold]{data['app']}[/bold]: {data['status']}")
+    table = Table(title="deployments")
+    table.add_column("deployment")
+    table.add_column("status")
+    for name, state in sorted(data["deployments"].items()):
+        table.add_row(name, state)
+    console.print(table)
+
+    table = Table(title=f"engines (policy {data['scheduler'].get('policy')})")
+    for col in (
+        "replica",
+        "role",
+        "node",
+        "running",
+        "waiting",
+        "queued tok",
+        "free blocks",
+        "prefill tok/s",
+    ):
+        table.add_column(col, justify="left" if col in ("replica", "role", "node") else "right")
+    for e in sorted(data["engines"], key=lambda e: (e["role"], e["replica"])):
+        table.add_row(
+            e["replica"][-12:],
+            e["role"],
+            e["node"],
+            str(e["running"]),
+            str(e["waiting"]),
+            str(e["queued_tokens"]),
+            f"{e['free_blocks']}/{e['total_blocks']}",
+            str(e["prefill_tokens_per_s"]),
+        )
+    console.print(table)
+
+    table = Table(title="nodes: storage NIC and KV tiers")
+    for col in (
+        "node",
+        "SNIC read queue",
+        "SNIC write queue",
+        "read MB",
+        "written MB",
+        "DRAM blocks",
+        "NVMe blocks",
+        "pending writes",
+    ):
+        table.add_column(col, justify="left" if col == "node" else "right")
+    for node, stats in sorted(data["nodes"].items()):
+        snic, kv = stats.get("snic") or {}, stats.get("kvstore") or {}
+        dram, nvme = kv.get("dram") or {}, kv.get("nvme") or {}
+        table.add_row(
+            node,
+            _bytes(snic.get("read_queue_bytes")),
+            _bytes(snic.get("write_queue_bytes")),
+            _mb(snic.get("bytes_read_total")),
+            _mb(snic.get("bytes_written_total")),
+            str(dram.get("blocks", "-")),
+            str(nvme.get("num_blocks", "-")),
+            str(kv.get("pending_writes", "-")),
+        )
+    console.print(table)
+    console.print(f"read paths: {data['scheduler'].get('read_paths')}")
+
+    adm = data["admission"]
+    flight = adm["in_flight"]
+    console.print(
+        f"admission ({'open' if adm['open'] else 'API keys'}; billing window {adm['window']}): "
+        f"queued {adm['queued']}, in flight {flight['requests']} requests / "
+        f"{flight['prefill_tokens']} prefill tokens, outcomes {adm['counts']}"
+    )
+
+
+def _bytes(n: Any) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def _mb(n: Any) -> str:
+    return "-" if n is None else f"{n / 1e6:.1f}"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import ray
+
+    ray.init(address=args.address, log_to_driver=False, logging_level="ERROR")
+    data = collect(args.app)
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        render(data, Console(width=160))
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    status = sub.add_parser("status", help="deployments, engines, SNIC queues, KV tiers, queue")
+    status.add_argument("--app", default="dualpath")
+    status.add_argument("--address", default="auto")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
