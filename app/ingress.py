@@ -54,9 +54,11 @@ from app.backend import NodeHandles, ServeBackend
 from app.config import AppConfig
 from app.flow import ModelInfo
 from app.ledger import Ledger
+from app.observe import observe_outcome
 from app.pii import PIIFilter
 from app.pricing import PriceBook
 from app.service import ChatService
+from deployments.metrics import Metrics
 from engine.config import ModelConfig
 from engine.loader import model_fingerprint
 from engine.tokenizer import Tokenizer
@@ -132,8 +134,9 @@ class Ingress:
             self.ledger,
             config.model.name,
             clock,
-            audit=self.audit.write,
+            audit=self._outcome,
         )
+        self.metrics = Metrics("ray")
         for handler in logging.getLogger().handlers + logging.getLogger("ray.serve").handlers:
             handler.addFilter(PIIFilter())  # nothing personal reaches a log line
         self._capacity_task: asyncio.Task[None] | None = None
@@ -156,12 +159,17 @@ class Ingress:
         self._watch_capacity()
         return Caller(tenant, Gate.tier(tenant, service_tier), route)
 
+    def _outcome(self, record: AuditRecord, meter: Any) -> None:
+        """One request's end: its audit line and its metrics."""
+        self.audit.write(record)
+        observe_outcome(self.metrics, record, meter)
+
     def _audit_refusal(self, tenant: Tenant | None, route: str, exc: BaseException) -> None:
         """Requests refused before the gate saw them (key, body, tier): one audit line."""
         if getattr(exc, "audited", False):
             return
         error = to_api_error(exc)
-        self.audit.write(
+        self._outcome(
             AuditRecord(
                 time=time.time(),
                 request_id=uuid.uuid4().hex,
@@ -171,7 +179,8 @@ class Ingress:
                 status="rejected",
                 http_status=error.status,
                 error_code=error.code,
-            )
+            ),
+            None,
         )
 
     def _watch_capacity(self) -> None:
@@ -182,6 +191,8 @@ class Ingress:
         """Feed the admission queue the engines' budget and load, as the Scheduler sees it."""
         section = self.config.admission
         while True:
+            for tier, depth in self.queue.depth().items():
+                self.metrics.set("dualpath_queue_depth", depth, service_tier=tier)
             try:
                 reports = await self.scheduler.engines.remote()
                 self.queue.update_capacity(

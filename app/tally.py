@@ -3,6 +3,8 @@ also what the admission lease bills (`counts`)."""
 
 from __future__ import annotations
 
+import time
+
 from app.admission.queues import Lease
 from app.api.schemas import Timings, Usage
 from engine.output import RequestOutput
@@ -22,12 +24,19 @@ class Tally:
         self.num_tokens = [0] * n
         self.cached = 0
         self.timings = Timings()
+        self.start = time.perf_counter()
+        self.first_s: float | None = None  # since start: the first output
+        self.last_s = 0.0
         self.lease = lease
         if lease is not None:
             lease.meter = self
             self.timings.queue_ms = lease.queued_s * 1e3
 
     def note(self, index: int, output: RequestOutput) -> None:
+        now = time.perf_counter() - self.start
+        if self.first_s is None:
+            self.first_s = now
+        self.last_s = now
         if self.lease is not None:
             self.lease.prefill_done()  # a first token: the prompt left the prefill queue
         self.num_tokens[index] = output.num_output_tokens
@@ -43,6 +52,21 @@ class Tally:
 
     def usage(self) -> Usage:
         return Usage.of(self.num_prompt_tokens, sum(self.num_tokens), self.cached)
+
+    @property
+    def ttft_s(self) -> float | None:
+        """From arrival at the ingress (admission wait included) to the first output."""
+        if self.first_s is None:
+            return None
+        return self.first_s + (self.lease.queued_s if self.lease is not None else 0.0)
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Mean time per output token after the first (the longest choice's)."""
+        tokens = max(self.num_tokens, default=0)
+        if self.first_s is None or tokens < 2:
+            return None
+        return (self.last_s - self.first_s) / (tokens - 1)
 
     def counts(self) -> tuple[int, int, int]:
         """(hit, miss, output) tokens so far: what the request is billed for."""

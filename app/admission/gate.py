@@ -18,7 +18,7 @@ import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from app.admission.queues import AdmissionQueue, Lease, Ticket
+from app.admission.queues import AdmissionQueue, Lease, Meter, Ticket
 from app.admission.ratelimit import Demand, RateLimited, RateLimiter
 from app.api.errors import APIError, PermissionDeniedError, RateLimitError, to_api_error
 from app.audit import AuditRecord
@@ -45,12 +45,12 @@ class Gate:
         ledger: Ledger,
         model: str,
         clock: Callable[[], float],
-        audit: Callable[[AuditRecord], None] | None = None,
+        audit: Callable[[AuditRecord, Meter | None], None] | None = None,
     ):
         self.queue, self.limiter, self.prices, self.ledger = queue, limiter, prices, ledger
         self.model = model
         self.clock = clock
-        self.audit = audit  # one record per outcome, refusals included
+        self.audit = audit  # one record per outcome (refusals too), with what it measured
         self.running: dict[str, int] = {}  # tenant -> queued + running
 
     @staticmethod
@@ -172,7 +172,8 @@ class Gate:
                 error_code=api.code if api else None,
                 latency_ms=(self.clock() - ticket.arrival) * 1e3,
                 user=ticket.user,
-            )
+            ),
+            lease.meter if lease else None,
         )
 
     def charge(self, lease: Lease, hit: int, miss: int, out: int) -> Charge:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+from deployments.metrics import Metrics
 from deployments.protocol import LoadReport, NodeReport, Plan, PlanRequest
 from deployments.scheduler.policy import PolicyConfig, plan_and_note
 from deployments.scheduler.view import ClusterView
@@ -16,9 +17,14 @@ class Scheduler:
         self.view = ClusterView(stale_after_s)
         self.policy = policy or PolicyConfig()
         self.read_paths: dict[str, int] = {}
+        self.metrics = Metrics("ray")
 
     async def report(self, report: LoadReport) -> None:
         self.view.update(report)
+        labels = {"replica": report.replica_id, "role": report.role, "node": report.node_id}
+        self.metrics.set("dualpath_engine_running", report.num_running, **labels)
+        self.metrics.set("dualpath_engine_waiting", report.num_waiting, **labels)
+        self.metrics.set("dualpath_engine_free_blocks", report.num_free_blocks, **labels)
 
     async def report_node(self, report: NodeReport) -> bool:
         """Apply a node's SNIC metrics and index events; True asks for a full resync."""
@@ -30,6 +36,7 @@ class Scheduler:
     async def plan(self, request: PlanRequest) -> Plan:
         result = plan_and_note(request, self.view, time.time(), self.policy)
         self.read_paths[result.read_path] = self.read_paths.get(result.read_path, 0) + 1
+        self.metrics.inc("dualpath_read_path_total", path=result.read_path)
         return result
 
     async def engines(self) -> list[LoadReport]:

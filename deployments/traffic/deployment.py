@@ -13,6 +13,7 @@ from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
+from deployments.metrics import Metrics
 from deployments.options import EngineReplicaOptions, KVStoreSection
 from deployments.protocol import TransferReport
 from deployments.traffic.manager import TrafficManager as _TrafficManager
@@ -56,6 +57,10 @@ class TrafficManager:
                 ),
             )
         self.manager = _TrafficManager(node, store)
+        self.node = node
+        self.block_size = engine.engine.block_size
+        self.metrics = Metrics("ray")
+        self._seen: dict[str, int] = {}  # counter totals already exported
         self.scheduler = scheduler
         self.interval_s = engine.report_interval_s
         self._task = asyncio.get_running_loop().create_task(self._report_forever())
@@ -79,10 +84,32 @@ class TrafficManager:
             try:
                 report = self.manager.node_report(full_sync)
                 full_sync = await self.scheduler.report_node.remote(report)
+                self._export_metrics()
             except Exception:  # the Scheduler restarting must not stop the reports
                 logger.warning("node report failed", exc_info=True)
                 full_sync = True  # drained events may be lost: resend everything
             await asyncio.sleep(self.interval_s)
+
+    def _export_metrics(self) -> None:
+        store = self.manager.store
+        if store is None:
+            return
+        snic = store.snic.metrics()
+        m, node = self.metrics, self.node
+        m.set("dualpath_snic_queue_bytes", snic.read_queue_bytes, node=node, direction="read")
+        m.set("dualpath_snic_queue_bytes", snic.write_queue_bytes, node=node, direction="write")
+        totals = {
+            "read": snic.bytes_read_total,
+            "write": snic.bytes_written_total,
+            "dram": store.counters["blocks_from_dram"] * self.block_size,
+            "nvme": store.counters["blocks_from_nvme"] * self.block_size,
+        }
+        for name, total in totals.items():
+            delta, self._seen[name] = total - self._seen.get(name, 0), total
+            if name in ("read", "write"):
+                m.inc("dualpath_snic_bytes_total", delta, node=node, direction=name)
+            else:
+                m.inc("dualpath_kv_hit_tokens_total", delta, tier=name)
 
     async def __del__(self) -> None:
         task = getattr(self, "_task", None)

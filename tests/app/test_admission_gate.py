@@ -209,7 +209,7 @@ async def test_ledger_lines_for_success_error_and_cancel(tmp_path):
 async def test_every_outcome_gets_one_audit_record(tmp_path):
     records = []
     gate = make_gate(Clock(), tmp_path)
-    gate.audit = records.append
+    gate.audit = lambda record, meter: records.append(record)
     acme = tenant(limits=RateLimits(requests_per_min=2))
     ok = Ticket("ok", "acme", "default", 30, 5, route="/v1/completions", user="bob@example.com")
     async with gate.enter(acme, ok) as lease:

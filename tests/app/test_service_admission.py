@@ -11,7 +11,8 @@ import pytest
 
 from app.admission.gate import Caller, Gate
 from app.admission.queues import AdmissionQueue, QueueSection
-from app.admission.ratelimit import RateLimiter
+from app.admission.ratelimit import RateLimited, RateLimiter
+from app.api.errors import RateLimitError
 from app.api.schemas import CompletionRequest
 from app.auth import Authenticator, AuthSection, TenantSection
 from app.flow import ModelInfo
@@ -100,6 +101,35 @@ async def test_requests_reach_the_engine_in_tier_order_and_are_billed(setup):
     assert [x["service_tier"] for x in lines] == ["default", "priority", "default", "flex"]
     assert all(x["status"] == "ok" and x["output_tokens"] == 1 for x in lines)
     assert service.gate.queue.in_flight.requests == 0
+
+
+async def test_each_outcome_becomes_metrics(setup):
+    from app.observe import observe_outcome
+    from deployments.metrics import Metrics
+
+    service, engines, auth, _ = setup
+    metrics = Metrics("memory")
+    service.gate.audit = lambda record, meter: observe_outcome(metrics, record, meter)
+    caller = Caller(auth.tenants["a"], "priority", "/v1/completions")
+    req = CompletionRequest(model="m", prompt=[1, 2, 3, 4, 5], max_tokens=1)
+    task = asyncio.ensure_future(service.complete(req, caller))
+    await asyncio.sleep(0.01)
+    await engines.open_next()
+    await task
+    assert metrics.value("dualpath_requests_total", service_tier="priority", status="ok") == 1
+    assert metrics.value("dualpath_prompt_tokens_total") == 5
+    assert metrics.value("dualpath_cost_total", service_tier="priority", window="normal") > 0
+    (ttft,) = metrics.samples[("dualpath_ttft_seconds", (("service_tier", "priority"),))]
+    assert 0 < ttft < 5
+    service.gate.limiter.take = _refuse  # the tenant is over its limit now
+    with pytest.raises(RateLimitError):
+        await service.complete(req, caller)
+    reason = {"reason": "rate_limit_exceeded", "service_tier": "priority"}
+    assert metrics.value("dualpath_admission_rejections_total", **reason) == 1
+
+
+def _refuse(*args):
+    raise RateLimited("requests", 1, 1, 12.0)
 
 
 async def test_a_disconnected_waiter_never_reaches_the_engine(setup):

@@ -1,0 +1,26 @@
+"""A request's end as metrics: the ingress calls `observe_outcome` with each audit record
+(every outcome, refusals included) and the request's Tally. No Ray here: `Metrics` decides
+where the numbers go."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.audit import AuditRecord
+from deployments.metrics import Metrics
+
+
+def observe_outcome(metrics: Metrics, record: AuditRecord, meter: Any) -> None:
+    tier = record.service_tier or "none"
+    metrics.inc("dualpath_requests_total", service_tier=tier, status=record.status)
+    if record.status == "rejected":
+        reason = record.error_code or str(record.http_status)
+        metrics.inc("dualpath_admission_rejections_total", reason=reason, service_tier=tier)
+        return
+    metrics.inc("dualpath_prompt_tokens_total", record.prompt_tokens)
+    metrics.inc("dualpath_cost_total", record.cost, service_tier=tier, window=record.window or "")
+    ttft_s, tpot_s = getattr(meter, "ttft_s", None), getattr(meter, "tpot_s", None)
+    if ttft_s is not None:
+        metrics.observe("dualpath_ttft_seconds", ttft_s, service_tier=tier)
+    if tpot_s is not None:
+        metrics.observe("dualpath_tpot_seconds", tpot_s, service_tier=tier)
