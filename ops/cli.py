@@ -131,12 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_cmd_bench)
 
     from ops.kvtool import add_parsers as add_kv_parsers
+    from ops.status import add_drain_parsers
     from ops.status import add_parsers as add_status_parsers
     from ops.tenants import add_parsers as add_tenant_parsers
 
     add_tenant_parsers(sub)
     add_kv_parsers(sub)
     add_status_parsers(sub)
+    add_drain_parsers(sub)
     return parser
 
 

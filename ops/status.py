@@ -155,3 +155,26 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     status.add_argument("--address", default="auto")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=cmd_status)
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    ray.init(address=args.address, log_to_driver=False, logging_level="ERROR")
+    scheduler = serve.get_deployment_handle("Scheduler", args.app)
+    drained = scheduler.drain.remote(args.replica, args.drain).result()
+    Console().print(f"drained replicas: {drained or 'none'}")
+    return 0
+
+
+def add_drain_parsers(sub: argparse._SubParsersAction) -> None:
+    for name, drain, text in (
+        ("drain", True, "plan no new requests on an engine replica (running ones finish)"),
+        ("undrain", False, "plan requests on a drained engine replica again"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("replica", help="the replica id, or a unique suffix of it")
+        p.add_argument("--app", default="dualpath")
+        p.add_argument("--address", default="auto")
+        p.set_defaults(func=cmd_drain, drain=drain)

@@ -39,12 +39,29 @@ class Scheduler:
         self.metrics.inc("dualpath_read_path_total", path=result.read_path)
         return result
 
+    async def drain(self, replica_id: str, drained: bool = True) -> list[str]:
+        """Stop (or, with `drained=False`, resume) planning new requests on a replica; its
+        running requests finish. Matches a unique suffix of the id; returns the drained set.
+
+        Raises:
+            ValueError: no engine, or more than one, matches.
+        """
+        matches = [r for r in self.view.engines if r.endswith(replica_id)]
+        if len(matches) != 1:
+            raise ValueError(f"{replica_id!r} matches {len(matches)} engine replicas: {matches}")
+        if drained:
+            self.view.drained.add(matches[0])
+        else:
+            self.view.drained.discard(matches[0])
+        return sorted(self.view.drained)
+
     async def engines(self) -> list[LoadReport]:
         return self.view.snapshot()
 
     async def stats(self) -> dict[str, object]:
         return {
             "policy": self.policy.policy,
+            "drained": sorted(self.view.drained),
             "read_paths": dict(self.read_paths),
             "index": self.view.index.stats(),
             "nodes": {

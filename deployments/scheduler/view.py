@@ -74,6 +74,7 @@ class ClusterView:
         self.nodes: dict[str, NodeState] = {}
         self.index = KVIndex()
         self.rr_counter = 0  # the round_robin policy's cursor
+        self.drained: set[str] = set()  # replicas that get no new requests (ops drain)
 
     def update(self, report: LoadReport) -> None:
         self.engines[report.replica_id] = EngineState(report)
@@ -98,7 +99,9 @@ class ClusterView:
         return [
             e
             for e in self.engines.values()
-            if e.report.role == role and now - e.report.timestamp_s <= self.stale_after_s
+            if e.report.role == role
+            and now - e.report.timestamp_s <= self.stale_after_s
+            and e.report.replica_id not in self.drained
         ]
 
     def node(self, node_id: str) -> NodeState | None:

@@ -276,3 +276,42 @@ def test_node_resync_requested_once_for_an_unknown_node():
     assert view.update_node(node("a")) is False
     full = NodeReport("b", 0, 0, 0, None, 0.0, 0.0, events=(), full_sync=True)
     assert view.update_node(full) is False
+
+
+def test_drained_engines_get_no_new_requests():
+    view = view_of(
+        engine("pe0", "prefill", "a", queued=0),
+        engine("pe1", "prefill", "a", queued=900),
+        engine("de0", "decode", "a"),
+        engine("de1", "decode", "a", running=30),
+        nodes=[node("a")],
+    )
+    first = plan(request(), view, 0.0)
+    assert (first.prefill_replica, first.decode_replica) == ("pe0", "de0")
+    view.drained |= {"pe0", "de0"}
+    drained = plan(request(), view, 0.0)
+    assert (drained.prefill_replica, drained.decode_replica) == ("pe1", "de1")
+    view.drained |= {"pe1"}
+    with pytest.raises(NoEngineAvailable):
+        plan(request(), view, 0.0)
+
+
+async def _drain(scheduler, rid, on=True):
+    return await scheduler.drain(rid, on)
+
+
+def test_scheduler_drain_matches_a_unique_suffix():
+    import asyncio
+
+    from deployments.scheduler.deployment import Scheduler
+
+    scheduler = Scheduler()
+    for r in (
+        engine("app#PrefillEngine#abc1", "prefill"),
+        engine("app#DecodeEngine#xyz2", "decode"),
+    ):
+        scheduler.view.update(r)
+    assert asyncio.run(_drain(scheduler, "abc1")) == ["app#PrefillEngine#abc1"]
+    with pytest.raises(ValueError):
+        asyncio.run(_drain(scheduler, "nope"))
+    assert asyncio.run(_drain(scheduler, "abc1", False)) == []
