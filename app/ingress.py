@@ -53,7 +53,7 @@ from app.auth import Authenticator, Tenant
 from app.backend import NodeHandles, ServeBackend
 from app.config import AppConfig
 from app.flow import ModelInfo
-from app.ledger import Ledger
+from app.ledger import BUCKET_WIDTHS, Ledger
 from app.observe import observe_outcome
 from app.pii import PIIFilter
 from app.pricing import PriceBook
@@ -75,9 +75,6 @@ def error_response(exc: BaseException, headers: dict[str, str] | None = None) ->
     return JSONResponse(
         error.body(), status_code=error.status, headers=(headers or {}) | error.headers
     )
-
-
-BUCKET_WIDTHS = {"1m": 60, "1h": 3600, "1d": 86400}
 
 
 async def sse(first: BaseModel, rest: AsyncIterator[BaseModel]) -> AsyncIterator[bytes]:

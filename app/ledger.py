@@ -23,6 +23,7 @@ from typing import IO
 logger = logging.getLogger(__name__)
 
 MAX_BUCKETS = 1000
+BUCKET_WIDTHS = {"1m": 60, "1h": 3600, "1d": 86400}  # the usage API's bucket_width values
 
 
 @dataclass(frozen=True, slots=True)

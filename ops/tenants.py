@@ -12,10 +12,9 @@ from rich.console import Console
 from rich.table import Table
 
 from app.auth import hash_key
-from app.ledger import Ledger
+from app.ledger import BUCKET_WIDTHS, Ledger
 
 DEFAULT_LEDGER = Path("~/.cache/dualpath-serve/usage.jsonl")
-WIDTHS = {"1m": 60, "1h": 3600, "1d": 86400}
 
 
 def cmd_key_new(args: argparse.Namespace) -> int:
@@ -33,7 +32,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
     ledger = Ledger(Path(args.ledger).expanduser())
     end = time.time()
     start = end - args.days * 86400
-    buckets = ledger.buckets(start, end, WIDTHS[args.bucket], tenant=args.tenant)
+    buckets = ledger.buckets(start, end, BUCKET_WIDTHS[args.bucket], tenant=args.tenant)
     table = Table(title=f"usage, last {args.days:g} days ({ledger.path})")
     for col in (
         "bucket (UTC)",
@@ -75,5 +74,5 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     usage.add_argument("--ledger", default=str(DEFAULT_LEDGER))
     usage.add_argument("--tenant", default=None)
     usage.add_argument("--days", type=float, default=7.0)
-    usage.add_argument("--bucket", choices=sorted(WIDTHS), default="1d")
+    usage.add_argument("--bucket", choices=sorted(BUCKET_WIDTHS), default="1d")
     usage.set_defaults(func=cmd_usage)

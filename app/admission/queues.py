@@ -130,10 +130,14 @@ class Ticket:
 @dataclass(slots=True)
 class InFlight:
     requests: int = 0
-    prefill_tokens: int = 0
-    prefill_by_rank: list[int] = field(default_factory=lambda: [0, 0, 0])
+    prefill_by_rank: list[int] = field(default_factory=lambda: [0, 0, 0])  # by tier rank
     kv_tokens: int = 0
     seqs: int = 0
+
+    @property
+    def prefill_tokens(self) -> int:
+        """Prompt tokens admitted and not yet past their first token."""
+        return sum(self.prefill_by_rank)
 
 
 class Lease:
@@ -313,7 +317,6 @@ class AdmissionQueue:
     def _start(self, ticket: Ticket, now: float) -> None:
         flight = self.in_flight
         flight.requests += 1
-        flight.prefill_tokens += ticket.prefill_tokens
         flight.prefill_by_rank[RANK[ticket.tier]] += ticket.prefill_tokens
         flight.kv_tokens += ticket.tokens
         flight.seqs += ticket.n
@@ -327,7 +330,6 @@ class AdmissionQueue:
             ticket.future.set_result(lease)
 
     def _finish_prefill(self, ticket: Ticket) -> None:
-        self.in_flight.prefill_tokens -= ticket.prefill_tokens
         self.in_flight.prefill_by_rank[RANK[ticket.tier]] -= ticket.prefill_tokens
         self.service()
 
@@ -337,7 +339,6 @@ class AdmissionQueue:
         flight.kv_tokens -= ticket.tokens
         flight.seqs -= ticket.n
         if prefilling:
-            flight.prefill_tokens -= ticket.prefill_tokens
             flight.prefill_by_rank[RANK[ticket.tier]] -= ticket.prefill_tokens
         self.service()
 
