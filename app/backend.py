@@ -12,14 +12,15 @@ from typing import Any
 from ray.serve import context as serve_context
 from ray.serve.handle import DeploymentHandle
 
+from deployments import tracing
 from deployments.protocol import DecodeJob, KVHandoff, Plan, PlanRequest, PrefillJob
 from engine.output import RequestOutput
 
 NodeHandles = dict[str, DeploymentHandle]  # "prefill" / "decode" / "traffic" -> handle
 
 
-def as_own_request(method: Any, arg: Any) -> Any:
-    """`method.remote(arg)` as its own Serve request, with a fresh internal request id.
+def as_own_request(method: Any, arg: Any, **kwargs: Any) -> Any:
+    """`method.remote(arg, **kwargs)` as its own Serve request, with a fresh internal request id.
 
     NOTE: Serve gives every handle call made while serving one request that request's
     internal id, and a router without FIFOMixin (ours: it must honour the Scheduler's
@@ -30,7 +31,7 @@ def as_own_request(method: Any, arg: Any) -> Any:
 
     def call() -> Any:
         serve_context._set_request_context(_internal_request_id=uuid.uuid4().hex)
-        return method.remote(arg)
+        return method.remote(arg, **kwargs)
 
     return contextvars.copy_context().run(call)
 
@@ -53,10 +54,11 @@ class ServeBackend:
         return await self._unary(self.scheduler.plan, request)
 
     async def load(self, node: str, keys: Sequence[bytes]) -> list[Any]:
-        return await self._unary(self.traffic[node].load, list(keys))
+        # the read's span (current here) is the parent of the TrafficManager's
+        return await self._unary(self.traffic[node].load, list(keys), trace=tracing.inject())
 
-    async def _unary(self, method: Any, arg: Any) -> Any:
-        response = as_own_request(method, arg)
+    async def _unary(self, method: Any, arg: Any, **kwargs: Any) -> Any:
+        response = as_own_request(method, arg, **kwargs)
         try:
             return await response
         except asyncio.CancelledError:

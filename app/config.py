@@ -22,6 +22,7 @@ from deployments.options import (
     ModelSection,
     NodeSection,
     Section,
+    TracingSection,
     TransferSection,
 )
 from deployments.scheduler.policy import PolicyConfig, PolicyName
@@ -74,6 +75,7 @@ class AppConfig(Section):
     admission: QueueSection = Field(default_factory=QueueSection)
     pricing: PricingSection = Field(default_factory=PricingSection)
     audit: AuditSection = Field(default_factory=AuditSection)
+    tracing: TracingSection = Field(default_factory=TracingSection)
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
     kvstore: KVStoreSection = Field(default_factory=KVStoreSection)
     nodes: list[NodeSection] = Field(default_factory=_default_nodes, min_length=1)
@@ -94,4 +96,5 @@ class AppConfig(Section):
             transfer=self.transfer,
             node=node,
             report_interval_s=self.scheduler.report_interval_s,
+            tracing=self.tracing,
         )

@@ -10,9 +10,12 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from opentelemetry import trace
+
+from deployments import tracing
 from deployments.protocol import DecodeJob, KVHandoff, Plan, PlanRequest, PrefillJob
 from engine.output import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -51,15 +54,93 @@ async def run_request(
 ) -> AsyncIterator[RequestOutput]:
     """One choice: Scheduler → stored-KV reads → PE (first token) → DE (the rest). Outputs
     carry the prompt tokens the PE did not compute (stored + prefix-cache hits) as
-    `num_cached_tokens`, and the first one the request path's own timings."""
-    keys = chain_keys(root_key(model.model_id, salt), prompt, model.block_size)
-    start = time.perf_counter()
-    plan = await backend.plan(PlanRequest(request_id, len(prompt), params.max_tokens, tuple(keys)))
-    planned = time.perf_counter()
-    handles, de_blocks = await _load(backend, plan, keys)
-    loaded = time.perf_counter()
-    prefill = PrefillJob(
-        request_id,
+    `num_cached_tokens`, and the first one the request path's own timings.
+
+    Traced as a `choice` span (under the caller's current span) with children `schedule`,
+    `kv.load` (a `kv.read` per side), `prefill`, `kv.handoff` and `decode`; the jobs carry
+    each span's context, so the deployments' spans nest under them.
+    """
+    choice = tracing.start_span(
+        "choice", None, **{tracing.REQUEST_ID: request_id}, prompt_tokens=len(prompt)
+    )
+    ctx = trace.set_span_in_context(choice)
+    current = choice  # the innermost open span: a failure is recorded there
+    try:
+        keys = chain_keys(root_key(model.model_id, salt), prompt, model.block_size)
+        start = time.perf_counter()
+        with tracing.span("schedule", parent=ctx) as span:
+            plan = await backend.plan(
+                PlanRequest(
+                    request_id,
+                    len(prompt),
+                    params.max_tokens,
+                    tuple(keys),
+                    trace=tracing.carrier_of(span),
+                )
+            )
+            span.set_attributes(_plan_attributes(plan))
+        planned = time.perf_counter()
+        with tracing.span("kv.load", parent=ctx, hit_blocks=plan.num_hit_blocks) as span:
+            handles, de_blocks = await _load(backend, plan, keys)
+            span.set_attributes({"loaded_blocks": len(handles), "de_blocks": de_blocks})
+        loaded = time.perf_counter()
+        # NOTE: spans that outlive a `yield` are never made current (see tracing.span)
+        current = tracing.start_span("prefill", ctx, replica=plan.prefill_replica)
+        pjob = _prefill_job(plan, prompt, params, salt, priority, keys, handles, de_blocks)
+        from_pe = backend.prefill(
+            plan.prefill_node, replace(pjob, trace=tracing.carrier_of(current))
+        )
+        async with contextlib.aclosing(from_pe):  # type: ignore[type-var]
+            first = await anext(from_pe)
+            assert isinstance(first, RequestOutput)
+            _raise_on_failure(first)
+            current.add_event("first_token", {"cached_tokens": first.num_cached_tokens})
+            first.metrics["schedule_s"] = planned - start
+            first.metrics["kv_read_s"] = loaded - planned
+            yield first  # TTFT: the first token comes straight from the PE
+            if first.finished:
+                return
+            handoff = await anext(from_pe)  # the PE has handed the KV to the transport
+            assert isinstance(handoff, KVHandoff)
+        current.end()
+        cached = first.num_cached_tokens
+        current = tracing.start_span("decode", ctx, replica=plan.decode_replica)
+        job = DecodeJob(
+            request_id,
+            prompt,
+            params,
+            salt,
+            handoff,
+            plan.decode_replica,
+            prefix_blocks=tuple(handles[: handoff.first_block]),
+            num_stored_blocks=len(handles),
+            trace=tracing.carrier_of(current),
+        )
+        async with contextlib.aclosing(backend.decode(plan.decode_node, job)) as outputs:
+            async for output in outputs:
+                _raise_on_failure(output)
+                output.num_cached_tokens = cached
+                yield output
+    except BaseException as exc:
+        tracing.fail(current, exc)  # GeneratorExit / CancelledError: the client left
+        raise
+    finally:
+        tracing.end(current)
+        tracing.end(choice)
+
+
+def _prefill_job(
+    plan: Plan,
+    prompt: list[int],
+    params: SamplingParams,
+    salt: bytes,
+    priority: int,
+    keys: list[bytes],
+    handles: list[Any],
+    de_blocks: int,
+) -> PrefillJob:
+    return PrefillJob(
+        plan.request_id,
         prompt,
         params,
         salt,
@@ -69,34 +150,16 @@ async def run_request(
         decode_has_blocks=de_blocks,
         priority=priority,
     )
-    from_pe = backend.prefill(plan.prefill_node, prefill)
-    async with contextlib.aclosing(from_pe):  # type: ignore[type-var]
-        first = await anext(from_pe)
-        assert isinstance(first, RequestOutput)
-        _raise_on_failure(first)
-        first.metrics["schedule_s"] = planned - start
-        first.metrics["kv_read_s"] = loaded - planned
-        yield first  # TTFT: the first token comes straight from the PE
-        if first.finished:
-            return
-        handoff = await anext(from_pe)
-        assert isinstance(handoff, KVHandoff)
-    cached = first.num_cached_tokens
-    job = DecodeJob(
-        request_id,
-        prompt,
-        params,
-        salt,
-        handoff,
-        plan.decode_replica,
-        prefix_blocks=tuple(handles[: handoff.first_block]),
-        num_stored_blocks=len(handles),
-    )
-    async with contextlib.aclosing(backend.decode(plan.decode_node, job)) as outputs:
-        async for output in outputs:
-            _raise_on_failure(output)
-            output.num_cached_tokens = cached
-            yield output
+
+
+def _plan_attributes(plan: Plan) -> dict[str, Any]:
+    return {
+        "read_path": plan.read_path,
+        "prefill_replica": plan.prefill_replica,
+        "decode_replica": plan.decode_replica,
+        "hit_blocks": plan.num_hit_blocks,
+        "de_read_blocks": plan.de_read_blocks,
+    }
 
 
 async def _load(backend: Backend, plan: Plan, keys: list[bytes]) -> tuple[list[Any], int]:
@@ -111,18 +174,22 @@ async def _load(backend: Backend, plan: Plan, keys: list[bytes]) -> tuple[list[A
         return [], 0
     split = plan.de_read_blocks
 
-    async def read(node: str, part: list[bytes]) -> list[Any]:
+    async def read(side: str, node: str, part: list[bytes]) -> list[Any]:
         if not part:
             return []
-        try:
-            return await backend.load(node, part)
-        except Exception:  # a TrafficManager restarting, a closed SNIC: recompute instead
-            logger.warning("stored-KV read on %s failed; recomputing", node, exc_info=True)
-            return []
+        with tracing.span("kv.read", side=side, node=node, blocks=len(part)) as span:
+            try:
+                got = await backend.load(node, part)
+            except Exception as exc:  # a TrafficManager restarting, a closed SNIC: recompute
+                logger.warning("stored-KV read on %s failed; recomputing", node, exc_info=True)
+                tracing.fail(span, exc)
+                return []
+            span.set_attribute("blocks_read", len(got))
+            return got
 
     de_part, pe_part = await asyncio.gather(
-        read(plan.decode_node, keys[:split]),
-        read(plan.prefill_node, keys[split : plan.num_hit_blocks]),
+        read("de", plan.decode_node, keys[:split]),
+        read("pe", plan.prefill_node, keys[split : plan.num_hit_blocks]),
     )
     if len(de_part) < split:
         return de_part, len(de_part)

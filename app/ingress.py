@@ -11,10 +11,8 @@ ServeBackend (Serve handles, the Scheduler's replica choice carried in each job)
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -33,10 +31,10 @@ from app.api.errors import (
     APIError,
     BadRequestError,
     OverloadedError,
-    PayloadTooLargeError,
     PermissionDeniedError,
     to_api_error,
 )
+from app.api.http import error_response, read_json, sse
 from app.api.schemas import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -47,7 +45,6 @@ from app.api.schemas import (
     ModelList,
     dump,
 )
-from app.api.sse import DONE_FRAME, sse_frame
 from app.audit import AuditLog, AuditRecord
 from app.auth import Authenticator, Tenant
 from app.backend import NodeHandles, ServeBackend
@@ -57,7 +54,9 @@ from app.ledger import BUCKET_WIDTHS, Ledger
 from app.observe import observe_outcome
 from app.pii import PIIFilter
 from app.pricing import PriceBook
+from app.roots import RootSpans, current
 from app.service import ChatService
+from deployments import tracing
 from deployments.metrics import Metrics
 from engine.config import ModelConfig
 from engine.loader import model_fingerprint
@@ -66,26 +65,6 @@ from engine.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 api = FastAPI(title="dualpath-serve", docs_url="/docs", redoc_url=None)
-
-
-def error_response(exc: BaseException, headers: dict[str, str] | None = None) -> JSONResponse:
-    error = to_api_error(exc)
-    if error.status >= 500 and error.code not in ("overloaded", "queue_full"):
-        logger.error("request failed", exc_info=exc)
-    return JSONResponse(
-        error.body(), status_code=error.status, headers=(headers or {}) | error.headers
-    )
-
-
-async def sse(first: BaseModel, rest: AsyncIterator[BaseModel]) -> AsyncIterator[bytes]:
-    async with contextlib.aclosing(rest):  # type: ignore[type-var]
-        yield sse_frame(first)
-        try:
-            async for chunk in rest:
-                yield sse_frame(chunk)
-        except Exception as exc:  # headers are sent: report in-band, as OpenAI does
-            yield sse_frame(to_api_error(exc).body())
-    yield DONE_FRAME
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -134,6 +113,8 @@ class Ingress:
             audit=self._outcome,
         )
         self.metrics = Metrics("ray")
+        tracing.setup_tracing(config.tracing, "dualpath.ingress")
+        self.roots = RootSpans()
         for handler in logging.getLogger().handlers + logging.getLogger("ray.serve").handlers:
             handler.addFilter(PIIFilter())  # nothing personal reaches a log line
         self._capacity_task: asyncio.Task[None] | None = None
@@ -152,24 +133,29 @@ class Ingress:
         )
 
     # ------------------------------------------------------------------ admission
-    def _caller(self, tenant: Tenant, service_tier: str | None, route: str) -> Caller:
+    def _caller(
+        self, tenant: Tenant, service_tier: str | None, route: str, request_id: str
+    ) -> Caller:
         self._watch_capacity()
-        return Caller(tenant, Gate.tier(tenant, service_tier), route)
+        return Caller(tenant, Gate.tier(tenant, service_tier), route, request_id)
 
     def _outcome(self, record: AuditRecord, meter: Any) -> None:
-        """One request's end: its audit line and its metrics."""
+        """One request's end: its audit line, its metrics, its root span's attributes."""
         self.audit.write(record)
         observe_outcome(self.metrics, record, meter)
+        self.roots.annotate(record)
 
-    def _audit_refusal(self, tenant: Tenant | None, route: str, exc: BaseException) -> None:
+    def _audit_refusal(
+        self, tenant: Tenant | None, route: str, exc: BaseException, request_id: str
+    ) -> None:
         """Requests refused before the gate saw them (key, body, tier): one audit line."""
-        if getattr(exc, "audited", False):
+        if getattr(exc, "audited", False) or not isinstance(exc, Exception):
             return
         error = to_api_error(exc)
         self._outcome(
             AuditRecord(
                 time=time.time(),
-                request_id=uuid.uuid4().hex,
+                request_id=request_id,
                 tenant=tenant.name if tenant else "unknown",
                 model=self.config.model.name,
                 route=route,
@@ -226,34 +212,77 @@ class Ingress:
     async def chat(
         self, request: ChatCompletionRequest, api_key: str | None = None
     ) -> ChatCompletionResponse:
-        caller = self._caller(self.auth.authenticate(api_key), request.service_tier, "handle:chat")
-        return await self.service.chat(request, caller)
+        return await self._unary_call("handle:chat", api_key, request, self.service.chat)
 
     async def chat_stream(
         self, request: ChatCompletionRequest, api_key: str | None = None
     ) -> AsyncIterator[ChatCompletionChunk]:
-        caller = self._caller(
-            self.auth.authenticate(api_key), request.service_tier, "handle:chat_stream"
-        )
-        async for chunk in self.service.chat_stream(request, caller):
-            yield chunk
+        calls = self._stream_call("handle:chat_stream", api_key, request, self.service.chat_stream)
+        async with contextlib.aclosing(calls):  # type: ignore[type-var]
+            async for chunk in calls:
+                yield chunk
 
     async def complete(
         self, request: CompletionRequest, api_key: str | None = None
     ) -> CompletionResponse:
-        caller = self._caller(
-            self.auth.authenticate(api_key), request.service_tier, "handle:complete"
-        )
-        return await self.service.complete(request, caller)
+        return await self._unary_call("handle:complete", api_key, request, self.service.complete)
 
     async def complete_stream(
         self, request: CompletionRequest, api_key: str | None = None
     ) -> AsyncIterator[CompletionResponse]:
-        caller = self._caller(
-            self.auth.authenticate(api_key), request.service_tier, "handle:complete_stream"
+        calls = self._stream_call(
+            "handle:complete_stream", api_key, request, self.service.complete_stream
         )
-        async for chunk in self.service.complete_stream(request, caller):
-            yield chunk
+        async with contextlib.aclosing(calls):  # type: ignore[type-var]
+            async for chunk in calls:
+                yield chunk
+
+    async def _unary_call(
+        self, route: str, api_key: str | None, request: Any, call: Callable[..., Awaitable[Any]]
+    ) -> Any:
+        rid = self.roots.start(route, route)
+        tenant: Tenant | None = None
+        try:
+            with current(self.roots.span(rid)):
+                tenant = self.auth.authenticate(api_key)
+                result = await call(request, self._caller(tenant, request.service_tier, route, rid))
+        except BaseException as exc:
+            self._audit_refusal(tenant, route, exc, rid)
+            self.roots.end(
+                rid, to_api_error(exc).status if isinstance(exc, Exception) else 499, exc
+            )
+            raise
+        self.roots.end(rid, 200)
+        return result
+
+    async def _stream_call(
+        self,
+        route: str,
+        api_key: str | None,
+        request: Any,
+        call: Callable[..., AsyncIterator[Any]],
+    ) -> AsyncIterator[Any]:
+        rid = self.roots.start(route, route)
+        tenant: Tenant | None = None
+        status, error = 200, None
+        first = None
+        try:
+            with current(self.roots.span(rid)):  # never held across a yield
+                tenant = self.auth.authenticate(api_key)
+                stream = call(request, self._caller(tenant, request.service_tier, route, rid))
+                first = await anext(stream, None)
+            async with contextlib.aclosing(stream):  # type: ignore[type-var]
+                if first is not None:
+                    yield first
+                async for chunk in stream:
+                    yield chunk
+        except BaseException as exc:
+            self._audit_refusal(tenant, route, exc, rid)  # unless the gate wrote its line
+            status = to_api_error(exc).status if isinstance(exc, Exception) else 499
+            error = exc
+            raise
+        finally:
+            self.roots.end(rid, status, error)
 
     async def models(self, api_key: str | None = None) -> ModelList:
         self.auth.authenticate(api_key)
@@ -302,20 +331,32 @@ class Ingress:
         on every answer, refusals included."""
         tenant: Tenant | None = None
         route = http.url.path
+        rid = self.roots.start(f"POST {route}", route, http.headers)
+        ids = {"x-request-id": rid}
         try:
-            tenant = self.auth.authenticate(http.headers.get("authorization"))
-            request = schema.model_validate(await self._json(http))
-            caller = self._caller(tenant, request.service_tier, route)
-            if not request.stream:
-                response = await unary(request, caller)
-                return JSONResponse(dump(response), headers=self.gate.headers(tenant))
-            stream = streaming(request, caller)
-            first = await anext(stream)
+            with current(self.roots.span(rid)):
+                tenant = self.auth.authenticate(http.headers.get("authorization"))
+                body = await read_json(http, self.config.ingress.max_body_bytes)
+                request = schema.model_validate(body)
+                caller = self._caller(tenant, request.service_tier, route, rid)
+                if not request.stream:
+                    response = await unary(request, caller)
+                    self.roots.end(rid, 200)
+                    return JSONResponse(dump(response), headers=self.gate.headers(tenant) | ids)
+                stream = streaming(request, caller)
+                first = await anext(stream)
         except Exception as exc:
-            self._audit_refusal(tenant, route, exc)
-            return error_response(exc, self.gate.headers(tenant) if tenant else None)
+            self._audit_refusal(tenant, route, exc, rid)
+            self.roots.end(rid, to_api_error(exc).status, exc)
+            limits = self.gate.headers(tenant) if tenant else {}
+            return error_response(exc, limits | ids)
+        except BaseException:  # cancelled: the client went away
+            self.roots.end(rid, 499)
+            raise
         return StreamingResponse(
-            sse(first, stream), media_type="text/event-stream", headers=self.gate.headers(tenant)
+            sse(first, stream, lambda: self.roots.end(rid, 200)),
+            media_type="text/event-stream",
+            headers=self.gate.headers(tenant) | ids,
         )
 
     @api.get("/v1/usage")
@@ -348,22 +389,6 @@ class Ingress:
             return JSONResponse({"object": "page", "data": data, "has_more": False})
         except Exception as exc:
             return error_response(exc)
-
-    async def _json(self, http: Request) -> Any:
-        limit = self.config.ingress.max_body_bytes
-        declared = http.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLargeError(f"request body is larger than {limit} bytes")
-        body = await http.body()
-        if len(body) > limit:
-            raise PayloadTooLargeError(f"request body is larger than {limit} bytes")
-        try:
-            data = json.loads(body)
-        except ValueError as exc:
-            raise BadRequestError(f"request body is not valid JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise BadRequestError("request body must be a JSON object")
-        return data
 
 
 __all__ = ["APIError", "Ingress", "OverloadedError", "ServeBackend"]

@@ -126,7 +126,7 @@ class ChatService:
             yield None
             return
         ticket = Ticket(
-            uuid.uuid4().hex,
+            caller.request_id,
             caller.tenant.name,
             caller.tier,
             len(prompt),
@@ -163,10 +163,16 @@ class ChatService:
         return run_request(self.backend, self.model, request_id, prompt, params, salt, priority)
 
     async def _choices(
-        self, prompt: list[int], params: list[SamplingParams], salt: bytes, priority: int = 0
+        self,
+        prompt: list[int],
+        params: list[SamplingParams],
+        salt: bytes,
+        priority: int = 0,
+        base: str = "",
     ) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Run all choices concurrently; yield (index, output) as they come."""
-        base = uuid.uuid4().hex
+        """Run all choices concurrently; yield (index, output) as they come. The engines know
+        choice i as `<base>-i` (`<base>` alone when n = 1)."""
+        base = base or uuid.uuid4().hex
         if len(params) == 1:
             outputs = self.run(base, prompt, params[0], salt, priority)
             async with contextlib.aclosing(outputs):
@@ -201,11 +207,17 @@ class ChatService:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _collect(
-        self, prompt: list[int], params: list[SamplingParams], salt: bytes, lease: Lease | None
+        self,
+        prompt: list[int],
+        params: list[SamplingParams],
+        caller: Caller | None,
+        lease: Lease | None,
+        rid: str,
     ) -> tuple[list[Choice], Usage, Timings]:
         choices = [Choice(logprobs=[] if p.logprobs is not None else None) for p in params]
         tally = Tally(len(prompt), len(params), lease)
-        async for index, out in self._choices(prompt, params, salt, _priority(lease)):
+        outputs = self._choices(prompt, params, _salt(caller), _priority(lease), rid)
+        async for index, out in outputs:
             tally.note(index, out)
             choice = choices[index]
             choice.text += out.new_text
@@ -217,7 +229,12 @@ class ChatService:
         return choices, self._bill(tally.usage(), lease), tally.timings
 
     async def _deltas(
-        self, prompt: list[int], params: list[SamplingParams], salt: bytes, lease: Lease | None
+        self,
+        prompt: list[int],
+        params: list[SamplingParams],
+        caller: Caller | None,
+        lease: Lease | None,
+        rid: str,
     ) -> tuple[Tally, AsyncIterator[tuple[int, RequestOutput]]]:
         """Start all choices and wait for the first output; then the outputs worth a chunk.
 
@@ -225,7 +242,7 @@ class ChatService:
         validation errors reach the client before any byte is sent (a proper status code).
         """
         tally = Tally(len(prompt), len(params), lease)
-        outputs = self._choices(prompt, params, salt, _priority(lease))
+        outputs = self._choices(prompt, params, _salt(caller), _priority(lease), rid)
         first = await anext(outputs, None)
 
         async def deltas() -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -240,11 +257,12 @@ class ChatService:
     async def chat(
         self, request: ChatCompletionRequest, caller: Caller | None = None
     ) -> ChatCompletionResponse:
-        prompt = self.chat_prompt(request)
+        prompt, rid = self.chat_prompt(request), _rid(caller)
         params = [self.params(request, prompt, i) for i in range(request.n)]
         async with self._admitted(caller, prompt, params, request.user) as lease:
-            choices, usage, timings = await self._collect(prompt, params, _salt(caller), lease)
+            choices, usage, timings = await self._collect(prompt, params, caller, lease, rid)
         return ChatCompletionResponse(
+            id=f"chatcmpl-{rid}",
             timings=timings,
             model=self.model.name,
             choices=[
@@ -265,16 +283,16 @@ class ChatService:
     ) -> AsyncIterator[ChatCompletionChunk]:
         """Chunks as OpenAI sends them: a role chunk per choice, deltas, a finish chunk per
         choice, then (with stream_options.include_usage) one usage chunk without choices."""
-        prompt = self.chat_prompt(request)
+        prompt, rid = self.chat_prompt(request), _rid(caller)
         params = [self.params(request, prompt, i) for i in range(request.n)]
         async with self._admitted(caller, prompt, params, request.user) as lease:
             head = {
-                "id": f"chatcmpl-{uuid.uuid4().hex}",
+                "id": f"chatcmpl-{rid}",
                 "created": int(time.time()),
                 "model": self.model.name,
                 "service_tier": lease.tier if lease else None,
             }
-            tally, deltas = await self._deltas(prompt, params, _salt(caller), lease)
+            tally, deltas = await self._deltas(prompt, params, caller, lease, rid)
             for i in range(request.n):
                 yield ChatCompletionChunk(
                     **head, choices=[ChunkChoice(index=i, delta=DeltaMessage(role="assistant"))]
@@ -301,11 +319,12 @@ class ChatService:
     async def complete(
         self, request: CompletionRequest, caller: Caller | None = None
     ) -> CompletionResponse:
-        prompt = self.completion_prompt(request)
+        prompt, rid = self.completion_prompt(request), _rid(caller)
         params = [self.params(request, prompt, i) for i in range(request.n)]
         async with self._admitted(caller, prompt, params, request.user) as lease:
-            choices, usage, timings = await self._collect(prompt, params, _salt(caller), lease)
+            choices, usage, timings = await self._collect(prompt, params, caller, lease, rid)
         return CompletionResponse(
+            id=f"cmpl-{rid}",
             timings=timings,
             model=self.model.name,
             choices=[
@@ -325,16 +344,16 @@ class ChatService:
     async def complete_stream(
         self, request: CompletionRequest, caller: Caller | None = None
     ) -> AsyncIterator[CompletionResponse]:
-        prompt = self.completion_prompt(request)
+        prompt, rid = self.completion_prompt(request), _rid(caller)
         params = [self.params(request, prompt, i) for i in range(request.n)]
         async with self._admitted(caller, prompt, params, request.user) as lease:
             head = {
-                "id": f"cmpl-{uuid.uuid4().hex}",
+                "id": f"cmpl-{rid}",
                 "created": int(time.time()),
                 "model": self.model.name,
                 "service_tier": lease.tier if lease else None,
             }
-            tally, deltas = await self._deltas(prompt, params, _salt(caller), lease)
+            tally, deltas = await self._deltas(prompt, params, caller, lease, rid)
             async for index, out in deltas:
                 yield CompletionResponse(
                     **head,
@@ -358,6 +377,11 @@ class ChatService:
 def _priority(lease: Lease | None) -> int:
     """The PE prefills `priority` before `default` before `flex` (the tier's rank)."""
     return RANK[lease.tier] if lease else 0
+
+
+def _rid(caller: Caller | None) -> str:
+    """The request's id: response ids, engine request ids, audit line and trace share it."""
+    return caller.request_id if caller else uuid.uuid4().hex
 
 
 def _salt(caller: Caller | None) -> bytes:

@@ -19,6 +19,9 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from opentelemetry.context import Context
+
+from deployments import tracing
 from engine.core import EngineCore
 from engine.output import RequestOutput
 from engine.sequence import SequenceStatus
@@ -69,6 +72,8 @@ class _Admission:
     ready: Callable[[EngineCore], bool] | None
     stream: OutputStream
     num_tokens: int
+    trace: Context | None = None  # the caller's span: engine spans go under it
+    submitted_ns: int = 0
 
 
 class EngineLoop:
@@ -84,6 +89,7 @@ class EngineLoop:
         self._waiting: deque[_Admission] = deque()
         self._streams: dict[str, OutputStream] = {}
         self._admitted_at: dict[str, float] = {}  # until the request's first output
+        self._traces: dict[str, Context] = {}  # traced requests in the engine
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.num_steps = 0
@@ -110,14 +116,16 @@ class EngineLoop:
         add: Callable[[EngineCore], None],
         ready: Callable[[EngineCore], bool] | None = None,
         num_tokens: int = 0,
+        trace: Context | None = None,
     ) -> OutputStream:
         """Queue `add(engine)` for the engine thread; returns the request's output stream.
 
         `add` errors (InvalidRequestError, ...) come out of the stream. With `ready`, the add
-        waits (in arrival order) until `ready(engine)` holds.
+        waits (in arrival order) until `ready(engine)` holds. With `trace`, the wait is an
+        `engine.queue` span under it and every multi-token chunk an `engine.chunk` span.
         """
         stream = OutputStream(request_id, asyncio.get_running_loop(), self)
-        admission = _Admission(request_id, add, ready, stream, num_tokens)
+        admission = _Admission(request_id, add, ready, stream, num_tokens, trace, time.time_ns())
         self._commands.put(lambda: self._enqueue(admission))
         return stream
 
@@ -162,12 +170,18 @@ class EngineLoop:
             try:
                 admission.add(self.engine)
                 self._admitted_at[admission.request_id] = time.perf_counter()
+                if admission.trace is not None:
+                    self._traces[admission.request_id] = admission.trace
+                    tracing.record_span(
+                        "engine.queue", admission.trace, admission.submitted_ns, time.time_ns()
+                    )
             except Exception as exc:  # bad request or KV: the caller gets the error
                 self._streams.pop(admission.request_id, None)
                 admission.stream.put_threadsafe(exc)
 
     def _step(self) -> None:
         started = time.perf_counter()
+        started_ns = time.time_ns()
         before = self.engine.num_computed_total
         try:
             outputs = self.engine.step()
@@ -183,11 +197,14 @@ class EngineLoop:
             for request_id in [r for r in self._streams if r not in waiting]:
                 self._streams.pop(request_id).put_threadsafe(exc)
                 self._admitted_at.pop(request_id, None)
+                self._traces.pop(request_id, None)
             return
         self.num_steps += 1
         now = time.perf_counter()
         self.busy_s += now - started
         self.tokens_computed += self.engine.num_computed_total - before
+        if self._traces:
+            self._trace_chunks(started_ns, time.time_ns())
         for output in outputs:
             admitted = self._admitted_at.pop(output.request_id, None)
             if admitted is not None:  # engine time to the first output (no client-side hops)
@@ -197,10 +214,32 @@ class EngineLoop:
                 continue
             if output.finished or output.kv is not None:
                 del self._streams[output.request_id]
+                self._traces.pop(output.request_id, None)
             stream.put_threadsafe(output)
+
+    def _trace_chunks(self, start_ns: int, end_ns: int) -> None:
+        """One `engine.chunk` span per traced multi-token chunk of the step just run (decode
+        steps of one token each are left out: a long reply would be thousands of spans)."""
+        plan = self.engine.last_plan
+        if plan is None:
+            return
+        for chunk in plan.chunks:
+            parent = self._traces.get(chunk.seq.request_id)
+            if parent is not None and chunk.num_tokens > 1:
+                tracing.record_span(
+                    "engine.chunk",
+                    parent,
+                    start_ns,
+                    end_ns,
+                    start=chunk.start,
+                    tokens=chunk.num_tokens,
+                    batch_tokens=plan.num_batched_tokens,
+                    batch_seqs=len(plan.chunks),
+                )
 
     def _abort(self, request_id: str) -> None:
         self._admitted_at.pop(request_id, None)
+        self._traces.pop(request_id, None)
         stream = self._streams.pop(request_id, None)
         if stream is not None:  # harmless when the reader is the one who left
             stream.put_threadsafe(RequestAborted(f"request {request_id} was aborted"))

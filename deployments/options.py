@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
@@ -137,6 +137,29 @@ class NodeSection(Section):
     ray_resources: dict[str, float] = Field(default_factory=dict)
 
 
+class TracingSection(Section):
+    """OpenTelemetry traces (deployments/tracing.py); every deployment gets the same one."""
+
+    enabled: bool = True
+    sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0, description="requests traced")
+    exporter: Literal["auto", "otlp", "file", "console", "none"] = "auto"
+    otlp_endpoint: str | None = Field(
+        default=None, description="OTLP/HTTP traces URL, e.g. http://collector:4318/v1/traces"
+    )
+    path: Path = Field(
+        default=Path("~/.cache/dualpath-serve/traces"), description="file exporter directory"
+    )
+    retention_days: int = Field(default=7, ge=1, description="days of span files kept")
+
+    def endpoint(self) -> str | None:
+        env = os.environ
+        return (
+            self.otlp_endpoint
+            or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        )
+
+
 class EngineReplicaOptions(Section):
     """Everything a prefill or decode replica needs to start."""
 
@@ -145,3 +168,4 @@ class EngineReplicaOptions(Section):
     transfer: TransferSection
     node: str = "node0"
     report_interval_s: float = Field(default=0.25, gt=0)
+    tracing: TracingSection = Field(default_factory=TracingSection)

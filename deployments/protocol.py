@@ -12,6 +12,8 @@ Load: PrefillEngine / DecodeEngine --LoadReport--> Scheduler and --TransferRepor
 TrafficManager of their node; TrafficManager --NodeReport(SNIC queues, index events)-->
 Scheduler (periodic, off the request path).
 
+Every request-path message carries `trace`, the W3C context of the caller's span, so one
+request is one trace across the deployments (`deployments/tracing.py`).
 Jobs carry `target_replica` (the replica the Scheduler chose) and node reports carry
 `target_node`; `deployments.routing.ReplicaPinnedRouter` honours both.
 """
@@ -37,6 +39,7 @@ class PlanRequest:
     num_prompt_tokens: int
     max_tokens: int
     block_keys: tuple[bytes, ...] = ()  # chain keys of the prompt's full blocks
+    trace: dict[str, str] = field(default_factory=dict)  # W3C trace context (tracing.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +77,7 @@ class PrefillJob:
     prefix_keys: tuple[bytes, ...] = ()  # their keys (checked against the prompt's chain)
     decode_has_blocks: int = 0  # leading blocks the DE holds already: not sent back
     priority: int = 0  # the PE prefills lower values first (service tier rank)
+    trace: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +109,7 @@ class DecodeJob:
     target_replica: str | None = None
     prefix_blocks: tuple[Any, ...] = ()  # DRAM handles of blocks [0, handoff.first_block)
     num_stored_blocks: int = 0  # leading blocks already in the KV store: not persisted again
+    trace: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from deployments import tracing
 from deployments.engine_server import EngineServer
 from deployments.options import EngineReplicaOptions
 from deployments.protocol import LoadReport, TransferReport, TransferStats
@@ -31,6 +32,7 @@ async def start_engine_server(
     persist_blocks: bool = True,
 ) -> EngineServer:
     rid, node_id = replica_id(), config.node
+    tracing.setup_tracing(config.tracing, f"dualpath.{server_cls.role}.{node_id}")
     # NOTE: Ray sets OMP_NUM_THREADS from the replica's num_cpus; torch follows it.
     threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or None
     prefill = server_cls.role == "prefill"

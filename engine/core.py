@@ -63,6 +63,7 @@ class EngineCore(KVHandoffMixin):
         self.states: dict[str, OutputState] = {}
         self.persist_out: list[tuple[bytes, torch.Tensor]] = []
         self.num_computed_total = 0  # tokens run through the model so far
+        self.last_plan: StepPlan | None = None  # the latest step's chunks (for tracing)
         self.import_totals = ImportStats()  # stored-KV imports so far (layer-wise overlap)
         self._arrivals = itertools.count()
         logger.info(
@@ -218,7 +219,7 @@ class EngineCore(KVHandoffMixin):
     # ------------------------------------------------------------------ step
     def step(self) -> list[RequestOutput]:
         """Run one batch step; return what each sampled request produced."""
-        plan = self.scheduler.schedule()
+        plan = self.last_plan = self.scheduler.schedule()
         if plan.is_empty:
             return []
         self.num_computed_total += plan.num_batched_tokens

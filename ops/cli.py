@@ -1,5 +1,5 @@
 """`python -m ops` (also installed as `dps`): model fetch, interactive chat, benchmarks, API
-keys and the usage ledger."""
+keys and the usage ledger, status / drain, KV tier checks, traces and workload replay."""
 
 from __future__ import annotations
 
@@ -131,14 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_cmd_bench)
 
     from ops.kvtool import add_parsers as add_kv_parsers
+    from ops.replay import add_parsers as add_replay_parsers
     from ops.status import add_drain_parsers
     from ops.status import add_parsers as add_status_parsers
     from ops.tenants import add_parsers as add_tenant_parsers
+    from ops.traceview import add_parsers as add_trace_parsers
 
     add_tenant_parsers(sub)
     add_kv_parsers(sub)
     add_status_parsers(sub)
     add_drain_parsers(sub)
+    add_trace_parsers(sub)
+    add_replay_parsers(sub)
     return parser
 
 

@@ -5,9 +5,30 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from deployments import tracing
 from engine import EngineConfig, EngineCore
 from ops.model_fetch import ensure_default_model
+
+_SPANS = InMemorySpanExporter()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _in_memory_traces() -> None:
+    """Spans made in the test process go to memory (deployments' setup_tracing no-ops)."""
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(_SPANS))
+    tracing.install_provider(provider)
+
+
+@pytest.fixture
+def spans() -> InMemorySpanExporter:
+    """The in-memory exporter, emptied for this test."""
+    _SPANS.clear()
+    return _SPANS
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from app.admission.queues import AdmissionQueue, Lease, Meter, Ticket
 from app.admission.ratelimit import Demand, RateLimited, RateLimiter
@@ -25,6 +26,7 @@ from app.audit import AuditRecord
 from app.auth import Tenant, Tier
 from app.ledger import Ledger, UsageRecord
 from app.pricing import Charge, PriceBook
+from deployments import tracing
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +36,7 @@ class Caller:
     tenant: Tenant
     tier: Tier
     route: str = ""  # for the audit log: "/v1/chat/completions", "handle:chat", ...
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # audit, trace, ids
 
 
 class Gate:
@@ -78,10 +81,14 @@ class Gate:
         ticket.weight = config.weight
         ticket.arrival = self.clock()
         demand = Demand(1, ticket.prompt_tokens, ticket.max_tokens * ticket.n)
+        # NOTE: the span ends at admission; it is never current across the body's yields
+        span = tracing.start_span("admission", None, tier=ticket.tier, tenant=tenant.name)
         try:
             self._take(tenant, demand)
         except APIError as exc:
             self._audit(tenant, ticket, None, "rejected", exc)
+            tracing.fail(span, exc)
+            span.end()
             raise
         self.running[tenant.name] = self.running.get(tenant.name, 0) + 1
         lease: Lease | None = None
@@ -91,7 +98,11 @@ class Gate:
             except BaseException as exc:
                 cancelled = isinstance(exc, asyncio.CancelledError)
                 self._audit(tenant, ticket, None, "cancelled" if cancelled else "rejected", exc)
+                tracing.fail(span, exc)
+                span.end()
                 raise
+            span.set_attribute("queued_ms", round(lease.queued_s * 1000, 3))
+            span.end()
             status, error = "error", None
             try:
                 yield lease

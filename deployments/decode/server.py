@@ -13,6 +13,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import torch
+from opentelemetry import trace
+from opentelemetry.context import Context
+
+from deployments import tracing
 from deployments.engine_server import EngineServer
 from deployments.protocol import DecodeJob
 from engine.core import EngineCore
@@ -24,42 +29,81 @@ class DecodeServer(EngineServer):
     role = "decode"
 
     async def generate(self, job: DecodeJob) -> AsyncIterator[RequestOutput]:
-        kv: SequenceKV | None = None
-        prefix: PrefixKV | None = None
-        handoff = job.handoff
-        if handoff is not None:
-            blocks_task = asyncio.ensure_future(self.fetch_blocks(job.prefix_blocks))
-            data = await asyncio.to_thread(self.mover.receive, handoff.descriptor)
-            kv = SequenceKV(
-                handoff.token_ids,
-                handoff.block_keys,
-                data,
-                output_token_ids=handoff.output_token_ids,
-                generator_state=handoff.generator_state,
-                first_block=handoff.first_block,
-            )
-            blocks = await blocks_task
-            if blocks:
-                prefix = PrefixKV(handoff.block_keys[: len(blocks)], blocks)
-        num_tokens = len(job.prompt_token_ids) + (len(kv.output_token_ids) if kv else 0)
-        persist_from = job.num_stored_blocks if self.persist is not None else None
-
-        def add(engine: EngineCore) -> None:
-            engine.add_request(
-                job.request_id,
-                job.prompt_token_ids,
-                job.params,
-                job.tenant_salt,
-                kv=kv,
-                prefix=prefix,
-                persist_from_block=persist_from,
-            )
-
-        def ready(engine: EngineCore) -> bool:
-            return engine.can_import(num_tokens)
-
-        stream = self.loop.submit(
-            job.request_id, add, ready=ready if kv is not None else None, num_tokens=num_tokens
+        """Traced as `de.decode` (receive, import wait, decode) under the job's context."""
+        span = tracing.start_span(
+            "de.decode",
+            tracing.extract(job.trace),
+            replica=self.replica_id,
+            node=self.node_id,
+            prompt_tokens=len(job.prompt_token_ids),
         )
-        async for output in stream:
-            yield output
+        ctx = trace.set_span_in_context(span)
+        tokens = 0
+        try:
+            kv, prefix = await self._receive(job, ctx)
+            num_tokens = len(job.prompt_token_ids) + (len(kv.output_token_ids) if kv else 0)
+            persist_from = job.num_stored_blocks if self.persist is not None else None
+
+            def add(engine: EngineCore) -> None:
+                engine.add_request(
+                    job.request_id,
+                    job.prompt_token_ids,
+                    job.params,
+                    job.tenant_salt,
+                    kv=kv,
+                    prefix=prefix,
+                    persist_from_block=persist_from,
+                )
+
+            def ready(engine: EngineCore) -> bool:
+                return engine.can_import(num_tokens)
+
+            stream = self.loop.submit(
+                job.request_id,
+                add,
+                ready=ready if kv is not None else None,
+                num_tokens=num_tokens,
+                trace=ctx,
+            )
+            async for output in stream:
+                tokens += len(output.new_token_ids)
+                yield output
+        except BaseException as exc:
+            tracing.fail(span, exc)
+            raise
+        finally:
+            span.set_attribute("output_tokens", tokens)
+            span.end()
+
+    async def _receive(
+        self, job: DecodeJob, ctx: Context
+    ) -> tuple[SequenceKV | None, PrefixKV | None]:
+        """The PE's KV (through the KVMover) and this node's own hit blocks, together."""
+        handoff = job.handoff
+        if handoff is None:
+            return None, None
+
+        async def fetch() -> list[torch.Tensor]:  # this node's own reads, while KV arrives
+            if not job.prefix_blocks:
+                return []
+            with tracing.span("kv.fetch", parent=ctx, blocks=len(job.prefix_blocks)):
+                return await self.fetch_blocks(job.prefix_blocks)
+
+        blocks_task = asyncio.ensure_future(fetch())
+        try:
+            with tracing.span("kv.receive", parent=ctx, bytes=handoff.descriptor.num_bytes):
+                data = await asyncio.to_thread(self.mover.receive, handoff.descriptor)
+        except BaseException:
+            blocks_task.cancel()
+            raise
+        kv = SequenceKV(
+            handoff.token_ids,
+            handoff.block_keys,
+            data,
+            output_token_ids=handoff.output_token_ids,
+            generator_state=handoff.generator_state,
+            first_block=handoff.first_block,
+        )
+        blocks = await blocks_task
+        prefix = PrefixKV(handoff.block_keys[: len(blocks)], blocks) if blocks else None
+        return kv, prefix

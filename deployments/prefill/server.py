@@ -16,6 +16,10 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
+from opentelemetry import trace
+from opentelemetry.context import Context
+
+from deployments import tracing
 from deployments.engine_server import EngineServer
 from deployments.protocol import KVHandoff, PrefillJob
 from engine.core import EngineCore
@@ -32,11 +36,46 @@ class PrefillServer(EngineServer):
 
     async def prefill(self, job: PrefillJob) -> AsyncIterator[RequestOutput | KVHandoff]:
         """Yield the first token as soon as it is sampled, then (unless the request already
-        finished) the KVHandoff once the KV is with the transport."""
+        finished) the KVHandoff once the KV is with the transport. Traced as `pe.prefill`
+        (to the first token) and `kv.send`, under the job's trace context."""
         start = time.perf_counter()
+        parent = tracing.extract(job.trace)
+        with tracing.span(
+            "pe.prefill",
+            parent=parent,
+            replica=self.replica_id,
+            node=self.node_id,
+            prompt_tokens=len(job.token_ids),
+            stored_blocks=len(job.prefix_blocks),
+            priority=job.priority,
+        ) as span:
+            first = await self._first_token(job, trace.set_span_in_context(span))
+            span.set_attribute("cached_tokens", first.num_cached_tokens)
+        prefill_s = time.perf_counter() - start
+        kv, first.kv = first.kv, None
+        yield first
+        if kv is None:
+            return
+        with tracing.span("kv.send", parent=parent, transport=self.mover.transport.name) as span:
+            descriptor = await asyncio.to_thread(self.mover.send, job.request_id, kv)
+            span.set_attributes({"bytes": descriptor.num_bytes, "via": descriptor.transport})
+        yield KVHandoff(
+            request_id=job.request_id,
+            token_ids=kv.token_ids,
+            block_keys=kv.block_keys,
+            output_token_ids=kv.output_token_ids,
+            generator_state=kv.generator_state,
+            descriptor=descriptor,
+            first_block=kv.first_block,
+            prefill_s=prefill_s,
+            send_s=time.perf_counter() - start - prefill_s,
+        )
+
+    async def _first_token(self, job: PrefillJob, ctx: Context) -> RequestOutput:
         prefix = None
         if job.prefix_blocks:
-            blocks = await self.fetch_blocks(job.prefix_blocks)
+            with tracing.span("kv.fetch", parent=ctx, blocks=len(job.prefix_blocks)):
+                blocks = await self.fetch_blocks(job.prefix_blocks)
             prefix = PrefixKV(list(job.prefix_keys), blocks)
 
         def add(engine: EngineCore) -> None:
@@ -51,26 +90,12 @@ class PrefillServer(EngineServer):
             )
 
         hits = len(job.prefix_blocks) * self.engine.config.block_size
-        stream = self.loop.submit(job.request_id, add, num_tokens=max(1, len(job.token_ids) - hits))
+        stream = self.loop.submit(
+            job.request_id, add, num_tokens=max(1, len(job.token_ids) - hits), trace=ctx
+        )
         first: RequestOutput | None = None
         async for output in stream:
             first = output
         if first is None or (first.kv is None and not first.finished):
             raise PrefillError(f"prefill of {job.request_id} ended without a token")
-        prefill_s = time.perf_counter() - start
-        kv, first.kv = first.kv, None
-        yield first
-        if kv is None:
-            return
-        descriptor = await asyncio.to_thread(self.mover.send, job.request_id, kv)
-        yield KVHandoff(
-            request_id=job.request_id,
-            token_ids=kv.token_ids,
-            block_keys=kv.block_keys,
-            output_token_ids=kv.output_token_ids,
-            generator_state=kv.generator_state,
-            descriptor=descriptor,
-            first_block=kv.first_block,
-            prefill_s=prefill_s,
-            send_s=time.perf_counter() - start - prefill_s,
-        )
+        return first

@@ -6,14 +6,23 @@ from __future__ import annotations
 
 import time
 
+from deployments import tracing
 from deployments.metrics import Metrics
+from deployments.options import TracingSection
 from deployments.protocol import LoadReport, NodeReport, Plan, PlanRequest
 from deployments.scheduler.policy import PolicyConfig, plan_and_note
 from deployments.scheduler.view import ClusterView
 
 
 class Scheduler:
-    def __init__(self, stale_after_s: float = 15.0, policy: PolicyConfig | None = None):
+    def __init__(
+        self,
+        stale_after_s: float = 15.0,
+        policy: PolicyConfig | None = None,
+        tracing_section: TracingSection | None = None,
+    ):
+        if tracing_section is not None:
+            tracing.setup_tracing(tracing_section, "dualpath.scheduler")
         self.view = ClusterView(stale_after_s)
         self.policy = policy or PolicyConfig()
         self.read_paths: dict[str, int] = {}
@@ -34,7 +43,9 @@ class Scheduler:
         self.view.remove(replica_id)
 
     async def plan(self, request: PlanRequest) -> Plan:
-        result = plan_and_note(request, self.view, time.time(), self.policy)
+        with tracing.span("scheduler.plan", request.trace, policy=self.policy.policy) as span:
+            result = plan_and_note(request, self.view, time.time(), self.policy)
+            span.set_attributes({"read_path": result.read_path, "engines": len(self.view.engines)})
         self.read_paths[result.read_path] = self.read_paths.get(result.read_path, 0) + 1
         self.metrics.inc("dualpath_read_path_total", path=result.read_path)
         return result

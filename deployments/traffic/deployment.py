@@ -13,6 +13,7 @@ from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
+from deployments import tracing
 from deployments.metrics import Metrics
 from deployments.options import EngineReplicaOptions, KVStoreSection
 from deployments.protocol import TransferReport
@@ -36,6 +37,7 @@ class TrafficManager:
         snic_bandwidth: int | None,
         scheduler: DeploymentHandle,
     ):
+        tracing.setup_tracing(engine.tracing, f"dualpath.traffic.{node}")
         store = None
         if kvstore.enabled:
             block_size = engine.engine.block_size
@@ -65,12 +67,19 @@ class TrafficManager:
         self.interval_s = engine.report_interval_s
         self._task = asyncio.get_running_loop().create_task(self._report_forever())
 
-    async def load(self, keys: Sequence[bytes]) -> list[Any]:
-        return await asyncio.to_thread(self.manager.load, keys)
+    async def load(self, keys: Sequence[bytes], trace: dict[str, str] | None = None) -> list[Any]:
+        with tracing.span("kv.snic_read", trace, node=self.node, blocks=len(keys)) as span:
+            handles = await asyncio.to_thread(self.manager.load, keys)
+            span.set_attribute("blocks_read", len(handles))
+            return handles
 
     async def persist(self, items: Sequence[tuple[bytes, Any]]) -> int:
+        """Background work (no request waits): each batch is its own small trace."""
         blocks = [(k, block_from_object(v) if isinstance(v, tuple) else v) for k, v in items]
-        return await asyncio.to_thread(self.manager.persist, blocks)
+        with tracing.span("kv.persist", node=self.node, blocks=len(blocks)) as span:
+            new = await asyncio.to_thread(self.manager.persist, blocks)
+            span.set_attribute("new_blocks", new)
+            return new
 
     async def record(self, report: TransferReport) -> None:
         self.manager.record(report.stats)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -22,6 +23,7 @@ MODEL = "SmolLM2-135M-Instruct"
 class RunningApp:
     base_url: str
     transport: str
+    traces: Path  # the app's tracing.path (file exporter)
 
     @property
     def openai_url(self) -> str:
@@ -34,12 +36,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+METRICS_PORT = free_port()  # Ray's Prometheus endpoint (ray.init(_metrics_export_port))
+
+
 @pytest.fixture(scope="session")
 def serve_port(model_dir):
     ray = pytest.importorskip("ray")
     from ray import serve
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _metrics_export_port=METRICS_PORT,
+        _system_config={"metrics_report_interval_ms": 1000},  # metrics show within ~2 s
+    )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield port
@@ -53,12 +64,14 @@ def serve_app(request, serve_port, model_dir, tmp_path_factory):
 
     from app.builder import build_app
 
+    traces = tmp_path_factory.mktemp(f"traces-{request.param}")
     args = {
         "model": {"path": str(model_dir), "served_model_name": MODEL},
         "engine": {"kv_cache_bytes": "96MiB", "max_num_seqs": 32},
         "transfer": {"transport": request.param, "nixl_staging_bytes": "64MiB"},
         "scheduler": {"report_interval_s": 0.2},
         "kvstore": {"path": str(tmp_path_factory.mktemp(f"kv-{request.param}"))},
+        "tracing": {"path": str(traces)},
     }
     serve.delete(APP)
     serve.run(build_app(args), name=APP, route_prefix="/")
@@ -70,7 +83,7 @@ def serve_app(request, serve_port, model_dir, tmp_path_factory):
         time.sleep(0.2)
     else:
         pytest.fail("the app never became healthy")
-    return RunningApp(base, request.param)
+    return RunningApp(base, request.param, traces)
 
 
 def engines(role: str | None = None):

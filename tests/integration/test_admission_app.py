@@ -41,6 +41,7 @@ def tenants_app(serve_port, model_dir, tenants_root):
         "kvstore": {"path": str(root / "kv"), "dram_bytes": "16MiB"},
         "ingress": {"ledger_path": str(root / "usage.jsonl")},
         "audit": {"path": str(root / "audit")},
+        "tracing": {"path": str(root / "traces")},
         # default runs only with nothing else in flight: a second default request queues
         "admission": {"tier_share": {"default": 0.001}},
         "auth": {

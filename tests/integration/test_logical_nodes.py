@@ -12,6 +12,7 @@ import pytest
 from openai import OpenAI
 
 from engine.sampling_params import SamplingParams
+from ops.traceview import find_trace
 from tests.integration.conftest import MODEL
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -19,7 +20,12 @@ APP2 = "dualpath-nodes"
 
 
 @pytest.fixture(scope="module")
-def two_nodes(serve_port, model_dir, tmp_path_factory):
+def traces(tmp_path_factory):
+    return tmp_path_factory.mktemp("traces-nodes")
+
+
+@pytest.fixture(scope="module")
+def two_nodes(serve_port, model_dir, tmp_path_factory, traces):
     from ray import serve
 
     from app.builder import build_app
@@ -31,6 +37,7 @@ def two_nodes(serve_port, model_dir, tmp_path_factory):
         "transfer": {"transport": "object_store"},
         "scheduler": {"report_interval_s": 0.1, "policy": "dualpath_split"},
         "kvstore": {"path": str(tmp_path_factory.mktemp("kv-nodes")), "dram_bytes": 0},
+        "tracing": {"path": str(traces)},
         "nodes": [
             {"name": "pnode", "prefill": 1, "snic_bandwidth": "500MB"},
             {"name": "dnode", "decode": 1, "snic_bandwidth": "500MB"},
@@ -46,7 +53,7 @@ def two_nodes(serve_port, model_dir, tmp_path_factory):
     serve.delete(APP2)
 
 
-def test_split_read_across_two_nodes_gives_identical_output(two_nodes, engine):
+def test_split_read_across_two_nodes_gives_identical_output(two_nodes, engine, traces):
     from pydoc_data.topics import topics
 
     from ray import serve
@@ -84,3 +91,48 @@ def test_split_read_across_two_nodes_gives_identical_output(two_nodes, engine):
         for node in ("pnode", "dnode")
     }
     assert reads["pnode"] > 0 and reads["dnode"] > 0  # both SNICs read part of the hit
+
+    # one trace across six processes: each deployment's spans under the ingress's
+    spans = wait_for_trace(traces, second.id, 7)
+    assert len({s["trace_id"] for s in spans}) == 1
+    by_id = {s["span_id"]: s for s in spans}
+
+    def parent(s):
+        return by_id[s["parent_id"]]
+
+    assert {s["service"] for s in spans} >= {
+        "dualpath.ingress",
+        "dualpath.scheduler",
+        "dualpath.prefill.pnode",
+        "dualpath.decode.dnode",
+        "dualpath.traffic.pnode",
+        "dualpath.traffic.dnode",
+    }
+    named = {s["name"]: s for s in spans}
+    assert parent(named["scheduler.plan"])["name"] == "schedule"
+    assert parent(named["pe.prefill"])["name"] == "prefill"
+    assert parent(named["de.decode"])["name"] == "decode"
+    snic = [s for s in spans if s["name"] == "kv.snic_read"]
+    assert sorted(s["service"] for s in snic) == [
+        "dualpath.traffic.dnode",
+        "dualpath.traffic.pnode",
+    ]
+    for s in snic:  # the DE-side read went to dnode's SNIC, the PE-side to pnode's
+        side = parent(s)["attributes"]["side"]
+        assert (
+            s["service"] == {"de": "dualpath.traffic.dnode", "pe": "dualpath.traffic.pnode"}[side]
+        )
+        assert s["attributes"]["blocks_read"] == parent(s)["attributes"]["blocks_read"] > 0
+    assert named["pe.prefill"]["attributes"]["cached_tokens"] == (
+        second.usage.prompt_tokens_details.cached_tokens
+    )
+
+
+def wait_for_trace(directory, ident, services, timeout_s=15.0):
+    """The request's spans once `services` processes have exported theirs (~1 s batches)."""
+    deadline = time.time() + timeout_s
+    while True:
+        spans = find_trace(directory, ident)
+        if len({s["service"] for s in spans}) >= services or time.time() > deadline:
+            return spans
+        time.sleep(0.5)

@@ -1,0 +1,61 @@
+"""HTTP edges of the API: the request body, error responses, the SSE stream."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from app.api.errors import BadRequestError, PayloadTooLargeError, to_api_error
+from app.api.sse import DONE_FRAME, sse_frame
+
+logger = logging.getLogger("app.ingress")
+
+
+async def read_json(http: Request, limit: int) -> Any:
+    """The body as a JSON object: 413 over `limit` bytes (declared or sent), 400 otherwise."""
+    declared = http.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"request body is larger than {limit} bytes")
+    body = await http.body()
+    if len(body) > limit:
+        raise PayloadTooLargeError(f"request body is larger than {limit} bytes")
+    try:
+        data = json.loads(body)
+    except ValueError as exc:
+        raise BadRequestError(f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise BadRequestError("request body must be a JSON object")
+    return data
+
+
+def error_response(exc: BaseException, headers: dict[str, str] | None = None) -> JSONResponse:
+    error = to_api_error(exc)
+    if error.status >= 500 and error.code not in ("overloaded", "queue_full"):
+        logger.error("request failed", exc_info=exc)
+    return JSONResponse(
+        error.body(), status_code=error.status, headers=(headers or {}) | error.headers
+    )
+
+
+async def sse(
+    first: BaseModel, rest: AsyncIterator[BaseModel], done: Callable[[], None]
+) -> AsyncIterator[bytes]:
+    """The stream as SSE frames; `done()` runs when it ends, however it ends."""
+    try:
+        async with contextlib.aclosing(rest):  # type: ignore[type-var]
+            yield sse_frame(first)
+            try:
+                async for chunk in rest:
+                    yield sse_frame(chunk)
+            except Exception as exc:  # headers are sent: report in-band, as OpenAI does
+                yield sse_frame(to_api_error(exc).body())
+        yield DONE_FRAME
+    finally:
+        done()
