@@ -11,6 +11,7 @@ ServeBackend (Serve handles, the Scheduler's replica choice carried in each job)
 import asyncio
 import contextlib
 import dataclasses
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,9 +29,7 @@ from app.admission.gate import Caller, Gate
 from app.admission.queues import AdmissionQueue
 from app.admission.ratelimit import RateLimiter
 from app.api.errors import (
-    APIError,
     BadRequestError,
-    OverloadedError,
     PermissionDeniedError,
     to_api_error,
 )
@@ -64,7 +63,15 @@ from engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-api = FastAPI(title="dualpath-serve", docs_url="/docs", redoc_url=None)
+# NOTE: newer FastAPI opens its own HTTP span per request; ours (app/roots.py, which handle
+# calls get too) is the root, so FastAPI's telemetry is off where it exists.
+_quiet = {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+api = FastAPI(
+    title="dualpath-serve",
+    docs_url="/docs",
+    redoc_url=None,
+    **(_quiet if "telemetry" in inspect.signature(FastAPI).parameters else {}),
+)
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -332,7 +339,6 @@ class Ingress:
         tenant: Tenant | None = None
         route = http.url.path
         rid = self.roots.start(f"POST {route}", route, http.headers)
-        ids = {"x-request-id": rid}
         try:
             with current(self.roots.span(rid)):
                 tenant = self.auth.authenticate(http.headers.get("authorization"))
@@ -342,21 +348,20 @@ class Ingress:
                 if not request.stream:
                     response = await unary(request, caller)
                     self.roots.end(rid, 200)
-                    return JSONResponse(dump(response), headers=self.gate.headers(tenant) | ids)
+                    return JSONResponse(dump(response), headers=self.gate.headers(tenant))
                 stream = streaming(request, caller)
                 first = await anext(stream)
         except Exception as exc:
             self._audit_refusal(tenant, route, exc, rid)
             self.roots.end(rid, to_api_error(exc).status, exc)
-            limits = self.gate.headers(tenant) if tenant else {}
-            return error_response(exc, limits | ids)
+            return error_response(exc, self.gate.headers(tenant) if tenant else None)
         except BaseException:  # cancelled: the client went away
             self.roots.end(rid, 499)
             raise
         return StreamingResponse(
             sse(first, stream, lambda: self.roots.end(rid, 200)),
             media_type="text/event-stream",
-            headers=self.gate.headers(tenant) | ids,
+            headers=self.gate.headers(tenant),
         )
 
     @api.get("/v1/usage")
@@ -389,6 +394,3 @@ class Ingress:
             return JSONResponse({"object": "page", "data": data, "has_more": False})
         except Exception as exc:
             return error_response(exc)
-
-
-__all__ = ["APIError", "Ingress", "OverloadedError", "ServeBackend"]

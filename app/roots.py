@@ -1,10 +1,12 @@
 """Root spans: one per request the ingress receives, named by its request id.
 
-The request id is made here, once: it is the `x-request-id` response header, the response's
-`id` (`chatcmpl-<id>`), the engines' request id, the audit line's `request_id` and the root
-span's `dualpath.request_id`, so `python -m ops trace <id>` finds the trace from any of them.
-A W3C `traceparent` header from the client makes the request part of the client's trace; an
-`x-client-request-id` header is recorded on the root span. No Ray here.
+The request id is made here, once, and never taken from the client (the engines key requests
+by it, so a client-chosen id could collide with, or abort, someone else's request). It is the
+response's `id` (`chatcmpl-<id>`), the engines' request id, the audit line's `request_id` and
+the root span's `dualpath.request_id`. Serve's own `x-request-id` (the response header; the
+client's value when it sent one) and an `x-client-request-id` header are recorded on the root
+span too, so `python -m ops trace` finds the trace from any of them. A W3C `traceparent`
+header from the client makes the request part of the client's trace. No Ray here.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ from deployments import tracing
 _CLIENT_ID = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, as OpenAI limits it
 
 
+def _printable(value: str | None) -> str | None:
+    return value if value and _CLIENT_ID.fullmatch(value) else None
+
+
 class RootSpans:
     def __init__(self) -> None:
         self.open: dict[str, Span] = {}  # request id -> its root span, until it ends
@@ -32,13 +38,16 @@ class RootSpans:
         request_id = uuid.uuid4().hex
         headers = headers or {}
         parent = propagate.extract(dict(headers)) if "traceparent" in headers else None
-        client_id = headers.get("x-client-request-id")
         self.open[request_id] = tracing.start_span(
             name,
             parent,
             kind=SpanKind.SERVER,
-            **{tracing.REQUEST_ID: request_id, "http.route": route},
-            client_request_id=client_id if client_id and _CLIENT_ID.fullmatch(client_id) else None,
+            **{
+                tracing.REQUEST_ID: request_id,
+                "http.route": route,
+                "serve.request_id": _printable(headers.get("x-request-id")),
+                "client_request_id": _printable(headers.get("x-client-request-id")),
+            },
         )
         return request_id
 

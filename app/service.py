@@ -13,7 +13,6 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 from app.admission.gate import Caller, Gate
 from app.admission.queues import RANK, Lease, Ticket
@@ -35,21 +34,10 @@ from app.api.schemas import (
 )
 from app.flow import Backend, ModelInfo, run_request
 from app.logprobs import LogprobFormatter
-from app.tally import Tally
+from app.tally import Choice, Tally
 from engine.output import RequestOutput
 from engine.sampling_params import SamplingParams
-from engine.sequence import TokenLogprob
 from engine.tokenizer import ChatTemplateError, Tokenizer
-
-
-@dataclass(slots=True)
-class Choice:
-    """One choice's accumulated result."""
-
-    text: str = ""
-    finish_reason: str | None = None
-    logprobs: list[TokenLogprob] | None = None
-    token_ids: list[int] = field(default_factory=list)
 
 
 class ChatService:
@@ -235,8 +223,10 @@ class ChatService:
         caller: Caller | None,
         lease: Lease | None,
         rid: str,
+        every_token: bool = False,
     ) -> tuple[Tally, AsyncIterator[tuple[int, RequestOutput]]]:
-        """Start all choices and wait for the first output; then the outputs worth a chunk.
+        """Start all choices and wait for the first output; then the outputs worth a chunk
+        (with `every_token`, each output with tokens: their ids must all reach the client).
 
         NOTE: awaiting the first output before the caller yields anything makes planning and
         validation errors reach the client before any byte is sent (a proper status code).
@@ -248,7 +238,12 @@ class ChatService:
         async def deltas() -> AsyncIterator[tuple[int, RequestOutput]]:
             async for index, out in _prepend(first, outputs):
                 tally.note(index, out)
-                if out.new_text or out.finished or out.new_logprobs:
+                if (
+                    out.new_text
+                    or out.finished
+                    or out.new_logprobs
+                    or (every_token and out.new_token_ids)
+                ):
                     yield index, out  # else: held back (partial stop string), special token
 
         return tally, deltas()
@@ -353,7 +348,9 @@ class ChatService:
                 "model": self.model.name,
                 "service_tier": lease.tier if lease else None,
             }
-            tally, deltas = await self._deltas(prompt, params, caller, lease, rid)
+            tally, deltas = await self._deltas(
+                prompt, params, caller, lease, rid, request.return_token_ids
+            )
             async for index, out in deltas:
                 yield CompletionResponse(
                     **head,

@@ -1,13 +1,15 @@
 """Tally: a request's usage and timings, gathered from its choices' outputs as they come;
-also what the admission lease bills (`counts`)."""
+also what the admission lease bills (`counts`). Choice: one choice's accumulated reply."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 from app.admission.queues import Lease
 from app.api.schemas import Timings, Usage
 from engine.output import RequestOutput
+from engine.sequence import TokenLogprob
 
 TIMINGS = {  # Timings field -> RequestOutput.metrics key
     "prefill_ms": "engine_first_output_s",
@@ -71,3 +73,13 @@ class Tally:
     def counts(self) -> tuple[int, int, int]:
         """(hit, miss, output) tokens so far: what the request is billed for."""
         return self.cached, self.num_prompt_tokens - self.cached, sum(self.num_tokens)
+
+
+@dataclass(slots=True)
+class Choice:
+    """One choice's accumulated result."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    token_ids: list[int] = field(default_factory=list)

@@ -99,6 +99,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     raise SystemExit(f"unknown benchmark {args.which!r}")
 
 
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from ops.dashboards.render import main as render_main
+
+    return render_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dps", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
@@ -129,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("which", choices=["engine", "serve", "agentic", "kv-hit", "admission"])
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     bench.set_defaults(func=_cmd_bench)
+
+    board = sub.add_parser("dashboard", help="render the Grafana board headless under load")
+    board.add_argument("rest", nargs=argparse.REMAINDER, help="--minutes, --out")
+    board.set_defaults(func=_cmd_dashboard)
 
     from ops.kvtool import add_parsers as add_kv_parsers
     from ops.replay import add_parsers as add_replay_parsers

@@ -1,10 +1,10 @@
 """`python -m ops trace <request-id>`: one request's trace, as a tree with a timeline.
 
 Reads the span files the file exporter writes (`tracing.path`, one file per process and
-day; see deployments/tracing.py) on this machine. The id may be the `x-request-id` header,
-the response id (`chatcmpl-…` / `cmpl-…`, the audit log's `request_id` with that prefix) or
-a 32-hex trace id. With an OTLP collector configured instead, look the trace up there by its
-`dualpath.request_id` attribute.
+day; see deployments/tracing.py) on this machine. The id may be the response id
+(`chatcmpl-…` / `cmpl-…`), the audit log's `request_id`, the `x-request-id` response header,
+the client's `x-client-request-id`, or a 32-hex trace id. With an OTLP collector configured
+instead, look the trace up there by its `dualpath.request_id` attribute.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from rich.tree import Tree
 
 from deployments.options import TracingSection
 from deployments.tracing import REQUEST_ID
+
+IDS = (REQUEST_ID, "serve.request_id", "client_request_id")  # attributes an id may match
 
 BAR = 32  # timeline width in characters
 SHOWN = (  # attributes worth a place on the tree line, in this order
@@ -73,7 +75,7 @@ def find_trace(directory: Path, ident: str) -> list[dict[str, Any]]:
     traces = {
         s["trace_id"]
         for s in _lines(directory)
-        if s["trace_id"] == key or s.get("attributes", {}).get(REQUEST_ID) == key
+        if s["trace_id"] == key or any(s["attributes"].get(a) in (key, ident) for a in IDS)
     }
     found = [s for s in _lines(directory) if s["trace_id"] in traces]
     return sorted(found, key=lambda s: s["start_ns"])

@@ -141,6 +141,22 @@ def test_stream_chunks_rebuild_the_reply(pd):
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
 
 
+def test_streamed_token_ids_are_all_there_while_text_is_held_back(pd):
+    """A long stop string holds back text for several tokens; with `return_token_ids` the
+    chunks must still carry every generated id (an agent rebuilds its context from them)."""
+    service, _, _ = pd
+    kw = {"temperature": 0, "max_tokens": 12, "ignore_eos": True, "return_token_ids": True}
+    kw |= {"stop": ["~" * 30]}
+    whole = run(service.complete(CompletionRequest(model=MODEL, prompt="Once upon a", **kw)))
+
+    async def collect():
+        request = CompletionRequest(model=MODEL, prompt="Once upon a", stream=True, **kw)
+        return [c async for c in service.complete_stream(request)]
+
+    ids = [i for c in run(collect()) for choice in c.choices for i in choice.token_ids or []]
+    assert ids == whole.choices[0].token_ids and len(ids) == 12
+
+
 def test_prompt_too_long_and_max_tokens_too_large_are_400(pd):
     service, _, _ = pd
     with pytest.raises(APIError) as info:

@@ -40,12 +40,15 @@ def test_a_streamed_request_is_one_trace_across_the_deployments(serve_app):
         stream_options={"include_usage": True},
         extra_headers={"x-client-request-id": "client-42"},
     )
-    rid = raw.headers["x-request-id"]
+    serve_id = raw.headers["x-request-id"]
     chunks = list(raw.parse())
-    assert {c.id for c in chunks} == {f"chatcmpl-{rid}"}
+    (response_id,) = {c.id for c in chunks}
     usage = chunks[-1].usage
 
-    spans = wait_for_trace(serve_app.traces, rid, 4)
+    spans = wait_for_trace(serve_app.traces, response_id, 4)
+    trace_ids = {s["trace_id"] for s in spans}
+    for other in (serve_id, "client-42"):  # Serve's id and the client's find it too
+        assert {s["trace_id"] for s in find_trace(serve_app.traces, other)} == trace_ids
     assert len({s["trace_id"] for s in spans}) == 1
     assert {s["service"] for s in spans} == {
         "dualpath.ingress",
@@ -57,6 +60,8 @@ def test_a_streamed_request_is_one_trace_across_the_deployments(serve_app):
     (root,) = [s for s in spans if s["parent_id"] not in by_id]
     assert root["name"] == "POST /v1/chat/completions"
     attrs = root["attributes"]
+    assert response_id == f"chatcmpl-{attrs['dualpath.request_id']}"
+    assert attrs["serve.request_id"] == serve_id
     assert attrs["client_request_id"] == "client-42"
     assert attrs["http.response.status_code"] == 200
     assert attrs["completion_tokens"] == usage.completion_tokens
@@ -79,7 +84,7 @@ def test_a_streamed_request_is_one_trace_across_the_deployments(serve_app):
     assert root["end_ns"] >= de["end_ns"]  # the root ends with the stream, not at its start
 
     out = subprocess.run(
-        [sys.executable, "-m", "ops", "trace", f"chatcmpl-{rid}", "--dir", str(serve_app.traces)],
+        [sys.executable, "-m", "ops", "trace", serve_id, "--dir", str(serve_app.traces)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -89,7 +94,7 @@ def test_a_streamed_request_is_one_trace_across_the_deployments(serve_app):
         assert name in out.stdout
 
 
-def test_a_refused_request_has_a_request_id_and_a_trace(serve_app):
+def test_a_refused_request_is_traced_under_serves_request_id(serve_app):
     response = httpx.post(
         f"{serve_app.openai_url}/chat/completions",
         json={"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]},
