@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 # CPU machines pin the local CPU wheel; set TORCH_SPEC="torch" on a CUDA machine.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: serve status chat test lint bench-engine bench-serve bench-agentic bench-admission fetch clean
+.PHONY: serve status chat test lint bench-engine bench-serve bench-agentic bench-admission dashboard fetch clean
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
@@ -41,6 +41,10 @@ bench-agentic: fetch
 
 bench-admission: fetch
 	$(PY) -m ops bench admission
+
+# needs a `prometheus` binary (Debian: apt install prometheus); writes docs/dashboard.png
+dashboard: fetch
+	$(PY) -m ops dashboard
 
 chat: fetch
 	$(PY) -m ops chat

@@ -96,13 +96,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from ops.bench.admission import main as admission_main
 
         return admission_main(args.rest)
+    if args.which == "tracing":
+        from ops.bench.tracing import main as tracing_main
+
+        return tracing_main(args.rest)
     raise SystemExit(f"unknown benchmark {args.which!r}")
-
-
-def _cmd_dashboard(args: argparse.Namespace) -> int:
-    from ops.dashboards.render import main as render_main
-
-    return render_main(args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,14 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=_cmd_chat)
 
     bench = sub.add_parser("bench", help="run a benchmark (ops/bench/<name>.py)")
-    bench.add_argument("which", choices=["engine", "serve", "agentic", "kv-hit", "admission"])
+    bench.add_argument(
+        "which", choices=["engine", "serve", "agentic", "kv-hit", "admission", "tracing"]
+    )
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     bench.set_defaults(func=_cmd_bench)
 
-    board = sub.add_parser("dashboard", help="render the Grafana board headless under load")
-    board.add_argument("rest", nargs=argparse.REMAINDER, help="--minutes, --out")
-    board.set_defaults(func=_cmd_dashboard)
-
+    from ops.dashboards.render import add_parsers as add_dashboard_parsers
     from ops.kvtool import add_parsers as add_kv_parsers
     from ops.replay import add_parsers as add_replay_parsers
     from ops.status import add_drain_parsers
@@ -153,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_drain_parsers(sub)
     add_trace_parsers(sub)
     add_replay_parsers(sub)
+    add_dashboard_parsers(sub)
     return parser
 
 

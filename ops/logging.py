@@ -36,3 +36,5 @@ def setup_logging(level: str = "INFO") -> None:
     handler._dualpath = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level.upper())
+    if root.level > logging.DEBUG:  # one line per HTTP call would drown the tools' own
+        logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -193,19 +193,25 @@ def draw(panels: list[dict[str, Any]], out: Path) -> None:
     fig.suptitle(
         "dualpath-serve — ops/dashboards/dualpath.json on live data (Prometheus)", color="#d8d9da"
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.975))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=80, facecolor=fig.get_facecolor())
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ops dashboard", description=__doc__)
-    parser.add_argument("--minutes", type=float, default=4.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="docs/dashboard.png")
-    parser.add_argument("--json", default="bench-results/dashboard.json")
-    args = parser.parse_args(argv)
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("dashboard", help="render the Grafana board from Prometheus under load")
+    p.add_argument("--minutes", type=float, default=4.0, help="of load")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="docs/dashboard.png")
+    p.add_argument("--json", default="bench-results/dashboard.json")
+    p.add_argument("--from-json", action="store_true", help="redraw --json's series, no run")
+    p.set_defaults(func=run)
 
+
+def run(args: argparse.Namespace) -> int:
+    if args.from_json:
+        draw(json.loads(Path(args.json).read_text()), Path(args.out))
+        return 0
     import ray
     from ray import serve
 
