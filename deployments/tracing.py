@@ -59,19 +59,27 @@ def setup_tracing(section: TracingSection, service: str) -> bool:
     """Install this process's tracer provider once; True if this call installed it."""
     global _installed
     with _lock:
-        if _installed or not section.enabled:
+        if _installed:
             return False
-        exporter = make_exporter(section, service)
-        if exporter is None:
+        provider = make_provider(section, service)
+        if provider is None:
             return False
-        provider = TracerProvider(
-            sampler=ParentBased(TraceIdRatioBased(section.sample_ratio)),
-            resource=Resource.create({"service.name": service}),
-        )
-        provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=1000))
         trace.set_tracer_provider(provider)
         _installed = True
         return True
+
+
+def make_provider(section: TracingSection, service: str) -> TracerProvider | None:
+    """A provider with the configured sampler and exporter (None: tracing off)."""
+    exporter = make_exporter(section, service) if section.enabled else None
+    if exporter is None:
+        return None
+    provider = TracerProvider(
+        sampler=ParentBased(TraceIdRatioBased(section.sample_ratio)),
+        resource=Resource.create({"service.name": service}),
+    )
+    provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=1000))
+    return provider
 
 
 def install_provider(provider: TracerProvider) -> None:

@@ -230,3 +230,18 @@ async def test_every_outcome_gets_one_audit_record(tmp_path):
     assert (first.prompt_tokens, first.cached_tokens, first.completion_tokens) == (30, 10, 5)
     assert first.cost > 0 and first.window == "peak" and first.route == "/v1/completions"
     assert first.user == "bob@example.com"  # masked by AuditLog when written
+
+
+async def test_admission_is_a_span_ending_at_admission_and_refusals_are_errors(tmp_path, spans):
+    gate = make_gate(Clock(), tmp_path)
+    acme = tenant(max_concurrent=1)
+    async with gate.enter(acme, Ticket("r1", "acme", "priority", 10, 10)):
+        (admitted,) = spans.get_finished_spans()  # ended before the request's body ran
+        with pytest.raises(RateLimitError):
+            async with gate.enter(acme, Ticket("r2", "acme", "default", 10, 10)):
+                pass
+    first, refused = spans.get_finished_spans()
+    assert first is admitted and first.name == refused.name == "admission"
+    assert first.attributes["tier"] == "priority" and first.attributes["tenant"] == "acme"
+    assert first.attributes["queued_ms"] >= 0 and first.status.is_ok
+    assert not refused.status.is_ok and refused.events[0].name == "exception"

@@ -161,7 +161,9 @@ def test_usage_ledger_per_tenant_and_admin(tenants_app):
     assert usage("alice", bucket_width="7d").status_code == 400
 
 
-def test_handle_api_takes_the_same_key(tenants_app):
+def test_handle_api_takes_the_same_key(tenants_app, tenants_root):
+    import json
+
     from ray import serve
 
     from app.api.errors import AuthenticationError
@@ -178,6 +180,14 @@ def test_handle_api_takes_the_same_key(tenants_app):
     assert reply.service_tier == "priority" and reply.usage.cost.amount > 0
     with pytest.raises(AuthenticationError):
         DualPathClient(APP3).chat_sync(request)
+    time.sleep(0.5)
+    lines = [
+        json.loads(x)
+        for f in sorted((tenants_root / "audit").glob("audit-*.jsonl"))
+        for x in f.read_text().splitlines()
+    ]
+    handle = [x for x in lines if x["route"] == "handle:chat"]
+    assert {(x["status"], x["http_status"]) for x in handle} >= {("ok", 200), ("rejected", 401)}
     stats = serve.get_app_handle(APP3).admission_stats.remote().result()
     assert stats["capacity"] and stats["counts"]["admitted"] >= 1
     assert stats["in_flight"]["requests"] == 0
