@@ -57,8 +57,9 @@ async def run_request(
     `num_cached_tokens`, and the first one the request path's own timings.
 
     Traced as a `choice` span (under the caller's current span) with children `schedule`,
-    `kv.load` (a `kv.read` per side), `prefill`, `kv.handoff` and `decode`; the jobs carry
-    each span's context, so the deployments' spans nest under them.
+    `kv.load` (a `kv.read` per side), `prefill` (to the KV handoff; a `first_token` event)
+    and `decode`; the jobs carry each span's context, so the deployments' spans nest under
+    them.
     """
     choice = tracing.start_span(
         "choice", None, **{tracing.REQUEST_ID: request_id}, prompt_tokens=len(prompt)
