@@ -101,6 +101,11 @@ class Authenticator:
                 self.by_digest[digest] = Tenant(config.name, config)
         self.tenants = {name: Tenant(name, c) for name, c in tenants.items()}
         self.open = not self.by_digest
+        if self.open and (section.keys_file is not None or section.tenants):
+            # fail closed: keys were meant to be required, but none came through
+            raise ValueError(
+                "auth names tenants or a keys_file but no API key: refusing to run open"
+            )
         self.anonymous = Tenant(ANONYMOUS, section.anonymous)
         if self.open:
             logger.warning("no API keys configured: the API is open (every caller is anonymous)")

@@ -31,6 +31,9 @@ from deployments.scheduler.policy import PolicyConfig, PolicyName
 class IngressSection(Section):
     default_max_tokens: int = Field(default=512, ge=1, description="when a request sets none")
     max_body_bytes: Bytes = Field(default=4 * 2**20, description="larger bodies get 413")
+    max_tokens_limit: int | None = Field(
+        default=None, ge=1, description="a request's max_tokens above this gets 400"
+    )
     ledger_path: Path | None = Field(
         default_factory=lambda: Path("~/.cache/dualpath-serve/usage.jsonl"),
         description="per-tenant usage ledger (JSON lines); null keeps it in memory",

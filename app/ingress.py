@@ -33,7 +33,7 @@ from app.api.errors import (
     PermissionDeniedError,
     to_api_error,
 )
-from app.api.http import error_response, read_json, sse
+from app.api.http import error_response, openapi_with_bodies, read_json, sse
 from app.api.schemas import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -120,6 +120,7 @@ class Ingress:
             audit=self._outcome,
         )
         self.metrics = Metrics("ray")
+        api.openapi = openapi_with_bodies(api, [config.model.name])  # type: ignore[method-assign]
         tracing.setup_tracing(config.tracing, "dualpath.ingress")
         self.roots = RootSpans()
         for handler in logging.getLogger().handlers + logging.getLogger("ray.serve").handlers:
@@ -137,6 +138,7 @@ class Ingress:
             ServeBackend(scheduler, nodes),
             config.ingress.default_max_tokens,
             self.gate,
+            config.ingress.max_tokens_limit,
         )
 
     # ------------------------------------------------------------------ admission

@@ -48,12 +48,14 @@ class ChatService:
         backend: Backend,
         default_max_tokens: int,
         gate: Gate | None = None,
+        max_tokens_limit: int | None = None,
     ):
         self.tokenizer = tokenizer
         self.logprobs = LogprobFormatter(tokenizer)
         self.model = model
         self.backend = backend
         self.default_max_tokens = default_max_tokens
+        self.max_tokens_limit = max_tokens_limit  # the most a request may ask for (400 above)
         self.gate = gate  # admission, limits and billing; None runs every request at once
 
     # ------------------------------------------------------------------ prompts
@@ -91,6 +93,9 @@ class ChatService:
                 code="context_length_exceeded",
             )
         params = request.sampling_params(min(self.default_max_tokens, room), index)
+        if (limit := self.max_tokens_limit) is not None and params.max_tokens > limit:
+            msg = f"max_tokens is {params.max_tokens}; this server allows at most {limit}"
+            raise BadRequestError(msg, param="max_tokens")
         if params.max_tokens > room:
             raise BadRequestError(
                 f"max_tokens is {params.max_tokens} but only {room} tokens of the "

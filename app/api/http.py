@@ -1,4 +1,5 @@
-"""HTTP edges of the API: the request body, error responses, the SSE stream."""
+"""HTTP edges of the API: the request body, error responses, the SSE stream, and the OpenAPI
+document's request bodies (the routes read raw JSON themselves, for 413/400 control)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import Request
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from app.api.errors import BadRequestError, PayloadTooLargeError, to_api_error
+from app.api.schemas import ChatCompletionRequest, CompletionRequest
 from app.api.sse import DONE_FRAME, sse_frame
 
 logger = logging.getLogger("app.ingress")
@@ -59,3 +62,34 @@ async def sse(
         yield DONE_FRAME
     finally:
         done()
+
+
+BODIES: dict[str, type[BaseModel]] = {
+    "/v1/chat/completions": ChatCompletionRequest,
+    "/v1/completions": CompletionRequest,
+}
+
+
+def openapi_with_bodies(api: FastAPI, model_names: list[str]) -> Callable[[], dict[str, Any]]:
+    """`api.openapi` that also documents each POST route's JSON body (its pydantic model,
+    `model` limited to the served names), so clients and fuzzers see the real contract."""
+
+    def openapi() -> dict[str, Any]:
+        if api.openapi_schema:
+            return api.openapi_schema
+        schema = get_openapi(title=api.title, version=api.version, routes=api.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for path, model in BODIES.items():
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            body["properties"]["model"]["enum"] = model_names
+            components[model.__name__] = body
+            ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+            schema["paths"][path]["post"]["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": ref}},
+            }
+        api.openapi_schema = schema
+        return schema
+
+    return openapi

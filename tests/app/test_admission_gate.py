@@ -39,6 +39,7 @@ class Meter:
 
 
 def tenant(name: str = "acme", **config):
+    config.setdefault("key_sha256", [hash_key(f"sk-{name}")])
     auth = Authenticator(AuthSection(tenants=[TenantSection(name=name, **config)]), environ={})
     return auth.tenants[name]
 
@@ -86,6 +87,14 @@ def test_keys_file_and_open_mode(tmp_path):
     open_auth = Authenticator(AuthSection(), environ={})
     assert open_auth.open and open_auth.authenticate(None).name == ANONYMOUS
     assert open_auth.authenticate(None).salt == b""
+    # fail closed: a keys file (or tenant list) that yields no key never opens the API
+    path.write_text("tenants: []\n")
+    with pytest.raises(ValueError, match="refusing to run open"):
+        Authenticator(AuthSection(keys_file=path), environ={})
+    with pytest.raises(ValueError, match="refusing to run open"):
+        Authenticator(AuthSection(tenants=[TenantSection(name="nokey")]), environ={})
+    with pytest.raises(FileNotFoundError):
+        Authenticator(AuthSection(keys_file=tmp_path / "missing.yaml"), environ={})
 
 
 def test_tenants_get_their_own_kv_salt_unless_they_share_a_group():

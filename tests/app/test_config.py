@@ -33,6 +33,20 @@ def test_shipped_configs_validate_and_override_real_deployments(name):
     assert overrides <= deployment_names(config)
 
 
+@pytest.mark.parametrize("name", ["serve_config.yaml", "serve_config.gpu.yaml"])
+def test_shipped_configs_bind_loopback_or_require_keys(name):
+    """reliability-tests G11: the default binds 127.0.0.1; a config that listens beyond this
+    machine must not run the API open (it names tenants or a keys file)."""
+    data = yaml.safe_load((ROOT / name).read_text())
+    host = data["http_options"]["host"]
+    (app,) = data["applications"]
+    auth = AppConfig.model_validate(app["args"]).auth
+    if name == "serve_config.yaml":
+        assert host == "127.0.0.1"
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        assert auth.tenants or auth.keys_file is not None, f"{name} exposes an open API"
+
+
 def test_nodes_need_a_prefill_and_a_decode_engine_and_unique_names():
     with pytest.raises(ValidationError, match="at least one prefill"):
         AppConfig.model_validate({"nodes": [{"name": "a", "decode": 1}]})

@@ -14,7 +14,7 @@ from app.admission.queues import AdmissionQueue, QueueSection
 from app.admission.ratelimit import RateLimited, RateLimiter
 from app.api.errors import RateLimitError
 from app.api.schemas import CompletionRequest
-from app.auth import Authenticator, AuthSection, TenantSection
+from app.auth import Authenticator, AuthSection, TenantSection, hash_key
 from app.flow import ModelInfo
 from app.ledger import Ledger
 from app.pricing import PriceBook, PricingSection
@@ -69,9 +69,8 @@ def setup(model_dir, tmp_path):
     ledger = Ledger(tmp_path / "usage.jsonl")
     gate = Gate(queue, RateLimiter(lambda: 1e9), prices, ledger, "m", lambda: 1e9)
     service = ChatService(Tokenizer(model_dir), ModelInfo("m", 2048, 49152), engines, 16, gate=gate)
-    auth = Authenticator(
-        AuthSection(tenants=[TenantSection(name=n) for n in ("a", "b")]), environ={}
-    )
+    tenants = [TenantSection(name=n, key_sha256=[hash_key(f"sk-{n}")]) for n in ("a", "b")]
+    auth = Authenticator(AuthSection(tenants=tenants), environ={})
     return service, engines, auth, tmp_path / "usage.jsonl"
 
 

@@ -47,6 +47,7 @@ def test_otlp_exporter_sends_spans_to_the_configured_collector():
         provider.shutdown()
     finally:
         server.shutdown()
+
     def service(resource) -> str:
         (name,) = [a.value.string_value for a in resource.attributes if a.key == "service.name"]
         return name

@@ -16,7 +16,7 @@ from tests.integration.conftest import MODEL
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 APP3 = "dualpath-tenants"
-KEYS = {"alice": "sk-alice-123", "bob": "sk-bob-456", "ops": "sk-ops-789"}
+KEYS = {"alice": "sk-alice-123", "bob": "sk-bob-456", "ops": "sk-ops-789", "carol": "sk-carol-0"}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,8 @@ def tenants_app(serve_port, model_dir, tenants_root):
         "admission": {"tier_share": {"default": 0.001}},
         "auth": {
             "tenants": [
-                {"name": "alice", "key_sha256": [hash_key(KEYS["alice"])]},
+                {"name": "alice", "key_sha256": [hash_key(KEYS["alice"])], "cache_group": "a"},
+                {"name": "carol", "key_sha256": [hash_key(KEYS["carol"])], "cache_group": "a"},
                 {
                     "name": "bob",
                     "key_sha256": [hash_key(KEYS["bob"])],
@@ -239,6 +240,26 @@ def test_audit_lines_for_success_and_failure_without_personal_data(tenants_app, 
     refused = [x for x in lines if x["status"] == "rejected" and x["http_status"] == 401]
     assert refused and refused[-1]["error_code"] == "invalid_api_key"
     assert "carol@example.com" not in "".join(f.read_text() for f in files)
+
+
+def test_cross_tenant_probe_misses_and_the_same_tenant_hits(tenants_app):
+    """CVE-2025-46570 class, paired (reliability-tests G1): the same long prompt from another
+    tenant gets 0 cached tokens, from the same tenant (or an explicit cache-group peer) a hit.
+    The salt is the server's (from the key), so no request field can choose it."""
+    import uuid
+
+    prompt = f"[{uuid.uuid4().hex}] " + "The quick brown fox jumps over the lazy dog. " * 40
+
+    def cached(who: str, **extra) -> int:
+        reply = ask(client(tenants_app, who), prompt, **extra)
+        return reply.usage.prompt_tokens_details.cached_tokens
+
+    assert cached("alice") == 0
+    time.sleep(1.0)  # the DE persists the blocks; the index learns them
+    assert cached("ops", user="alice", extra_body={"cache_salt": "a"}) == 0  # another tenant
+    assert cached("alice") >= 256  # the same tenant hits
+    assert cached("carol") >= 256  # cache_group "a" shares on purpose
+    assert cached("ops") >= 256  # and ops's own first request is now cached for ops only
 
 
 def test_ops_status_on_the_running_app(tenants_app):

@@ -35,7 +35,7 @@ SHAPE = (4, 2, 64, 3, 64)  # [layers, 2, block_size, kv_heads, head_dim]
 SMALL = (2, 2, 16, 2, 8)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-KILL_CYCLES = 5
+KILL_CYCLES = 50  # issue 8: 50 kill-during-write cycles, 0 torn blocks
 KILL_SHAPE = (4, 2, 64, 8, 64)  # 1 MiB of float32 per block: a write takes a while
 
 
@@ -237,7 +237,7 @@ def test_kill_9_during_writes_never_leaves_a_torn_block(tmp_path: Path):
         zygote.stdin.flush()
         return zygote.stdout.readline().decode().strip()
 
-    rng, verified = random.Random(0), set()
+    rng, verified, torn = random.Random(0), set(), 0
     try:
         assert zygote.stdout.readline().strip() == b"ready"
         for cycle in range(KILL_CYCLES):
@@ -254,10 +254,12 @@ def test_kill_9_during_writes_never_leaves_a_torn_block(tmp_path: Path):
                 i = int.from_bytes(key[8:], "big")
                 assert torch.equal(block, base + i), f"block {i} is wrong"
             verified = set(on_disk)
+            torn += bool(tmp_files(tmp_path))  # this kill interrupted a write
             tier = NVMeTier(tmp_path)
             assert tmp_files(tmp_path) == [] and set(tier.keys()) == verified
             assert tier.stats()["corrupt"] == 0
         assert len(verified) > 0
+        assert torn >= KILL_CYCLES // 10, f"only {torn} kills landed mid-write"
     finally:
         zygote.kill()
         zygote.wait()
