@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from opentelemetry import trace
 
+from app.api.errors import KVLoadFailed
 from deployments import tracing
 from deployments.protocol import DecodeJob, KVHandoff, Plan, PlanRequest, PrefillJob
 from engine.output import RequestOutput
@@ -41,6 +42,7 @@ class ModelInfo:
     vocab_size: int
     model_id: str = ""  # the engines' model fingerprint: roots every block key
     block_size: int = 64
+    load_failure: str = "recompute"  # kvstore.load_failure: "recompute" | "fail"
 
 
 async def run_request(
@@ -82,7 +84,7 @@ async def run_request(
             span.set_attributes(_plan_attributes(plan))
         planned = time.perf_counter()
         with tracing.span("kv.load", parent=ctx, hit_blocks=plan.num_hit_blocks) as span:
-            handles, de_blocks = await _load(backend, plan, keys)
+            handles, de_blocks = await _load(backend, plan, keys, model.load_failure)
             span.set_attributes({"loaded_blocks": len(handles), "de_blocks": de_blocks})
         loaded = time.perf_counter()
         # NOTE: spans that outlive a `yield` are never made current (see tracing.span)
@@ -163,13 +165,16 @@ def _plan_attributes(plan: Plan) -> dict[str, Any]:
     }
 
 
-async def _load(backend: Backend, plan: Plan, keys: list[bytes]) -> tuple[list[Any], int]:
+async def _load(
+    backend: Backend, plan: Plan, keys: list[bytes], policy: str = "recompute"
+) -> tuple[list[Any], int]:
     """Read the plan's hit blocks on both sides at once: the DE side reads the first
     `de_read_blocks`, the PE side the rest. Returns the DRAM handles of the longest
     contiguous prefix that arrived and how many of them the DE side holds.
 
     NOTE: a block missing or corrupt on either side ends the prefix there: the PE
-    computes everything after it (recompute, never wrong KV).
+    computes everything after it (recompute, never wrong KV). With `policy="fail"` a read
+    that fails or comes back short raises KVLoadFailed instead.
     """
     if plan.num_hit_blocks == 0:
         return [], 0
@@ -182,10 +187,15 @@ async def _load(backend: Backend, plan: Plan, keys: list[bytes]) -> tuple[list[A
             try:
                 got = await backend.load(node, part)
             except Exception as exc:  # a TrafficManager restarting, a closed SNIC: recompute
-                logger.warning("stored-KV read on %s failed; recomputing", node, exc_info=True)
+                logger.warning("stored-KV read on %s failed (%s)", node, policy, exc_info=True)
                 tracing.fail(span, exc)
-                return []
+                got = []
             span.set_attribute("blocks_read", len(got))
+            if policy == "fail" and len(got) < len(part):
+                raise KVLoadFailed(
+                    f"stored KV of {len(part) - len(got)} of {len(part)} planned blocks could "
+                    f"not be read on {node} (kvstore.load_failure: fail)"
+                )
             return got
 
     de_part, pe_part = await asyncio.gather(

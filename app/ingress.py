@@ -120,7 +120,8 @@ class Ingress:
             audit=self._outcome,
         )
         self.metrics = Metrics("ray")
-        api.openapi = openapi_with_bodies(api, [config.model.name])  # type: ignore[method-assign]
+        limit = config.ingress.max_tokens_limit
+        api.openapi = openapi_with_bodies(api, [config.model.name], limit)  # type: ignore[method-assign]
         tracing.setup_tracing(config.tracing, "dualpath.ingress")
         self.roots = RootSpans()
         for handler in logging.getLogger().handlers + logging.getLogger("ray.serve").handlers:
@@ -134,6 +135,7 @@ class Ingress:
                 model_config.vocab_size,
                 model_fingerprint(model_dir),
                 config.engine.block_size,
+                config.kvstore.load_failure,
             ),
             ServeBackend(scheduler, nodes),
             config.ingress.default_max_tokens,

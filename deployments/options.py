@@ -119,6 +119,11 @@ class KVStoreSection(Section):
     min_write_share: float = Field(
         default=0.05, ge=0, le=1, description="SNIC bytes persistence gets under read load"
     )
+    load_failure: Literal["recompute", "fail"] = Field(
+        default="recompute",
+        description="a planned stored-KV read that fails or comes back short: recompute from "
+        "the first bad block, or fail the request (503 kv_load_failed); never partial KV",
+    )
 
 
 class NodeSection(Section):

@@ -88,6 +88,7 @@ class Sampler:
             sorted_probs = sorted_logits.softmax(dim=-1)
             # drop a token when the mass strictly before it already reaches top_p
             drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p.unsqueeze(1)
+            drop[:, 0] = False  # the likeliest token always stays (a top_p of 5e-324 is 0 here)
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
         probs = logits.softmax(dim=-1)

@@ -96,6 +96,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from ops.bench.admission import main as admission_main
 
         return admission_main(args.rest)
+    if args.which == "soak":
+        from ops.bench.soak import main as soak_main
+
+        return soak_main(args.rest)
     if args.which == "tracing":
         from ops.bench.tracing import main as tracing_main
 
@@ -131,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="run a benchmark (ops/bench/<name>.py)")
     bench.add_argument(
-        "which", choices=["engine", "serve", "agentic", "kv-hit", "admission", "tracing"]
+        "which",
+        choices=["engine", "serve", "agentic", "kv-hit", "admission", "tracing", "soak"],
     )
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     bench.set_defaults(func=_cmd_bench)

@@ -75,6 +75,15 @@ class OverloadedError(APIError):
     status, type = 503, "overloaded_error"
 
 
+class KVLoadFailed(APIError):
+    """Stored KV the plan counted on could not be read, under `kvstore.load_failure: fail`."""
+
+    status, type = 503, "server_error"
+
+    def __init__(self, message: str):
+        super().__init__(message, code="kv_load_failed", headers={"Retry-After": "1"})
+
+
 def model_not_found(model: str) -> NotFoundError:
     return NotFoundError(
         f"The model `{model}` does not exist", param="model", code="model_not_found"

@@ -70,9 +70,12 @@ BODIES: dict[str, type[BaseModel]] = {
 }
 
 
-def openapi_with_bodies(api: FastAPI, model_names: list[str]) -> Callable[[], dict[str, Any]]:
+def openapi_with_bodies(
+    api: FastAPI, model_names: list[str], max_tokens_limit: int | None = None
+) -> Callable[[], dict[str, Any]]:
     """`api.openapi` that also documents each POST route's JSON body (its pydantic model,
-    `model` limited to the served names), so clients and fuzzers see the real contract."""
+    `model` limited to the served names, `max_tokens` to the server's limit), so clients
+    and fuzzers see the real contract."""
 
     def openapi() -> dict[str, Any]:
         if api.openapi_schema:
@@ -83,6 +86,10 @@ def openapi_with_bodies(api: FastAPI, model_names: list[str]) -> Callable[[], di
             body = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(body.pop("$defs", {}))
             body["properties"]["model"]["enum"] = model_names
+            for name in ("max_tokens", "max_completion_tokens"):
+                for branch in body["properties"].get(name, {}).get("anyOf", []):
+                    if max_tokens_limit is not None and branch.get("type") == "integer":
+                        branch["maximum"] = max_tokens_limit
             components[model.__name__] = body
             ref = {"$ref": f"#/components/schemas/{model.__name__}"}
             schema["paths"][path]["post"]["requestBody"] = {

@@ -15,15 +15,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def deploy(app: str, args: dict[str, Any], port: int, timeout_s: float = 240) -> str:
+def deploy(
+    app: str, args: dict[str, Any], port: int, timeout_s: float = 240, route_prefix: str = "/"
+) -> str:
     """(Re)deploy the app under `app` with `args`; returns its base URL once /health is 200."""
     from ray import serve
 
     from app.builder import build_app
 
     serve.delete(app)
-    serve.run(build_app(args), name=app, route_prefix="/")
-    base = f"http://127.0.0.1:{port}"
+    serve.run(build_app(args), name=app, route_prefix=route_prefix)
+    base = f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}"
     deadline = time.time() + timeout_s
     while httpx.get(f"{base}/health", timeout=5).status_code != 200:
         if time.time() > deadline:

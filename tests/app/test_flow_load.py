@@ -1,5 +1,6 @@
 """The request flow's stored-KV read step: both sides read at once, the longest contiguous
-prefix wins, and a side that fails is a miss (recompute), never a failed request."""
+prefix wins, and a side that fails is a miss (recompute) — or, with the `fail` policy, an
+explicit 503, never partial KV."""
 
 from __future__ import annotations
 
@@ -49,3 +50,23 @@ def test_a_failing_side_is_a_miss_not_an_error():
     assert load(dnode=RuntimeError("TrafficManager restarting"), pnode=None) == ([], 0)
     handles, de_blocks = load(dnode=None, pnode=RuntimeError("SNIC closed"))
     assert handles == ["dnode:k0", "dnode:k1"] and de_blocks == 2
+
+
+def test_fail_policy_raises_instead_of_recomputing():
+    import pytest
+
+    from app.api.errors import KVLoadFailed, to_api_error
+
+    def strict(**behaviour):
+        return asyncio.run(_load(Sides(**behaviour), PLAN, KEYS, "fail"))
+
+    assert strict(dnode=None, pnode=None)[1] == 2  # all there: served as usual
+    for behaviour in (
+        {"dnode": RuntimeError("TrafficManager restarting"), "pnode": None},
+        {"dnode": None, "pnode": 3},  # a corrupt or missing block: the read comes back short
+    ):
+        with pytest.raises(KVLoadFailed) as err:
+            strict(**behaviour)
+        error = to_api_error(err.value)
+        assert (error.status, error.code) == (503, "kv_load_failed")
+        assert error.headers["Retry-After"] == "1"

@@ -37,11 +37,13 @@ def test_seeded_row_does_not_depend_on_batch_neighbours():
 
 
 def test_top_k_one_and_tiny_top_p_are_greedy():
-    logits = _logits(3, seed=2)
+    logits = _logits(4, seed=2)
     seqs = [
         make_seq([1], rid="a", temperature=1.5, top_k=1),
         make_seq([1], rid="b", temperature=1.5, top_p=1e-6),
         make_seq([1], rid="c", temperature=1.5, top_k=1, top_p=0.5),
+        # found by the API fuzzer: 5e-324 is 0.0 in float32, which once dropped every token
+        make_seq([1], rid="d", temperature=1.5, top_p=5e-324),
     ]
     for _ in range(10):
         assert Sampler()(logits, seqs).token_ids == logits.argmax(-1).tolist()

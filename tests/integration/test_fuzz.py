@@ -4,8 +4,8 @@ and mutated requests on every route, with a valid key, must never get a 5xx or h
 A dedicated app (engines without a CPU reservation, `max_tokens_limit: 2`, so a valid
 request costs one short prefill) at /fz. The request bodies in /openapi.json are the real
 pydantic models (app/api/http.py), so the generator reaches the engines, not only the
-validators. `DUALPATH_FUZZ_EXAMPLES` sets examples per operation (default 200: ≥ 1,000
-requests over the five operations)."""
+validators. `DUALPATH_FUZZ_EXAMPLES` caps examples per operation (default 1000; hypothesis
+stops early on small input spaces, so the total is asserted, ≥ 1,000 requests)."""
 
 from __future__ import annotations
 
@@ -60,11 +60,13 @@ def test_openapi_documents_the_request_bodies(fuzz_app):
     ref = body["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
     schema = spec["components"]["schemas"][ref]
     assert schema["properties"]["model"]["enum"] == [MODEL]
+    (limited,) = [b for b in schema["properties"]["max_tokens"]["anyOf"] if "maximum" in b]
+    assert limited["maximum"] == 2
     assert "messages" in schema["required"]
 
 
 def test_schemathesis_finds_no_server_error_and_no_hang(fuzz_app, tmp_path):
-    examples = int(os.environ.get("DUALPATH_FUZZ_EXAMPLES", "200"))
+    examples = int(os.environ.get("DUALPATH_FUZZ_EXAMPLES", "1000"))
     events = tmp_path / "events.ndjson"
     cmd = [
         os.path.join(os.path.dirname(sys.executable), "schemathesis"),
@@ -76,6 +78,10 @@ def test_schemathesis_finds_no_server_error_and_no_hang(fuzz_app, tmp_path):
         f"Authorization: Bearer {KEY}",
         "--checks",
         "not_a_server_error",
+        # NOTE: the coverage phase trips a hypothesis/CPython error while describing its own
+        # strategies (SystemError: AST constructor recursion depth mismatch): not an API bug
+        "--phases",
+        "examples,fuzzing",
         "--max-examples",
         str(examples),
         "--request-timeout",
@@ -93,35 +99,18 @@ def test_schemathesis_finds_no_server_error_and_no_hang(fuzz_app, tmp_path):
         "--report-ndjson-path",
         str(events),
     ]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, cwd=tmp_path)
+    (tmp_path / "schemathesis.txt").write_text(run.stdout + run.stderr)
     statuses: dict[int, int] = {}
     for line in events.read_text().splitlines():
-        event = json.loads(line)
-        for interaction in _interactions(event):
-            code = interaction["response"]["status_code"] if interaction.get("response") else 0
+        scenario = json.loads(line).get("ScenarioFinished")
+        for interaction in (scenario or {}).get("recorder", {}).get("interactions", {}).values():
+            response = interaction.get("response") or {}
+            code = response.get("status_code", 0)  # 0: no response (timeout, reset)
             statuses[code] = statuses.get(code, 0) + 1
     summary = run.stdout[-3000:]
     assert run.returncode == 0, summary
     total = sum(statuses.values())
-    assert total >= 5 * examples * 0.8, (statuses, summary)  # ~examples per operation
+    assert total >= min(1000, examples), (statuses, summary)
     assert not [c for c in statuses if c >= 500 or c == 0], (statuses, summary)
     assert statuses.get(200, 0) > 0  # some requests reached the engines and were served
-
-
-def _interactions(event: dict) -> list[dict]:
-    """Every request/response pair recorded in one ndjson event, wherever it nests."""
-    found: list[dict] = []
-
-    def walk(node: object) -> None:
-        if isinstance(node, dict):
-            if "request" in node and "response" in node and isinstance(node["request"], dict):
-                found.append(node)
-                return
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(event)
-    return found
