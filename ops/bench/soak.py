@@ -252,5 +252,5 @@ def main(argv: list[str] | None = None) -> int:
         "failed": failed,
     }
     write_report("soak", result["rows"], meta, COLUMNS)
-    logger.info("soak %s", "passed" if not failed else f"FAILED: {failed}", extra=meta)
+    logger.info("soak %s", "passed" if not failed else "FAILED", extra={"failed": failed})
     return 1 if failed else 0
