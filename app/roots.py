@@ -20,13 +20,15 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from app.audit import AuditRecord
+from app.pii import mask
 from deployments import tracing
 
 _CLIENT_ID = re.compile(r"[\x21-\x7e]{1,128}")  # printable ASCII, as OpenAI limits it
 
 
 def _printable(value: str | None) -> str | None:
-    return value if value and _CLIENT_ID.fullmatch(value) else None
+    """A client-chosen id, if it is one (printable, short), with personal data masked."""
+    return mask(value) if value and _CLIENT_ID.fullmatch(value) else None
 
 
 class RootSpans:
