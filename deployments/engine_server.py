@@ -50,6 +50,7 @@ class EngineServer:
         report_interval_s: float = 0.25,
         fetch_blocks: BlockFetcher = local_blocks,
         persist: PersistSink | None = None,
+        on_transfer_failure: str = "recompute",
     ):
         self.engine = engine
         self.mover = mover
@@ -57,6 +58,8 @@ class EngineServer:
         self.node_id = node_id
         self.fetch_blocks = fetch_blocks
         self.persist = persist
+        self.on_transfer_failure = on_transfer_failure  # the DE's: "recompute" | "fail"
+        self.num_transfer_failures = 0
         self.loop = EngineLoop(
             engine,
             name=f"{self.role}-engine",

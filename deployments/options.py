@@ -98,6 +98,11 @@ class TransferSection(Section):
         default="auto", description="PE→DE KV transport: nixl, object_store, or auto"
     )
     nixl_staging_bytes: Bytes = Field(default=256 * 2**20, description="per-engine NIXL pool")
+    on_failure: Literal["recompute", "fail"] = Field(
+        default="recompute",
+        description="a PE→DE KV transfer that fails: the DE recomputes the KV (continuing "
+        "from the PE's first token and sampler state), or the request fails",
+    )
 
 
 class KVStoreSection(Section):

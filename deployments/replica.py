@@ -61,6 +61,7 @@ async def start_engine_server(
         report_interval_s=config.report_interval_s,
         fetch_blocks=fetch_blocks,
         persist=persist if server_cls.role == "decode" and persist_blocks else None,
+        on_transfer_failure=config.transfer.on_failure,
     )
     await server.start()
     return server

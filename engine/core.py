@@ -96,7 +96,8 @@ class EngineCore(KVHandoffMixin):
             params: sampling parameters (defaults: temperature 1, max_tokens 256).
             tenant_salt: enters every block key, so tenants never share cached KV.
             kv: KV already computed elsewhere for a prefix of the prompt (PD handoff); its
-                blocks before `kv.first_block` come from `prefix`.
+                blocks before `kv.first_block` come from `prefix`. `kv.data` None (transfer
+                failed): resume from its tokens and generator state, recomputing the KV.
             prefix: stored KV of the prompt's leading full blocks (those blocks are not
                 computed).
             persist_from_block: hand every full block from this index on to
@@ -176,19 +177,23 @@ class EngineCore(KVHandoffMixin):
             if kv is None:
                 seq.prefix_kv = prefix
         state = OutputState(self.tokenizer, params)
+        imported = kv is not None and kv.data is not None
         if kv is not None:
             self._resume(seq, kv)
-            self._import_kv(seq, kv, prefix)
-            self._collect_persist(seq)
+            if imported:
+                self._import_kv(seq, kv, prefix)
+                self._collect_persist(seq)
+            elif prefix is not None and prefix.num_blocks:
+                seq.prefix_kv = prefix  # resumed without KV: recompute what is not stored
             if kv.output_token_ids:
                 # replay what the PE already emitted: stop strings and deltas continue from it
                 state.update(list(kv.output_token_ids), finishing=False, check_stop=False)
         self.seqs[request_id] = seq
         self.states[request_id] = state
-        if kv is not None:
+        if imported:
             seq.status = SequenceStatus.RUNNING
             self.scheduler.running.append(seq)
-        else:
+        else:  # NOTE: a resumed sequence recomputes prompt + emitted tokens, as after preemption
             self.scheduler.add(seq)
 
     def can_import(self, num_tokens: int) -> bool:

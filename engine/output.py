@@ -18,11 +18,12 @@ class SequenceKV:
     `data` is `[num_blocks - first_block, layers, 2, block_size, kv_heads, head_dim]`: blocks
     `[first_block, ...)` of the sequence (the receiver already holds the ones before); the
     last block may be partial (only the first `num_tokens % block_size` slots count).
+    `data=None` resumes without the KV (its transfer failed): the receiver recomputes it.
     """
 
     token_ids: list[int]
     block_keys: list[bytes]  # keys of all full blocks, in order (from block 0)
-    data: torch.Tensor
+    data: torch.Tensor | None
     # PD resume state: tokens already sampled (their KV not in `data`) and the seeded
     # generator's state after sampling them, so the receiver samples exactly as one engine.
     output_token_ids: list[int] = field(default_factory=list)

@@ -1,7 +1,9 @@
 """DecodeServer: receive a request's prompt KV, then decode it in the continuous batch.
 
 The KV arrives through the KVMover (off the engine thread), merged with the hit blocks this
-node read itself (DE-read path: handles into this node's DRAM buffer); the engine thread
+node read itself (DE-read path: handles into this node's DRAM buffer); if the transfer fails,
+the DE resumes from the PE's first token and sampler state and recomputes the KV (policy
+`transfer.on_failure`: recompute | fail), never importing partial KV; the engine thread
 imports it when blocks and a batch slot are free (arrival order), resumes from the PE's
 first token and sampling state, and streams every later output. Every full block not yet
 stored (the prompt's new blocks, then each block that fills while decoding) goes to this
@@ -11,6 +13,7 @@ node's KV store. Leaving the stream early aborts the request and frees its block
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import torch
@@ -23,6 +26,8 @@ from deployments.protocol import DecodeJob
 from engine.core import EngineCore
 from engine.kv_import import PrefixKV
 from engine.output import RequestOutput, SequenceKV
+
+logger = logging.getLogger(__name__)
 
 
 class DecodeServer(EngineServer):
@@ -61,7 +66,7 @@ class DecodeServer(EngineServer):
             stream = self.loop.submit(
                 job.request_id,
                 add,
-                ready=ready if kv is not None else None,
+                ready=ready if kv is not None and kv.data is not None else None,
                 num_tokens=num_tokens,
                 trace=ctx,
             )
@@ -90,9 +95,18 @@ class DecodeServer(EngineServer):
                 return await self.fetch_blocks(job.prefix_blocks)
 
         blocks_task = asyncio.ensure_future(fetch())
+        data: torch.Tensor | None = None
         try:
             with tracing.span("kv.receive", parent=ctx, bytes=handoff.descriptor.num_bytes):
                 data = await asyncio.to_thread(self.mover.receive, handoff.descriptor)
+        except Exception:
+            self.num_transfer_failures += 1
+            if self.on_transfer_failure != "recompute":
+                blocks_task.cancel()
+                raise
+            # NOTE: never partial KV: resume from the PE's tokens and sampler state instead,
+            # and recompute the prompt's KV here (from this node's own stored blocks on)
+            logger.warning("KV transfer of %s failed; recomputing", job.request_id, exc_info=True)
         except BaseException:
             blocks_task.cancel()
             raise
