@@ -99,3 +99,16 @@ def traffic_stats() -> dict:
     from ray import serve
 
     return serve.get_deployment_handle("TrafficManager-node0", APP).stats.remote().result()
+
+
+def wait_for_trace(directory, ident, services, timeout_s=15.0):
+    """The request's spans (`ops trace`'s lookup) once `services` processes have exported
+    theirs (each exports in ~1 s batches)."""
+    from ops.traceview import find_trace
+
+    deadline = time.time() + timeout_s
+    while True:
+        spans = find_trace(directory, ident)
+        if len({s["service"] for s in spans}) >= services or time.time() > deadline:
+            return spans
+        time.sleep(0.5)

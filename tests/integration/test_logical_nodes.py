@@ -12,8 +12,7 @@ import pytest
 from openai import OpenAI
 
 from engine.sampling_params import SamplingParams
-from ops.traceview import find_trace
-from tests.integration.conftest import MODEL
+from tests.integration.conftest import MODEL, wait_for_trace
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 APP2 = "dualpath-nodes"
@@ -126,13 +125,3 @@ def test_split_read_across_two_nodes_gives_identical_output(two_nodes, engine, t
     assert named["pe.prefill"]["attributes"]["cached_tokens"] == (
         second.usage.prompt_tokens_details.cached_tokens
     )
-
-
-def wait_for_trace(directory, ident, services, timeout_s=15.0):
-    """The request's spans once `services` processes have exported theirs (~1 s batches)."""
-    deadline = time.time() + timeout_s
-    while True:
-        spans = find_trace(directory, ident)
-        if len({s["service"] for s in spans}) >= services or time.time() > deadline:
-            return spans
-        time.sleep(0.5)

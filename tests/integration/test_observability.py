@@ -14,19 +14,9 @@ import pytest
 from openai import OpenAI
 
 from ops.traceview import find_trace
-from tests.integration.conftest import METRICS_PORT, MODEL
+from tests.integration.conftest import METRICS_PORT, MODEL, wait_for_trace
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def wait_for_trace(directory, ident, services, timeout_s=15.0):
-    """The request's spans once `services` processes have exported theirs (~1 s batches)."""
-    deadline = time.time() + timeout_s
-    while True:
-        spans = find_trace(directory, ident)
-        if len({s["service"] for s in spans}) >= services or time.time() > deadline:
-            return spans
-        time.sleep(0.5)
 
 
 def test_a_streamed_request_is_one_trace_across_the_deployments(serve_app):
