@@ -101,14 +101,17 @@ def traffic_stats() -> dict:
     return serve.get_deployment_handle("TrafficManager-node0", APP).stats.remote().result()
 
 
-def wait_for_trace(directory, ident, services, timeout_s=15.0):
+def wait_for_trace(directory, ident, services, timeout_s=20.0):
     """The request's spans (`ops trace`'s lookup) once `services` processes have exported
-    theirs (each exports in ~1 s batches)."""
+    theirs and the tree is whole: every parent exported too (each process exports in ~1 s
+    batches, so a child can land before its parent)."""
     from ops.traceview import find_trace
 
     deadline = time.time() + timeout_s
     while True:
         spans = find_trace(directory, ident)
-        if len({s["service"] for s in spans}) >= services or time.time() > deadline:
+        ids = {s["span_id"] for s in spans}
+        whole = all(s["parent_id"] is None or s["parent_id"] in ids for s in spans)
+        if (whole and len({s["service"] for s in spans}) >= services) or time.time() > deadline:
             return spans
         time.sleep(0.5)

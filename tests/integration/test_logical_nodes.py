@@ -92,7 +92,7 @@ def test_split_read_across_two_nodes_gives_identical_output(two_nodes, engine, t
     assert reads["pnode"] > 0 and reads["dnode"] > 0  # both SNICs read part of the hit
 
     # one trace across six processes: each deployment's spans under the ingress's
-    spans = wait_for_trace(traces, second.id, 7)
+    spans = wait_for_trace(traces, second.id, 6)
     assert len({s["trace_id"] for s in spans}) == 1
     by_id = {s["span_id"]: s for s in spans}
 
