@@ -101,7 +101,7 @@ class TransferSection(Section):
     on_failure: Literal["recompute", "fail"] = Field(
         default="recompute",
         description="a PE→DE KV transfer that fails: the DE recomputes the KV (continuing "
-        "from the PE's first token and sampler state), or the request fails",
+        "from the PE's first token), or the request fails",
     )
 
 

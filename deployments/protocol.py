@@ -82,7 +82,7 @@ class PrefillJob:
 
 @dataclass(frozen=True, slots=True)
 class KVHandoff:
-    """Where the prompt's KV waits for the DE, plus the PE's sampling state.
+    """Where the prompt's KV waits for the DE, plus the tokens the PE sampled.
 
     The PE streams the first token (a RequestOutput) before this, so the client does not
     wait for the KV send; a request that finished at its first token gets no handoff.
@@ -92,7 +92,6 @@ class KVHandoff:
     token_ids: list[int]
     block_keys: list[bytes]
     output_token_ids: list[int]
-    generator_state: Any  # torch ByteTensor of a seeded generator, else None
     descriptor: KVDescriptor
     first_block: int  # the descriptor's data starts at this block of the prompt
     prefill_s: float  # engine time from admission to the first token

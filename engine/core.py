@@ -97,7 +97,7 @@ class EngineCore(KVHandoffMixin):
             tenant_salt: enters every block key, so tenants never share cached KV.
             kv: KV already computed elsewhere for a prefix of the prompt (PD handoff); its
                 blocks before `kv.first_block` come from `prefix`. `kv.data` None (transfer
-                failed): resume from its tokens and generator state, recomputing the KV.
+                failed): resume from its tokens, recomputing the KV.
             prefix: stored KV of the prompt's leading full blocks (those blocks are not
                 computed).
             persist_from_block: hand every full block from this index on to
@@ -130,7 +130,7 @@ class EngineCore(KVHandoffMixin):
     ) -> None:
         """Queue the PE side of a PD request: prefill the prompt, sample the first token with
         the request's own params, then stop. That output carries `kv` (the prompt's KV from
-        block `send_from_block` on, the first token and the seeded generator's state) unless
+        block `send_from_block` on and the first token) unless
         the request already finished; `add_request(..., kv=...)` on the decode engine
         continues exactly as one engine. `prefix`: stored KV of leading blocks (not computed).
         `priority`: lower values are prefilled first (the ingress's service tiers).
@@ -289,10 +289,9 @@ class EngineCore(KVHandoffMixin):
         return self._emit(seq, [token_id], delta, reason, logprobs)
 
     def _hand_off(self, seq: Sequence) -> SequenceKV:
-        """Export the prompt's KV and sampling state, then drop the sequence (PE side)."""
+        """Export the prompt's KV and the first token, then drop the sequence (PE side)."""
         kv = self.export_kv(seq.request_id, seq.send_from_block)
         kv.output_token_ids = list(seq.output_token_ids)
-        kv.generator_state = seq.generator.get_state() if seq.generator else None
         self._finish(seq, FinishReason.STOP)
         return kv
 

@@ -58,8 +58,6 @@ class KVHandoffMixin:
     def _resume(seq: Sequence, kv: SequenceKV) -> None:
         """Continue a request whose first tokens were sampled elsewhere (PD handoff)."""
         seq.token_ids.extend(kv.output_token_ids)
-        if kv.generator_state is not None and seq.generator is not None:
-            seq.generator.set_state(kv.generator_state)
 
     def _check_prefix(self, seq: Sequence, prefix: PrefixKV) -> None:
         bm = self.block_manager

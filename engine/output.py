@@ -24,10 +24,9 @@ class SequenceKV:
     token_ids: list[int]
     block_keys: list[bytes]  # keys of all full blocks, in order (from block 0)
     data: torch.Tensor | None
-    # PD resume state: tokens already sampled (their KV not in `data`) and the seeded
-    # generator's state after sampling them, so the receiver samples exactly as one engine.
+    # PD resume state: tokens already sampled (their KV not in `data`); a seeded draw is a
+    # function of (seed, position), so the receiver samples exactly as one engine.
     output_token_ids: list[int] = field(default_factory=list)
-    generator_state: torch.Tensor | None = None
     first_block: int = 0
 
     @property

@@ -2,8 +2,9 @@
 
 Order per row: penalties -> (greedy | temperature -> top-k -> top-p -> draw). Logprobs are
 reported from the model's raw distribution (before penalties and temperature), as the
-OpenAI API does. A row with a seed draws from its own generator, so its tokens do not
-depend on what else shares the batch.
+OpenAI API does. A row with a seed draws from a generator seeded by (seed, output position),
+so its tokens depend neither on what else shares the batch nor on which engine drew the
+earlier ones.
 """
 
 from __future__ import annotations
@@ -94,6 +95,6 @@ class Sampler:
         probs = logits.softmax(dim=-1)
         out = torch.empty(len(seqs), dtype=torch.long)
         for i, seq in enumerate(seqs):
-            gen = seq.generator or self.generator
+            gen = seq.next_token_generator() or self.generator
             out[i] = torch.multinomial(probs[i], 1, generator=gen)
         return out

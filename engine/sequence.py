@@ -11,6 +11,17 @@ from engine.kv_import import PrefixKV
 from engine.sampling_params import SamplingParams
 from kvstore.keys import chain_key
 
+_MASK64 = (1 << 64) - 1
+
+
+def draw_seed(seed: int, position: int) -> int:
+    """The 64-bit seed of a seeded request's draw at output `position` (splitmix64 of the
+    pair): distinct, well-mixed seeds for neighbouring positions and request seeds."""
+    z = (seed + (position + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
@@ -54,7 +65,7 @@ class Sequence:
     key_chain: list[bytes] = field(default_factory=list)  # keys of full blocks, memoised
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
-    generator: torch.Generator | None = None
+    generator: torch.Generator | None = None  # reused by next_token_generator
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     prefill_only: bool = False  # PD: stop after the first token and hand off KV + state
     send_from_block: int = 0  # PD: the receiver holds blocks before this one already
@@ -65,8 +76,18 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)
-        if self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
+
+    def next_token_generator(self) -> torch.Generator | None:
+        """The generator a seeded request draws its next token from, seeded by (seed, output
+        position) alone: any engine that knows the tokens so far draws exactly what this one
+        would (the PD handoff, a DE recomputing after a failed transfer, a request migrated
+        off a dead replica). None for an unseeded request (the sampler's shared generator).
+        """
+        if self.params.seed is None:
+            return None
+        if self.generator is None:
+            self.generator = torch.Generator()
+        return self.generator.manual_seed(draw_seed(self.params.seed, self.num_output_tokens))
 
     @property
     def num_tokens(self) -> int:

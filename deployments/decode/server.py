@@ -2,10 +2,10 @@
 
 The KV arrives through the KVMover (off the engine thread), merged with the hit blocks this
 node read itself (DE-read path: handles into this node's DRAM buffer); if the transfer fails,
-the DE resumes from the PE's first token and sampler state and recomputes the KV (policy
+the DE resumes from the PE's first token and recomputes the KV (policy
 `transfer.on_failure`: recompute | fail), never importing partial KV; the engine thread
 imports it when blocks and a batch slot are free (arrival order), resumes from the PE's
-first token and sampling state, and streams every later output. Every full block not yet
+first token, and streams every later output. Every full block not yet
 stored (the prompt's new blocks, then each block that fills while decoding) goes to this
 node's KV store. Leaving the stream early aborts the request and frees its blocks.
 """
@@ -104,7 +104,7 @@ class DecodeServer(EngineServer):
             if self.on_transfer_failure != "recompute":
                 blocks_task.cancel()
                 raise
-            # NOTE: never partial KV: resume from the PE's tokens and sampler state instead,
+            # NOTE: never partial KV: resume from the PE's tokens instead,
             # and recompute the prompt's KV here (from this node's own stored blocks on)
             logger.warning("KV transfer of %s failed; recomputing", job.request_id, exc_info=True)
         except BaseException:
@@ -115,7 +115,6 @@ class DecodeServer(EngineServer):
             handoff.block_keys,
             data,
             output_token_ids=handoff.output_token_ids,
-            generator_state=handoff.generator_state,
             first_block=handoff.first_block,
         )
         blocks = await blocks_task

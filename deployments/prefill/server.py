@@ -5,8 +5,8 @@ the client gets it without waiting for the DE. Hit blocks are not computed: loca
 prefix-cache hits are mapped, stored ones (read by either side's SNIC, handed over as DRAM
 handles) are copied in layer by layer while the miss tokens compute. The prompt's KV from
 `job.decode_has_blocks` on (the DE holds the blocks before it when it read them itself),
-the first token and the seeded generator's state go to the DE: KV layer by layer through
-the KVMover, the rest in the KVHandoff. The DE continues
+and the first token go to the DE: KV layer by layer through the KVMover, the token in the
+KVHandoff. The DE continues
 exactly as one engine would (greedy and seeded output are identical; tested).
 """
 
@@ -64,7 +64,6 @@ class PrefillServer(EngineServer):
             token_ids=kv.token_ids,
             block_keys=kv.block_keys,
             output_token_ids=kv.output_token_ids,
-            generator_state=kv.generator_state,
             descriptor=descriptor,
             first_block=kv.first_block,
             prefill_s=prefill_s,

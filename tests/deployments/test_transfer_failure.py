@@ -1,6 +1,6 @@
 """A PE→DE KV transfer that fails mid-way (reliability-tests E1/E2, fault injected into the
 real NIXL transport): with `transfer.on_failure: recompute` the DE resumes from the PE's
-first token and sampler state and recomputes the KV, so greedy and seeded output are
+first token and recomputes the KV, so greedy and seeded output are
 token-identical to one engine; with `fail` the request fails. Never partial KV."""
 
 from __future__ import annotations

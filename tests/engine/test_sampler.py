@@ -24,7 +24,10 @@ def test_seeded_row_does_not_depend_on_batch_neighbours():
     """Same seed, same logits row -> same tokens, whatever else shares the batch."""
     row = _logits(1, seed=1)
     alone = make_seq([1], temperature=1.0, seed=123)
-    tokens_alone = [Sampler(seed=0)(row, [alone]).token_ids[0] for _ in range(20)]
+    tokens_alone = []
+    for _ in range(20):
+        tokens_alone.append(Sampler(seed=0)(row, [alone]).token_ids[0])
+        alone.token_ids.append(tokens_alone[-1])
     batched = make_seq([1], temperature=1.0, seed=123)
     others = [make_seq([1], rid=f"o{i}", temperature=1.0) for i in range(3)]
     tokens_batched = []
@@ -32,8 +35,34 @@ def test_seeded_row_does_not_depend_on_batch_neighbours():
         logits = torch.cat([_logits(2, seed=100 + step), row, _logits(1, seed=200 + step)])
         seqs = [others[0], others[1], batched, others[2]]
         tokens_batched.append(Sampler(seed=step)(logits, seqs).token_ids[2])
+        batched.token_ids.append(tokens_batched[-1])
     assert tokens_alone == tokens_batched
     assert len(set(tokens_alone)) > 1  # it really sampled
+
+
+def test_seeded_draw_depends_only_on_seed_and_position():
+    """An engine that takes over a seeded request mid-way (PD handoff, migration off a dead
+    replica) knows only its tokens so far, and must draw exactly what the first would."""
+    logits = _logits(8, seed=3)
+    first = make_seq([1, 2], temperature=1.0, seed=7)
+    tokens = []
+    for step in range(8):
+        tokens.append(Sampler(seed=step)(logits[step : step + 1], [first]).token_ids[0])
+        first.token_ids.append(tokens[-1])
+    for cut in (1, 5):  # a fresh sequence resumed after `cut` tokens continues identically
+        resumed = make_seq([1, 2], temperature=1.0, seed=7)
+        resumed.token_ids.extend(tokens[:cut])
+        rest = []
+        for step in range(cut, 8):
+            rest.append(Sampler(seed=99)(logits[step : step + 1], [resumed]).token_ids[0])
+            resumed.token_ids.append(rest[-1])
+        assert rest == tokens[cut:]
+    other = make_seq([1, 2], temperature=1.0, seed=8)
+    drawn = []
+    for step in range(8):
+        drawn.append(Sampler(seed=0)(logits[step : step + 1], [other]).token_ids[0])
+        other.token_ids.append(drawn[-1])
+    assert drawn != tokens  # the seed matters
 
 
 def test_top_k_one_and_tiny_top_p_are_greedy():
@@ -52,15 +81,17 @@ def test_top_k_one_and_tiny_top_p_are_greedy():
 def test_top_k_restricts_support():
     logits = _logits(1, seed=3)
     allowed = set(logits[0].topk(3).indices.tolist())
-    seq = make_seq([1], temperature=2.0, top_k=3, seed=5)
-    seen = {Sampler()(logits, [seq]).token_ids[0] for _ in range(200)}
+    seq = make_seq([1], temperature=2.0, top_k=3)
+    sampler = Sampler(seed=5)  # unseeded rows draw from the sampler's generator
+    seen = {sampler(logits, [seq]).token_ids[0] for _ in range(200)}
     assert seen <= allowed and len(seen) > 1
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    seq = make_seq([1], temperature=1.0, top_p=0.7, seed=0)
-    seen = {Sampler()(logits, [seq]).token_ids[0] for _ in range(300)}
+    seq = make_seq([1], temperature=1.0, top_p=0.7)
+    sampler = Sampler(seed=0)
+    seen = {sampler(logits, [seq]).token_ids[0] for _ in range(300)}
     assert seen == {0, 1}
 
 
