@@ -9,9 +9,11 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+from ray.exceptions import RayActorError
 from ray.serve import context as serve_context
 from ray.serve.handle import DeploymentHandle
 
+from app.flow import ReplicaLost
 from deployments import tracing
 from deployments.protocol import DecodeJob, KVHandoff, Plan, PlanRequest, PrefillJob
 from engine.output import RequestOutput
@@ -64,6 +66,8 @@ class ServeBackend:
         except asyncio.CancelledError:
             response.cancel()  # client gone: stop the prefill too
             raise
+        except RayActorError as exc:  # the replica died (or is unreachable) under the call
+            raise ReplicaLost(f"{method.deployment_name}: {type(exc).__name__}") from exc
 
     def prefill(self, node: str, job: PrefillJob) -> AsyncIterator[RequestOutput | KVHandoff]:
         return self._stream(self.prefill_engines[node].prefill, job)
@@ -76,5 +80,7 @@ class ServeBackend:
         try:
             async for item in items:
                 yield item
+        except RayActorError as exc:  # the replica died mid-stream: the flow moves the request
+            raise ReplicaLost(f"{method.deployment_name}: {type(exc).__name__}") from exc
         finally:
             items.cancel()  # a no-op once finished; aborts the engine request otherwise

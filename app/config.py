@@ -39,6 +39,9 @@ class IngressSection(Section):
         description="per-tenant usage ledger (JSON lines); null keeps it in memory",
     )
     capacity_poll_s: float = Field(default=0.25, gt=0, description="engine load for admission")
+    max_replica_retries: int = Field(
+        default=4, ge=0, description="replicas lost mid-request that one choice survives"
+    )
 
 
 class SchedulerSection(Section):

@@ -23,6 +23,7 @@ from engine.sampling_params import SamplingParams
 from kvstore.keys import chain_keys, root_key
 
 logger = logging.getLogger(__name__)
+carrier = tracing.carrier_of
 
 
 class Backend(Protocol):
@@ -43,6 +44,7 @@ class ModelInfo:
     model_id: str = ""  # the engines' model fingerprint: roots every block key
     block_size: int = 64
     load_failure: str = "recompute"  # kvstore.load_failure: "recompute" | "fail"
+    max_retries: int = 4  # ingress.max_replica_retries: lost replicas one choice survives
 
 
 async def run_request(
@@ -58,43 +60,62 @@ async def run_request(
     carry the prompt tokens the PE did not compute (stored + prefix-cache hits) as
     `num_cached_tokens`, and the first one the request path's own timings.
 
+    A replica lost mid-request (`ReplicaLost`) costs a retry, up to `model.max_retries`:
+    before the first token the choice starts again from the plan; after it, the DE's part
+    moves to a live decode replica, which recomputes the KV of prompt + the tokens already
+    streamed and continues after them (a seeded draw depends only on seed and position, so
+    the continuation is the one the lost replica would have produced).
+
     Traced as a `choice` span (under the caller's current span) with children `schedule`,
     `kv.load` (a `kv.read` per side), `prefill` (to the KV handoff; a `first_token` event)
-    and `decode`; the jobs carry each span's context, so the deployments' spans nest under
-    them.
+    and `decode` (a `replica_lost` event per move); the jobs carry each span's context, so
+    the deployments' spans nest under them.
     """
     choice = tracing.start_span(
         "choice", None, **{tracing.REQUEST_ID: request_id}, prompt_tokens=len(prompt)
     )
     ctx = trace.set_span_in_context(choice)
     current = choice  # the innermost open span: a failure is recorded there
+    retries = _Retries(request_id, model.max_retries)
     try:
         keys = chain_keys(root_key(model.model_id, salt), prompt, model.block_size)
-        start = time.perf_counter()
-        with tracing.span("schedule", parent=ctx) as span:
-            plan = await backend.plan(
-                PlanRequest(
-                    request_id,
-                    len(prompt),
-                    params.max_tokens,
-                    tuple(keys),
-                    trace=tracing.carrier_of(span),
-                )
-            )
-            span.set_attributes(_plan_attributes(plan))
-        planned = time.perf_counter()
-        with tracing.span("kv.load", parent=ctx, hit_blocks=plan.num_hit_blocks) as span:
-            handles, de_blocks = await _load(backend, plan, keys, model.load_failure)
-            span.set_attributes({"loaded_blocks": len(handles), "de_blocks": de_blocks})
-        loaded = time.perf_counter()
-        # NOTE: spans that outlive a `yield` are never made current (see tracing.span)
-        current = tracing.start_span("prefill", ctx, replica=plan.prefill_replica)
-        pjob = _prefill_job(plan, prompt, params, salt, priority, keys, handles, de_blocks)
-        from_pe = backend.prefill(
-            plan.prefill_node, replace(pjob, trace=tracing.carrier_of(current))
-        )
-        async with contextlib.aclosing(from_pe):  # type: ignore[type-var]
-            first = await anext(from_pe)
+        while True:  # up to the first token, a lost replica restarts the choice
+            try:
+                start = time.perf_counter()
+                with tracing.span("schedule", parent=ctx) as span:
+                    plan = await backend.plan(
+                        PlanRequest(
+                            request_id,
+                            len(prompt),
+                            params.max_tokens,
+                            tuple(keys),
+                            trace=tracing.carrier_of(span),
+                        )
+                    )
+                    span.set_attributes(_plan_attributes(plan))
+                planned = time.perf_counter()
+                with tracing.span("kv.load", parent=ctx, hit_blocks=plan.num_hit_blocks) as span:
+                    handles, de_blocks = await _load(backend, plan, keys, model.load_failure)
+                    span.set_attributes({"loaded_blocks": len(handles), "de_blocks": de_blocks})
+                loaded = time.perf_counter()
+                # NOTE: spans that outlive a `yield` are never made current (see tracing.span)
+                current = tracing.start_span("prefill", ctx, replica=plan.prefill_replica)
+                job = _prefill_job(plan, prompt, params, salt, priority, keys, handles, de_blocks)
+                from_pe = backend.prefill(plan.prefill_node, replace(job, trace=carrier(current)))
+                try:
+                    first = await anext(from_pe)
+                except BaseException:
+                    await from_pe.aclose()  # type: ignore[attr-defined]
+                    raise
+                break
+            except ReplicaLost as exc:
+                if current is not choice:  # the prefill span; the choice goes on
+                    tracing.fail(current, exc)
+                    current.end()
+                    current = choice
+                await retries.wait(exc)
+        handoff: KVHandoff | None = None
+        try:
             assert isinstance(first, RequestOutput)
             _raise_on_failure(first)
             current.add_event("first_token", {"cached_tokens": first.num_cached_tokens})
@@ -103,33 +124,83 @@ async def run_request(
             yield first  # TTFT: the first token comes straight from the PE
             if first.finished:
                 return
-            handoff = await anext(from_pe)  # the PE has handed the KV to the transport
-            assert isinstance(handoff, KVHandoff)
+            try:
+                handoff = await anext(from_pe)  # the PE has handed the KV to the transport
+                assert isinstance(handoff, KVHandoff)
+            except ReplicaLost as exc:  # the DE recomputes the KV from the first token
+                current.add_event("replica_lost", {"cause": str(exc)})
+                await retries.wait(exc)
+        finally:
+            await from_pe.aclose()  # type: ignore[attr-defined]
         current.end()
         cached = first.num_cached_tokens
         current = tracing.start_span("decode", ctx, replica=plan.decode_replica)
-        job = DecodeJob(
+        emitted = list(first.new_token_ids)  # what the client has: a moved DE resumes after it
+        djob = DecodeJob(
             request_id,
             prompt,
             params,
             salt,
             handoff,
             plan.decode_replica,
-            prefix_blocks=tuple(handles[: handoff.first_block]),
+            prefix_blocks=tuple(handles[: handoff.first_block]) if handoff else (),
             num_stored_blocks=len(handles),
-            trace=tracing.carrier_of(current),
+            emitted=() if handoff else tuple(emitted),
+            trace=carrier(current),
         )
-        async with contextlib.aclosing(backend.decode(plan.decode_node, job)) as outputs:
-            async for output in outputs:
-                _raise_on_failure(output)
-                output.num_cached_tokens = cached
-                yield output
+        finished = False
+        while True:
+            try:
+                async with contextlib.aclosing(backend.decode(plan.decode_node, djob)) as outputs:
+                    async for output in outputs:
+                        _raise_on_failure(output)
+                        output.num_cached_tokens = cached
+                        emitted += output.new_token_ids
+                        finished = output.finished
+                        yield output
+                return
+            except ReplicaLost as exc:
+                if finished:  # lost after its last output: nothing is missing
+                    return
+                current.add_event("replica_lost", {"cause": str(exc), "emitted": len(emitted)})
+                await retries.wait(exc)
+                # any live decode replica of the node; the lost one's KV is gone: recompute
+                moved = {"handoff": None, "target_replica": None, "prefix_blocks": ()}
+                djob = replace(djob, **moved, emitted=tuple(emitted))
     except BaseException as exc:
         tracing.fail(current, exc)  # GeneratorExit / CancelledError: the client left
         raise
     finally:
         tracing.end(current)
         tracing.end(choice)
+
+
+class ReplicaLost(RuntimeError):
+    """An engine replica died or became unreachable mid-call (the backend's translation of
+    its transport's error, e.g. Ray's actor errors): the request itself may be retried."""
+
+
+class _Retries:
+    """A choice's retry budget after lost replicas, with exponential backoff (0.5 s, 1 s, 2 s,
+    capped at 4 s) so Serve can replace the replica or route around it meanwhile."""
+
+    def __init__(self, request_id: str, limit: int):
+        self.request_id = request_id
+        self.limit = limit
+        self.used = 0
+
+    async def wait(self, exc: ReplicaLost) -> None:
+        if self.used >= self.limit:
+            raise exc
+        self.used += 1
+        logger.warning(
+            "request %s lost a replica (%s); retry %d of %d",
+            self.request_id,
+            exc,
+            self.used,
+            self.limit,
+        )
+        await asyncio.sleep(min(0.5 * 2 ** (self.used - 1), 4.0))
 
 
 def _prefill_job(

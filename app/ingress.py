@@ -98,9 +98,8 @@ class Ingress:
     ):
         model_dir = config.model.path.expanduser()
         model_config = ModelConfig.from_dir(model_dir)
-        max_len = config.engine.engine_config(config.model, None).resolve_max_model_len(
-            model_config
-        )
+        engine_config = config.engine.engine_config(config.model, None)
+        max_len = engine_config.resolve_max_model_len(model_config)
         self.config = config
         self.scheduler = scheduler
         clock = time.time
@@ -136,11 +135,12 @@ class Ingress:
                 model_fingerprint(model_dir),
                 config.engine.block_size,
                 config.kvstore.load_failure,
+                config.ingress.max_replica_retries,
             ),
             ServeBackend(scheduler, nodes),
             config.ingress.default_max_tokens,
             self.gate,
-            config.ingress.max_tokens_limit,
+            limit,
         )
 
     # ------------------------------------------------------------------ admission

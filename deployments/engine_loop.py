@@ -46,7 +46,12 @@ class OutputStream:
         self.finished = False
 
     def put_threadsafe(self, item: RequestOutput | BaseException) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        if self._loop.is_closed():  # its reader's event loop is gone: nobody to tell
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # closed between the check and the call
+            logger.debug("output for %s dropped: event loop closed", self.request_id)
 
     async def __aiter__(self) -> AsyncIterator[RequestOutput]:
         try:

@@ -108,6 +108,9 @@ class DecodeJob:
     target_replica: str | None = None
     prefix_blocks: tuple[Any, ...] = ()  # DRAM handles of blocks [0, handoff.first_block)
     num_stored_blocks: int = 0  # leading blocks already in the KV store: not persisted again
+    # no handoff (the PE or a DE was lost): output tokens the client already has; the DE
+    # recomputes the KV of prompt + these and continues after them
+    emitted: tuple[int, ...] = ()
     trace: dict[str, str] = field(default_factory=dict)
 
 

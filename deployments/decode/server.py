@@ -85,8 +85,11 @@ class DecodeServer(EngineServer):
     ) -> tuple[SequenceKV | None, PrefixKV | None]:
         """The PE's KV (through the KVMover) and this node's own hit blocks, together."""
         handoff = job.handoff
-        if handoff is None:
-            return None, None
+        if handoff is None:  # moved off a lost replica: recompute prompt + emitted tokens
+            if not job.emitted:
+                return None, None
+            prompt = list(job.prompt_token_ids)
+            return SequenceKV(prompt, [], None, output_token_ids=list(job.emitted)), None
 
         async def fetch() -> list[torch.Tensor]:  # this node's own reads, while KV arrives
             if not job.prefix_blocks:
