@@ -6,6 +6,7 @@ seam (Serve handles in the app, in-process servers in tests).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -24,6 +25,9 @@ from kvstore.keys import chain_keys, root_key
 
 logger = logging.getLogger(__name__)
 carrier = tracing.carrier_of
+# replicas lost under this process's requests, by stage: "prefill" (before the first token),
+# "handoff" (the PE, after it), "decode" (the DE); reported by the Ingress's admission_stats
+replica_losses: collections.Counter[str] = collections.Counter()
 
 
 class Backend(Protocol):
@@ -113,7 +117,7 @@ async def run_request(
                     tracing.fail(current, exc)
                     current.end()
                     current = choice
-                await retries.wait(exc)
+                await retries.wait(exc, "prefill")
         handoff: KVHandoff | None = None
         try:
             assert isinstance(first, RequestOutput)
@@ -129,7 +133,7 @@ async def run_request(
                 assert isinstance(handoff, KVHandoff)
             except ReplicaLost as exc:  # the DE recomputes the KV from the first token
                 current.add_event("replica_lost", {"cause": str(exc)})
-                await retries.wait(exc)
+                await retries.wait(exc, "handoff")
         finally:
             await from_pe.aclose()  # type: ignore[attr-defined]
         current.end()
@@ -163,7 +167,7 @@ async def run_request(
                 if finished:  # lost after its last output: nothing is missing
                     return
                 current.add_event("replica_lost", {"cause": str(exc), "emitted": len(emitted)})
-                await retries.wait(exc)
+                await retries.wait(exc, "decode")
                 # any live decode replica of the node; the lost one's KV is gone: recompute
                 moved = {"handoff": None, "target_replica": None, "prefix_blocks": ()}
                 djob = replace(djob, **moved, emitted=tuple(emitted))
@@ -189,7 +193,8 @@ class _Retries:
         self.limit = limit
         self.used = 0
 
-    async def wait(self, exc: ReplicaLost) -> None:
+    async def wait(self, exc: ReplicaLost, stage: str) -> None:
+        replica_losses[stage] += 1
         if self.used >= self.limit:
             raise exc
         self.used += 1

@@ -48,7 +48,7 @@ from app.audit import AuditLog, AuditRecord
 from app.auth import Authenticator, Tenant
 from app.backend import NodeHandles, ServeBackend
 from app.config import AppConfig
-from app.flow import ModelInfo
+from app.flow import ModelInfo, replica_losses
 from app.ledger import BUCKET_WIDTHS, Ledger
 from app.observe import observe_outcome
 from app.pii import PIIFilter
@@ -100,8 +100,7 @@ class Ingress:
         model_config = ModelConfig.from_dir(model_dir)
         engine_config = config.engine.engine_config(config.model, None)
         max_len = engine_config.resolve_max_model_len(model_config)
-        self.config = config
-        self.scheduler = scheduler
+        self.config, self.scheduler = config, scheduler
         clock = time.time
         self.auth = Authenticator(config.auth)
         prices = PriceBook(config.pricing)
@@ -212,6 +211,7 @@ class Ingress:
                 "seqs": flight.seqs,
             },
             "counts": dict(self.queue.counts),
+            "replica_losses": dict(replica_losses),
             "capacity": None if capacity is None else dataclasses.asdict(capacity),
             "window": self.queue.calendar.window_at(time.time()),
             "open": self.auth.open,

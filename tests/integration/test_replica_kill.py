@@ -1,0 +1,148 @@
+"""Decode replicas killed mid-stream with `ray.kill` (reliability-tests C1): 20 kills, each
+while streams are running on the killed replica; every request completes, with output
+token-identical to a fault-free run (greedy and seeded), nothing streamed twice, and no KV
+block left held once the app is idle.
+
+The app runs its own deployment (route /kill) with two decode replicas, so a stream moves
+to the surviving one while Serve replaces the dead one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.integration.conftest import MODEL
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+APP = "kill"
+DE = "DecodeEngine-node0"
+KILLS = 20
+STREAMS = 4  # concurrent streams per kill: two land on each decode replica
+MAX_TOKENS = 40
+TOPICS = ["tides", "glaciers", "volcanoes", "deserts"]
+MODES = [{"temperature": 0}, {"temperature": 0.9, "seed": 4242}]
+
+
+def prompt(i: int) -> str:
+    return f"Write a few sentences for a school textbook about {TOPICS[i % len(TOPICS)]}."
+
+
+def body(i: int, stream: bool) -> dict:
+    return {
+        "model": MODEL,
+        "prompt": prompt(i),
+        "max_tokens": MAX_TOKENS,
+        "ignore_eos": True,
+        "return_token_ids": True,
+        "stream": stream,
+        **MODES[i % len(TOPICS) % 2],  # each topic always greedy, or always seeded
+    }
+
+
+def stream_one(base: str, i: int, started: threading.Event) -> tuple[list[int], str, str]:
+    """One streamed completion; sets `started` after its third token. Returns (token ids,
+    text, finish_reason)."""
+    import json
+
+    ids: list[int] = []
+    text, finish = "", ""
+    with httpx.stream("POST", f"{base}/v1/completions", json=body(i, True), timeout=300) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            choice = json.loads(line[6:])["choices"][0]
+            ids += choice.get("token_ids") or []
+            text += choice["text"]
+            finish = choice.get("finish_reason") or finish
+            if len(ids) >= 3:
+                started.set()
+    return ids, text, finish
+
+
+def de_replicas() -> list[str]:
+    import ray
+
+    names = ray.util.list_named_actors(all_namespaces=True)
+    return sorted(a["name"] for a in names if f"{APP}#{DE}#" in a["name"])
+
+
+def running_des(serve) -> int:
+    status = serve.status().applications[APP].deployments[DE]
+    return status.replica_states.get("RUNNING", 0)
+
+
+def wait_for(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.time() + timeout_s
+    while not predicate():
+        if time.time() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.25)
+
+
+def test_twenty_decode_kills_lose_nothing_and_change_nothing(serve_port, model_dir, tmp_path):
+    import ray
+    from ray import serve
+
+    from ops.bench._serve import deploy
+
+    config = {
+        "model": {"path": str(model_dir), "served_model_name": MODEL},
+        # NOTE: the session app holds Ray's 2 CPUs: these engines take no reservation
+        "engine": {"kv_cache_bytes": "64MiB", "num_cpus": 0, "num_threads": 1},
+        "nodes": [{"name": "node0", "prefill": 1, "decode": 2}],
+        "kvstore": {"path": str(tmp_path / "kv")},
+        "ingress": {"ledger_path": None, "max_replica_retries": 8},
+        "tracing": {"enabled": False},
+        "audit": {"path": str(tmp_path / "audit")},
+    }
+    try:
+        base = deploy(APP, config, serve_port, route_prefix="/kill")
+        wait_for(lambda: len(de_replicas()) == 2, 120, "two decode replicas")
+        reference = {}
+        for i in range(len(TOPICS)):  # fault-free: greedy and seeded, each topic
+            reply = httpx.post(f"{base}/v1/completions", json=body(i, False), timeout=300)
+            choice = reply.json()["choices"][0]
+            reference[i] = (choice["token_ids"], choice["text"])
+            assert len(choice["token_ids"]) == MAX_TOKENS
+        ingress = serve.get_deployment_handle("Ingress", APP)
+        before = ingress.admission_stats.remote().result()["replica_losses"].get("decode", 0)
+        results = []
+        with ThreadPoolExecutor(STREAMS) as pool:
+            for kill in range(KILLS):
+                wait_for(lambda: running_des(serve) == 2, 180, "the decode replacement")
+                started = [threading.Event() for _ in range(STREAMS)]
+                futures = [
+                    pool.submit(stream_one, base, kill * STREAMS + j, started[j])
+                    for j in range(STREAMS)
+                ]
+                for event in started:
+                    assert event.wait(120), "a stream never started"
+                victim = de_replicas()[kill % 2]
+                ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+                for j, future in enumerate(futures):
+                    results.append((kill * STREAMS + j, future.result(timeout=300)))
+        lost = ingress.admission_stats.remote().result()["replica_losses"].get("decode", 0)
+        for i, (ids, text, finish) in results:
+            assert (ids, text) == reference[i % len(TOPICS)], f"request {i} differs"
+            assert finish == "length"
+        # every kill hit running streams (each moved stream counts once)
+        assert lost - before >= KILLS
+        wait_for(lambda: running_des(serve) == 2, 180, "the last decode replacement")
+        engines = serve.get_deployment_handle("Scheduler", APP).engines.remote().result()
+        live = [e for e in engines if time.time() - e.timestamp_s < 5]
+
+        def idle() -> bool:
+            reports = serve.get_deployment_handle("Scheduler", APP).engines.remote().result()
+            fresh = [e for e in reports if time.time() - e.timestamp_s < 5]
+            return all(e.num_free_blocks == e.num_total_blocks for e in fresh) and fresh
+
+        wait_for(idle, 30, "every KV block free")
+        assert len(live) == 3  # one PE and two DEs report; the killed ones went stale
+    finally:
+        serve.delete(APP)
