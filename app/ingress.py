@@ -24,15 +24,12 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app import flow
 from app.admission.capacity import Capacity
 from app.admission.gate import Caller, Gate
 from app.admission.queues import AdmissionQueue
 from app.admission.ratelimit import RateLimiter
-from app.api.errors import (
-    BadRequestError,
-    PermissionDeniedError,
-    to_api_error,
-)
+from app.api.errors import BadRequestError, PermissionDeniedError, to_api_error
 from app.api.http import error_response, openapi_with_bodies, read_json, sse
 from app.api.schemas import (
     ChatCompletionChunk,
@@ -48,7 +45,6 @@ from app.audit import AuditLog, AuditRecord
 from app.auth import Authenticator, Tenant
 from app.backend import NodeHandles, ServeBackend
 from app.config import AppConfig
-from app.flow import ModelInfo, replica_losses
 from app.ledger import BUCKET_WIDTHS, Ledger
 from app.observe import observe_outcome
 from app.pii import PIIFilter
@@ -127,7 +123,7 @@ class Ingress:
         self._capacity_task: asyncio.Task[None] | None = None
         self.service = ChatService(
             Tokenizer(model_dir),
-            ModelInfo(
+            flow.ModelInfo(
                 config.model.name,
                 max_len,
                 model_config.vocab_size,
@@ -211,7 +207,8 @@ class Ingress:
                 "seqs": flight.seqs,
             },
             "counts": dict(self.queue.counts),
-            "replica_losses": dict(replica_losses),
+            # NOTE: through the module: Serve pickles this class by value, globals and all
+            "replica_losses": dict(flow.replica_losses),
             "capacity": None if capacity is None else dataclasses.asdict(capacity),
             "window": self.queue.calendar.window_at(time.time()),
             "open": self.auth.open,

@@ -98,6 +98,12 @@ class TransferSection(Section):
         default="auto", description="PE→DE KV transport: nixl, object_store, or auto"
     )
     nixl_staging_bytes: Bytes = Field(default=256 * 2**20, description="per-engine NIXL pool")
+    lease_s: float = Field(
+        default=60.0,
+        gt=30.0,
+        description="a PE holds KV staged for a DE this long after the DE's last renewal "
+        "(the DE renews while it waits to read); then frees it and the DE recomputes",
+    )
     on_failure: Literal["recompute", "fail"] = Field(
         default="recompute",
         description="a PE→DE KV transfer that fails: the DE recomputes the KV (continuing "

@@ -75,4 +75,7 @@ def _transport_kwargs(config: EngineReplicaOptions, name: str) -> dict[str, obje
 
         if not nixl_available():
             return {}
-    return {"staging_bytes": config.transfer.nixl_staging_bytes}
+    return {
+        "staging_bytes": config.transfer.nixl_staging_bytes,
+        "lease_s": config.transfer.lease_s,
+    }

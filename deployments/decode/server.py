@@ -99,6 +99,7 @@ class DecodeServer(EngineServer):
 
         blocks_task = asyncio.ensure_future(fetch())
         data: torch.Tensor | None = None
+        self.mover.hold(handoff.descriptor)  # renews the PE's lease until a thread reads it
         try:
             with tracing.span("kv.receive", parent=ctx, bytes=handoff.descriptor.num_bytes):
                 data = await asyncio.to_thread(self.mover.receive, handoff.descriptor)
@@ -110,9 +111,12 @@ class DecodeServer(EngineServer):
             # NOTE: never partial KV: resume from the PE's tokens instead,
             # and recompute the prompt's KV here (from this node's own stored blocks on)
             logger.warning("KV transfer of %s failed; recomputing", job.request_id, exc_info=True)
-        except BaseException:
+        except BaseException:  # cancelled: the PE may free its pages now, not a lease later
             blocks_task.cancel()
+            self.mover.release(handoff.descriptor)
             raise
+        finally:
+            self.mover.unhold(handoff.descriptor)
         kv = SequenceKV(
             handoff.token_ids,
             handoff.block_keys,

@@ -15,6 +15,7 @@ go over their own transport (NIXL / object store), never through the SNIC.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -42,6 +43,50 @@ class KVMover:
         self.fallback = fallback
         self.stats = stats
         self._by_name = {t.name: t for t in (fallback, transport) if t is not None}
+        self._held: dict[str, KVDescriptor] = {}  # waiting to be received: leases renewed
+        self._held_lock = threading.Lock()
+        self._renewer: threading.Thread | None = None
+
+    def hold(self, descriptor: KVDescriptor) -> None:
+        """Keep the sender's lease on `descriptor` alive until `receive` starts (the DE is
+        waiting for a receive thread). A no-op for transports without leases."""
+        if not hasattr(self._by_name.get(descriptor.transport), "renew"):
+            return
+        with self._held_lock:
+            self._held[descriptor.transfer_id] = descriptor
+            if self._renewer is None:
+                self._renewer = threading.Thread(target=self._renew_held, daemon=True)
+                self._renewer.start()
+
+    def release(self, descriptor: KVDescriptor) -> None:
+        """Tell the sender it may free the transfer now (a receiver that gave up on it)."""
+        transport = self._by_name.get(descriptor.transport)
+        if transport is not None:
+            transport.release(descriptor)
+
+    def unhold(self, descriptor: KVDescriptor) -> None:
+        with self._held_lock:
+            self._held.pop(descriptor.transfer_id, None)
+
+    def _renew_held(self) -> None:
+        """Renew every held lease once half of it is gone; a lease already too short to
+        renew safely is dropped (its receive fails and the DE recomputes)."""
+        while True:
+            with self._held_lock:
+                held = list(self._held.values())
+                if not held:
+                    self._renewer = None
+                    return
+            for descriptor in held:
+                transport = self._by_name[descriptor.transport]
+                lease_s = descriptor.payload.lease_s
+                try:
+                    if transport.lease_left_s(descriptor) < lease_s / 2:  # type: ignore[attr-defined]
+                        transport.renew(descriptor)  # type: ignore[attr-defined]
+                except Exception as exc:
+                    logger.warning("lease of %s lost (%s)", descriptor.transfer_id, exc)
+                    self.unhold(descriptor)
+            time.sleep(min(d.payload.lease_s for d in held) / 8)
 
     def send(self, transfer_id: str, kv: SequenceKV) -> KVDescriptor:
         """Hand `kv` to the transport layer by layer; returns what the receiver needs."""
@@ -67,6 +112,7 @@ class KVMover:
     def receive(self, descriptor: KVDescriptor) -> torch.Tensor:
         """All layers of a transfer as one `[blocks, layers, 2, block, heads, dim]` tensor."""
         start = time.perf_counter()
+        self.unhold(descriptor)  # from here recv renews the lease itself, between layers
         transport = self._by_name.get(descriptor.transport)
         if transport is None:
             raise RuntimeError(f"this engine has no {descriptor.transport!r} KV transport")

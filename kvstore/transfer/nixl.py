@@ -5,7 +5,10 @@
 - `send` copies the layers into the pool (dtype views: bfloat16 is fine) and returns a
   descriptor whose `NixlPayload` holds the sender's agent name and metadata (loaded by the
   receiver on first contact, peers cached by name) and each layer's (address, length). Pages
-  stay put until the receiver's `release:<transfer_id>` notification, or `release_timeout_s`.
+  stay put until the receiver's `release:<transfer_id>` notification, or until their lease
+  (`lease_s`) runs out. The receiver renews the lease (`renew:<transfer_id>`) while it waits
+  to read and between layers; an orphaned transfer (its DE or ingress gone) is freed one lease
+  after its last renewal, and a receiver never reads pages whose lease may have run out.
 - `recv` issues one READ per layer, double-buffered: layer i+1 is in flight while the caller
   holds layer i. After the last layer, or on an early close, it frees its pages and notifies
   the sender. A generator never started does nothing: call `release` (idempotent).
@@ -38,12 +41,13 @@ from kvstore.transfer.base import KVDescriptor
 
 logger = logging.getLogger(__name__)
 
-XFER_TIMEOUT_S = 30.0
+XFER_TIMEOUT_S = 10.0  # one layer's READ; a lease must outlast it with room to spare
 _SPIN_S = 2e-3  # busy-poll a READ this long before sleeping between checks
 _PUMP_INTERVAL_S = 5e-4  # ~8% of a core while pumping; 1e-4 costs ~20%
 _NOTIF_LINGER_S = 1.0  # keep progressing this long after sending a notification
 DEFAULT_PAGE_BYTES = 16 * 2**10
 _RELEASE = b"release:"
+_RENEW = b"renew:"
 _CLOCK_SKEW_S = 5.0
 
 Run = tuple[int, int]  # (first page, number of pages)
@@ -67,6 +71,7 @@ class NixlPayload:
     metadata: bytes
     layers: tuple[Segment, ...]
     expires_at_unix: float = float("inf")  # the sender frees the pages after this
+    lease_s: float = float("inf")  # unless a renewal reaches it first: then this long again
 
 
 class _PagePool:
@@ -119,14 +124,16 @@ class NixlTransport:
         self,
         staging_bytes: int = 256 * 2**20,
         page_bytes: int | None = None,
-        release_timeout_s: float = 120.0,
+        lease_s: float = 60.0,
         agent_name: str | None = None,
     ) -> None:
         page_bytes = page_bytes or DEFAULT_PAGE_BYTES
+        if lease_s <= 2 * (XFER_TIMEOUT_S + _CLOCK_SKEW_S):
+            raise ValueError(f"lease_s={lease_s} must exceed 2 x (READ timeout + clock skew)")
         if page_bytes % 64 or not 0 < page_bytes <= staging_bytes:
             raise ValueError(f"page_bytes={page_bytes} must be a multiple of 64 within the pool")
         self.agent_name = agent_name or f"dps-{uuid.uuid4().hex[:12]}"
-        self.release_timeout_s = release_timeout_s
+        self.lease_s = lease_s
         self._lock = threading.Lock()
         self._pool = _PagePool(staging_bytes, page_bytes)
         config = nixl_agent_config(enable_prog_thread=False, backends=["UCX"])
@@ -135,6 +142,7 @@ class NixlTransport:
         self._metadata = self._agent.get_agent_metadata()
         self._peers: set[str] = set()
         self._outgoing: dict[str, tuple[list[Run], float]] = {}  # id -> (runs, expiry)
+        self._leases: dict[str, float] = {}  # incoming id -> renewed-until (unix, ours)
         self._closed = False
         self._pump_until = 0.0
         self._wake = threading.Event()  # set while the pump should run
@@ -159,7 +167,7 @@ class NixlTransport:
             if transfer_id in self._outgoing:
                 raise ValueError(f"transfer {transfer_id!r} is already staged")
             runs = self._pool.alloc_runs(layer_bytes, len(layers))
-            self._outgoing[transfer_id] = (runs, time.monotonic() + self.release_timeout_s)
+            self._outgoing[transfer_id] = (runs, time.monotonic() + self.lease_s)
             self._wake.set()
         try:
             for layer, run in zip(layers, runs, strict=True):
@@ -177,7 +185,11 @@ class NixlTransport:
             layer_shape=shape,
             dtype=str(dtype).removeprefix("torch."),
             payload=NixlPayload(
-                self.agent_name, self._metadata, segments, time.time() + self.release_timeout_s
+                self.agent_name,
+                self._metadata,
+                segments,
+                time.time() + self.lease_s,
+                self.lease_s,
             ),
         )
 
@@ -187,9 +199,39 @@ class NixlTransport:
             if not self._closed:
                 self._reap_locked()
 
+    def renew(self, descriptor: KVDescriptor) -> None:
+        """Ask the sender to keep this transfer's pages one more lease (a receiver that is
+        still waiting to read them). Counts here only while the current lease leaves a READ
+        timeout and clock skew to spare, so the renewal surely lands before the pages go.
+
+        Raises:
+            TransferExpiredError: too late: the pages may be freed (recompute instead).
+        """
+        payload: NixlPayload = descriptor.payload
+        tid = descriptor.transfer_id
+        self._check_fresh(payload, tid)
+        with self._lock:
+            self._check_open()
+            if payload.agent == self.agent_name:  # our own transfer (tests, one process)
+                runs, expiry = self._outgoing.get(tid, ([], 0.0))
+                if runs:
+                    self._outgoing[tid] = (runs, max(expiry, time.monotonic() + self.lease_s))
+            else:
+                self._connect_locked(payload)
+                self._agent.send_notif(payload.agent, _RENEW + tid.encode())
+                self._pump_until = time.monotonic() + _NOTIF_LINGER_S
+                self._wake.set()
+            self._leases[tid] = time.time() + payload.lease_s
+
+    def lease_left_s(self, descriptor: KVDescriptor) -> float:
+        """Seconds until the transfer's pages may be freed, as this receiver knows it."""
+        payload: NixlPayload = descriptor.payload
+        until = max(payload.expires_at_unix, self._leases.get(descriptor.transfer_id, 0.0))
+        return until - time.time()
+
     def recv(self, descriptor: KVDescriptor) -> Iterator[torch.Tensor]:
         payload: NixlPayload = descriptor.payload
-        _check_fresh(payload, descriptor.transfer_id)
+        self._renew_if_due(descriptor)
         dtype = getattr(torch, descriptor.dtype)
         layer_bytes = payload.layers[0][1]
         with self._lock:
@@ -204,7 +246,7 @@ class NixlTransport:
                 handle, pending = pending, None
                 self._wait(handle)
                 if i + 1 < descriptor.num_layers:
-                    _check_fresh(payload, descriptor.transfer_id)
+                    self._renew_if_due(descriptor)
                     pending = self._post_read(peer, payload.layers[i + 1], buffers[(i + 1) % 2])
                 yield buffers[i % 2].view(dtype).view(descriptor.layer_shape)
         finally:
@@ -222,6 +264,7 @@ class NixlTransport:
         payload: NixlPayload = descriptor.payload
         tid = descriptor.transfer_id
         with self._lock:
+            self._leases.pop(tid, None)
             if self._closed:
                 return
             if payload.agent == self.agent_name:  # our own transfer: no message needed
@@ -245,6 +288,24 @@ class NixlTransport:
             self._agent.deregister_memory(self._reg)
         self._pump.join(timeout=1.0)
 
+    def _renew_if_due(self, descriptor: KVDescriptor) -> None:
+        """Before a READ: renew once half the lease is gone; refuse if it may run out."""
+        left = self.lease_left_s(descriptor)
+        if left < descriptor.payload.lease_s / 2:
+            self.renew(descriptor)  # raises TransferExpiredError when already too late
+        else:
+            self._check_fresh(descriptor.payload, descriptor.transfer_id)
+
+    def _check_fresh(self, payload: NixlPayload, transfer_id: str) -> None:
+        """Refuse to post a READ (or count a renewal) that could still be in flight when the
+        sender's pages expire.
+
+        NOTE: a margin of one READ timeout plus clock skew between nodes.
+        """
+        until = max(payload.expires_at_unix, self._leases.get(transfer_id, 0.0))
+        if time.time() + XFER_TIMEOUT_S + _CLOCK_SKEW_S >= until:
+            raise TransferExpiredError(f"KV transfer {transfer_id} expired before it was read")
+
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("NixlTransport is closed")
@@ -254,11 +315,16 @@ class NixlTransport:
             self._pool.free(run)
 
     def _reap_locked(self) -> None:
+        now = time.monotonic()
         for msgs in self._agent.get_new_notifs().values():
             for msg in msgs:
                 if msg.startswith(_RELEASE):
                     self._free_outgoing_locked(msg[len(_RELEASE) :].decode())
-        now = time.monotonic()
+                elif msg.startswith(_RENEW):
+                    tid = msg[len(_RENEW) :].decode()
+                    if tid in self._outgoing:  # not yet expired: one more lease
+                        runs, expiry = self._outgoing[tid]
+                        self._outgoing[tid] = (runs, max(expiry, now + self.lease_s))
         for tid in [tid for tid, (_, expiry) in self._outgoing.items() if expiry < now]:
             logger.warning("transfer %s expired unreleased: freeing its pages", tid)
             self._free_outgoing_locked(tid)
@@ -311,12 +377,3 @@ class NixlTransport:
         finally:
             with self._lock:
                 self._agent.release_xfer_handle(handle)
-
-
-def _check_fresh(payload: NixlPayload, transfer_id: str) -> None:
-    """Refuse to post a READ that could still be running when the sender's pages expire.
-
-    NOTE: a margin of one READ timeout plus clock skew between nodes.
-    """
-    if time.time() + XFER_TIMEOUT_S + _CLOCK_SKEW_S >= payload.expires_at_unix:
-        raise TransferExpiredError(f"KV transfer {transfer_id} expired before it was read")

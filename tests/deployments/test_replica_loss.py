@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from app.api.schemas import CompletionRequest
-from app.flow import ModelInfo, ReplicaLost
+from app.flow import ModelInfo, ReplicaLost, replica_losses
 from app.service import ChatService
 from deployments.decode.server import DecodeServer
 from deployments.prefill.server import PrefillServer
@@ -146,7 +146,9 @@ def test_de_lost_twice_mid_stream_continues_token_identical(losing, expected, mo
     service, backend = losing
     backend.decode_jobs.clear()
     backend.lose_de_after = [3, 4]  # dies after 3 outputs, its replacement after 4 more
+    before = replica_losses["decode"]
     ids, text = run(service, **PARAMS[mode])
+    assert replica_losses["decode"] == before + 2
     assert (ids, text) == expected[mode]
     first, *moved = backend.decode_jobs
     assert first.handoff is not None and len(moved) == 2

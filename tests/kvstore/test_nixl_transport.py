@@ -97,13 +97,72 @@ def test_pool_too_small_raises_capacity_error() -> None:
         small.close()
 
 
-def test_unreleased_transfer_expires() -> None:
-    sender = NixlTransport(POOL_BYTES, release_timeout_s=0.0)
+@pytest.fixture
+def short_lease(monkeypatch) -> float:
+    """Leases on a test's time scale: a 0.1 s READ timeout and 0.05 s clock skew, so a lease
+    must exceed 0.3 s; returns a 0.6 s lease."""
+    monkeypatch.setattr(nixl_transport, "XFER_TIMEOUT_S", 0.1)
+    monkeypatch.setattr(nixl_transport, "_CLOCK_SKEW_S", 0.05)
+    return 0.6
+
+
+def test_unreleased_transfer_expires(short_lease) -> None:
+    sender = NixlTransport(POOL_BYTES, lease_s=short_lease)
     try:
         sender.send("orphan", make_layers(2, torch.float32, num_layers=2))
+        assert sender.free_bytes < POOL_BYTES
         assert wait_until_freed(sender)  # by its pump thread or `poll()`, no receiver needed
     finally:
         sender.close()
+
+
+def test_a_waiting_receiver_renews_the_lease_then_reads(short_lease) -> None:
+    """The DE holds the descriptor (KVMover.hold) for 3 leases before reading: its renewals
+    keep the PE's pages; the data arrives intact. Unheld, the same transfer expires."""
+    from deployments.protocol import TransferStats
+    from deployments.traffic.manager import KVMover
+    from engine.output import SequenceKV
+    from kvstore.transfer.nixl import TransferExpiredError
+
+    sender = NixlTransport(POOL_BYTES, lease_s=short_lease)
+    receiver = NixlTransport(POOL_BYTES, lease_s=short_lease)
+    pe = KVMover(sender, TransferStats("pe", "n0", "prefill"))
+    de = KVMover(receiver, TransferStats("de", "n0", "decode"))
+    try:
+        data = torch.randn(3, 2, 2, 4, 2, 8, generator=torch.Generator().manual_seed(9))
+        kv = SequenceKV(list(range(10)), [], data)
+        held, orphan = pe.send("held", kv), pe.send("orphan", kv)
+        de.hold(held)
+        time.sleep(3 * short_lease)
+        assert torch.equal(de.receive(held), data)  # renewed all along: still there
+        with pytest.raises(TransferExpiredError):
+            de.receive(orphan)  # nobody renewed it: refused, never read
+        assert wait_until_freed(sender)  # the orphan's pages were freed by expiry
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_a_renewal_too_late_is_refused(short_lease) -> None:
+    from kvstore.transfer.nixl import TransferExpiredError
+
+    sender = NixlTransport(POOL_BYTES, lease_s=short_lease)
+    receiver = NixlTransport(POOL_BYTES, lease_s=short_lease)
+    try:
+        desc = sender.send("late", make_layers(3, torch.float32, num_layers=2))
+        receiver.renew(desc)  # in time: counts
+        assert receiver.lease_left_s(desc) > short_lease - 0.05
+        time.sleep(short_lease - 0.1)  # less than READ timeout + skew (0.15 s) left
+        with pytest.raises(TransferExpiredError):
+            receiver.renew(desc)
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_lease_must_outlast_a_read() -> None:
+    with pytest.raises(ValueError, match="lease_s"):
+        NixlTransport(POOL_BYTES, lease_s=20.0)
 
 
 def test_early_close_still_releases(pair) -> None:
