@@ -5,8 +5,11 @@ a torn or garbage line is skipped with a warning. `Ledger.buckets` aggregates th
 OpenAI's usage API does: time buckets aligned to multiples of `bucket_s` since the epoch,
 results grouped by (tenant, model, service_tier, window).
 
-Limit: every record is held in memory (one list sorted by time) and the file is never
-compacted; fine for one node's ledger, not for years of heavy traffic.
+Memory is bounded by time, not by traffic: records of the last `exact_s` (a day) are held as
+they are; older ones are folded into per-minute sums per (tenant, model, service_tier,
+window, currency), so a range reaching further back counts whole minutes there (a minute
+counts when its start lies in the range; the usage API's buckets are minute-aligned, so
+their sums are exact). The file keeps every line and is never compacted.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import logging
 import math
 import pathlib
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import IO
 
@@ -83,13 +88,48 @@ def _empty_result(rec: UsageRecord) -> dict:
     }
 
 
-class Ledger:
-    """Usage records in memory (sorted by time), mirrored to `path` when given. Thread-safe."""
+Group = tuple[str, str, str, str, str]  # tenant, model, service_tier, window, currency
 
-    def __init__(self, path: pathlib.Path | None = None):
+
+@dataclass(slots=True)
+class _MinuteSum:
+    """One minute of one group's records, folded: what `buckets` adds up."""
+
+    sample: UsageRecord  # any record of the group (its labels)
+    requests: int = 0
+    hit_tokens: int = 0
+    miss_tokens: int = 0
+    output_tokens: int = 0
+    cost: float = 0.0
+
+    def add(self, rec: UsageRecord) -> None:
+        self.requests += 1
+        self.hit_tokens += rec.input_cache_hit_tokens
+        self.miss_tokens += rec.input_cache_miss_tokens
+        self.output_tokens += rec.output_tokens
+        self.cost += rec.cost
+
+
+def _group(rec: UsageRecord) -> Group:
+    return (rec.tenant, rec.model, rec.service_tier, rec.window, rec.currency)
+
+
+class Ledger:
+    """Usage records in memory (recent ones as they are, older ones folded per minute),
+    mirrored to `path` when given. Thread-safe."""
+
+    def __init__(
+        self,
+        path: pathlib.Path | None = None,
+        exact_s: float = 86400.0,
+        clock: Callable[[], float] = time.time,
+    ):
         self.path = path
+        self.exact_s = exact_s
+        self.clock = clock
         self._lock = threading.Lock()
-        self._records: list[UsageRecord] = []
+        self._records: list[UsageRecord] = []  # since the fold horizon, sorted by time
+        self._minutes: dict[int, dict[Group, _MinuteSum]] = {}  # minute -> group -> sums
         self._file: IO[str] | None = None
         if path is None:
             return
@@ -98,6 +138,7 @@ class Ledger:
         if path.exists():
             data = path.read_bytes()
             self._records = sorted(self._replay(data), key=_time)
+            self._fold_locked()
             torn = bool(data) and not data.endswith(b"\n")
         self._file = path.open("a", encoding="utf-8")
         if torn:  # end the torn line, or the next record would be glued onto it
@@ -122,13 +163,39 @@ class Ledger:
                 self._file.write(line)
                 self._file.flush()
             bisect.insort(self._records, rec, key=_time)
+            if self._records[0].time < self.clock() - self.exact_s - 60:
+                self._fold_locked()
 
     def records(self, start: float, end: float) -> list[UsageRecord]:
-        """Records with start <= time < end, oldest first."""
+        """Records still held as they are (the last `exact_s`) with start <= time < end,
+        oldest first."""
         with self._lock:
             lo = bisect.bisect_left(self._records, start, key=_time)
             hi = bisect.bisect_left(self._records, end, key=_time)
             return self._records[lo:hi]
+
+    def _fold_locked(self) -> None:
+        """Fold records older than `exact_s` into their minute's sums."""
+        horizon = 60 * math.floor((self.clock() - self.exact_s) / 60)  # a minute boundary
+        n = bisect.bisect_left(self._records, horizon, key=_time)
+        for rec in self._records[:n]:
+            minute = self._minutes.setdefault(math.floor(rec.time / 60), {})
+            group = _group(rec)
+            (minute.get(group) or minute.setdefault(group, _MinuteSum(rec))).add(rec)
+        del self._records[:n]
+
+    def _sums(self, start: float, end: float, tenant: str | None) -> list[tuple[float, _MinuteSum]]:
+        """(time, sums) for every record or folded minute in [start, end)."""
+        out: list[tuple[float, _MinuteSum]] = []
+        with self._lock:
+            for minute in sorted(self._minutes):
+                if start <= minute * 60 < end:
+                    out += [(minute * 60.0, m) for m in self._minutes[minute].values()]
+        for rec in self.records(start, end):
+            one = _MinuteSum(rec)
+            one.add(rec)
+            out.append((rec.time, one))
+        return [(t, m) for t, m in out if tenant is None or m.sample.tenant == tenant]
 
     def buckets(
         self, start: float, end: float, bucket_s: int = 86400, tenant: str | None = None
@@ -146,18 +213,16 @@ class Ledger:
                 f"{stop - first} buckets of {bucket_s}s in range; at most {MAX_BUCKETS}"
             )
         groups: list[dict[tuple[str, ...], dict]] = [{} for _ in range(stop - first)]
-        for rec in self.records(start, end):
-            if tenant is not None and rec.tenant != tenant:
-                continue
+        for when, sums in self._sums(start, end, tenant):
             # currency is part of the key so a price-currency change never sums two currencies
-            key = (rec.tenant, rec.model, rec.service_tier, rec.window, rec.currency)
-            bucket = groups[math.floor(rec.time / bucket_s) - first]
-            group = bucket.get(key) or bucket.setdefault(key, _empty_result(rec))
-            group["num_model_requests"] += 1
-            group["input_tokens"] += rec.input_cache_hit_tokens + rec.input_cache_miss_tokens
-            group["input_cached_tokens"] += rec.input_cache_hit_tokens
-            group["output_tokens"] += rec.output_tokens
-            group["cost"] += rec.cost
+            key = _group(sums.sample)
+            bucket = groups[math.floor(when / bucket_s) - first]
+            group = bucket.get(key) or bucket.setdefault(key, _empty_result(sums.sample))
+            group["num_model_requests"] += sums.requests
+            group["input_tokens"] += sums.hit_tokens + sums.miss_tokens
+            group["input_cached_tokens"] += sums.hit_tokens
+            group["output_tokens"] += sums.output_tokens
+            group["cost"] += sums.cost
         out = []
         for i, bucket in enumerate(groups):
             results = [bucket[k] for k in sorted(bucket)]

@@ -63,6 +63,7 @@ class TieredStore(Generic[V]):
         self._events: list[IndexEvent] = []
         self.counters = {
             "loads": 0,
+            "loads_cancelled": 0,
             "blocks_from_dram": 0,
             "blocks_from_nvme": 0,
             "load_misses": 0,
@@ -74,8 +75,10 @@ class TieredStore(Generic[V]):
         }
 
     # ------------------------------------------------------------------ reads
-    def load(self, keys: Sequence[bytes]) -> list[V]:
-        """The longest servable prefix of `keys`, as DRAM handles, in order."""
+    def load(self, keys: Sequence[bytes], cancel: threading.Event | None = None) -> list[V]:
+        """The longest servable prefix of `keys`, as DRAM handles, in order. Once `cancel`
+        is set (the request is gone) it stops waiting and drops its reads still queued on
+        the SNIC, returning what it has."""
         handles: list[V | None] = []
         reads: dict[int, Future[torch.Tensor | None]] = {}
         known: dict[int, bool] = {}
@@ -100,11 +103,15 @@ class TieredStore(Generic[V]):
         out: list[V] = []
         for i, handle in enumerate(handles):
             if handle is None:
-                block = reads.pop(i).result()
+                block = _result(reads.pop(i), cancel)
+                if block is _CANCELLED:
+                    with self._lock:
+                        self.counters["loads_cancelled"] += 1
+                    break
                 if block is None:  # corrupt, vanished or not written yet: the prefix ends here
                     self._note_missing(keys[i], known[i])
                     break
-                handle = self.wrap(block)
+                handle = self.wrap(block)  # type: ignore[arg-type]
                 with self._lock:
                     self.counters["blocks_from_nvme"] += 1
                     self._cache(keys[i], handle, self.block_nbytes)
@@ -114,7 +121,7 @@ class TieredStore(Generic[V]):
             out.append(handle)
         for future in reads.values():  # reads past the end of the prefix are not needed
             future.cancel()
-        return out
+        return out  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ writes
     def persist(self, key: bytes, block: torch.Tensor) -> bool:
@@ -223,3 +230,18 @@ class TieredStore(Generic[V]):
             self.counters["corrupt_or_missing"] += 1
             if known:
                 self._events.append(IndexEvent(key, "nvme", False))
+
+
+_CANCELLED = object()
+
+
+def _result(future: Future[torch.Tensor | None], cancel: threading.Event | None) -> object:
+    """The read's block, or `_CANCELLED` once `cancel` is set first."""
+    if cancel is None:
+        return future.result()
+    while True:
+        try:
+            return future.result(timeout=0.02)
+        except TimeoutError:
+            if cancel.is_set():
+                return _CANCELLED

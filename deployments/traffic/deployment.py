@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -69,7 +70,12 @@ class TrafficManager:
 
     async def load(self, keys: Sequence[bytes], trace: dict[str, str] | None = None) -> list[Any]:
         with tracing.span("kv.snic_read", trace, node=self.node, blocks=len(keys)) as span:
-            handles = await asyncio.to_thread(self.manager.load, keys)
+            cancel = threading.Event()
+            try:
+                handles = await asyncio.to_thread(self.manager.load, keys, cancel)
+            except asyncio.CancelledError:  # the caller left: its queued SNIC reads go too
+                cancel.set()
+                raise
             span.set_attribute("blocks_read", len(handles))
             return handles
 

@@ -147,9 +147,10 @@ class TrafficManager:
         self.store = store
         self.engines: dict[str, TransferStats] = {}
 
-    def load(self, keys: Sequence[bytes]) -> list[Any]:
-        """DRAM handles of the longest servable prefix of `keys` (reads through the SNIC)."""
-        return self.store.load(keys) if self.store is not None and keys else []
+    def load(self, keys: Sequence[bytes], cancel: threading.Event | None = None) -> list[Any]:
+        """DRAM handles of the longest servable prefix of `keys` (reads through the SNIC);
+        setting `cancel` (the request is gone) drops its reads still queued."""
+        return self.store.load(keys, cancel) if self.store is not None and keys else []
 
     def persist(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
         """Store full blocks (DRAM now, NVMe in the background); returns how many were new."""

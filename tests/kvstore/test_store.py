@@ -263,3 +263,50 @@ def test_a_thousand_corrupt_or_truncated_blocks_are_never_served(make_store, tmp
     assert sorted(fresh.keys()) == sorted(
         key(i) for i in range(n, n + controls + 3) if i != n + controls + 1
     )
+
+
+def test_a_cancelled_load_stops_and_drops_its_queued_snic_reads(tmp_path):
+    """The request left (the TrafficManager's handler was cancelled): the load returns at
+    once, and the SNIC never runs the reads still queued for it."""
+    import threading
+    import time
+
+    n = 40
+    rate = 20 * NBYTES  # 20 blocks/s: 40 blocks would take 2 s
+    writer = TieredStore(
+        "n0",
+        DRAMTier(0),
+        NVMeTier(tmp_path / "nvme", fsync=False),
+        StorageNIC("n0"),
+        wrap=lambda t: t.clone(),
+        unwrap=lambda t: t,
+        block_size=16,
+        block_nbytes=NBYTES,
+    )
+    for i in range(n):
+        writer.persist(key(i), block(i))
+    writer.snic.close()  # waits for the writes
+    reader = TieredStore(
+        "n0",
+        DRAMTier(0),
+        NVMeTier(tmp_path / "nvme", fsync=False),
+        StorageNIC("n0", bandwidth_bytes_per_s=rate),
+        wrap=lambda t: t.clone(),
+        unwrap=lambda t: t,
+        block_size=16,
+        block_nbytes=NBYTES,
+    )
+    try:
+        cancel = threading.Event()
+        threading.Timer(0.3, cancel.set).start()
+        start = time.monotonic()
+        got = reader.load([key(i) for i in range(n)], cancel)
+        assert time.monotonic() - start < 1.0  # not the 2 s of the whole prefix
+        assert 0 < len(got) < n and reader.counters["loads_cancelled"] == 1
+        assert all(torch.equal(g, block(i)) for i, g in enumerate(got))  # what came is right
+        time.sleep(0.5)
+        metrics = reader.snic.metrics()
+        assert metrics.read_ops_queued == 0  # the rest left the queue, unread
+        assert metrics.bytes_read_total <= (len(got) + 3) * NBYTES  # + those in flight
+    finally:
+        reader.snic.close(wait=False)
