@@ -117,6 +117,13 @@ class DecodeServer(EngineServer):
             raise
         finally:
             self.mover.unhold(handoff.descriptor)
+        try:
+            blocks = await blocks_task
+        except Exception:  # their owner (a TrafficManager) died: recompute, as above
+            if self.on_transfer_failure != "recompute":
+                raise
+            logger.warning("stored KV of %s lost; recomputing", job.request_id, exc_info=True)
+            blocks, data = [], None
         kv = SequenceKV(
             handoff.token_ids,
             handoff.block_keys,
@@ -124,6 +131,5 @@ class DecodeServer(EngineServer):
             output_token_ids=handoff.output_token_ids,
             first_block=handoff.first_block,
         )
-        blocks = await blocks_task
         prefix = PrefixKV(handoff.block_keys[: len(blocks)], blocks) if blocks else None
         return kv, prefix

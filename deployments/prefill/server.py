@@ -13,6 +13,7 @@ exactly as one engine would (greedy and seeded output are identical; tested).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -25,6 +26,8 @@ from deployments.protocol import KVHandoff, PrefillJob
 from engine.core import EngineCore
 from engine.kv_import import PrefixKV
 from engine.output import RequestOutput
+
+logger = logging.getLogger(__name__)
 
 
 class PrefillError(RuntimeError):
@@ -72,10 +75,16 @@ class PrefillServer(EngineServer):
 
     async def _first_token(self, job: PrefillJob, ctx: Context) -> RequestOutput:
         prefix = None
+        send_from_block = job.decode_has_blocks
         if job.prefix_blocks:
-            with tracing.span("kv.fetch", parent=ctx, blocks=len(job.prefix_blocks)):
-                blocks = await self.fetch_blocks(job.prefix_blocks)
-            prefix = PrefixKV(list(job.prefix_keys), blocks)
+            with tracing.span("kv.fetch", parent=ctx, blocks=len(job.prefix_blocks)) as span:
+                try:
+                    blocks = await self.fetch_blocks(job.prefix_blocks)
+                    prefix = PrefixKV(list(job.prefix_keys), blocks)
+                except Exception as exc:  # their owner (a TrafficManager) died: recompute
+                    logger.warning("stored KV of %s lost; recomputing", job.request_id)
+                    tracing.fail(span, exc)
+                    send_from_block = 0  # the DE's own copies may be lost too: send it all
 
         def add(engine: EngineCore) -> None:
             engine.add_prefill(
@@ -84,7 +93,7 @@ class PrefillServer(EngineServer):
                 job.params,
                 job.tenant_salt,
                 prefix=prefix,
-                send_from_block=job.decode_has_blocks,
+                send_from_block=send_from_block,
                 priority=job.priority,
             )
 

@@ -178,6 +178,22 @@ async def scenario(model_dir, tmp_path, engine_alone):
             CompletionRequest(model=MODEL, prompt=turn2, temperature=0, max_tokens=12)
         )
         results["corrupt"] = (out, backend.plans[-1], {})
+
+        # the handles' owner (a TrafficManager) dies after the read: fetching them fails on
+        # the PE (it computes everything and sends it all), or on the DE only (it recomputes)
+        async def lost(handles):
+            raise RuntimeError("injected: the owner of these blocks died")
+
+        backend.force = "de"  # dnode's copies are intact; the DE holds them all
+        for name, server in (("lost_pe", prefill), ("lost_de", decode)):
+            fetch, server.fetch_blocks = server.fetch_blocks, lost
+            try:
+                out = await service.complete(
+                    CompletionRequest(model=MODEL, prompt=turn2, temperature=0, max_tokens=12)
+                )
+            finally:
+                server.fetch_blocks = fetch
+            results[name] = (out, backend.plans[-1], {})
         return turn2, results, block_nbytes, decode.num_persisted_blocks
     finally:
         for server in servers:
@@ -207,7 +223,15 @@ def test_output_is_identical_whichever_side_reads_the_stored_kv(model_dir, tmp_p
         path: out.usage.prompt_tokens_details.cached_tokens for path, (out, _, _) in results.items()
     }
     full = hits * 64
-    assert cached == {"none": 0, "pe": full, "de": full, "split": full, "corrupt": hits // 2 * 64}
+    assert cached == {
+        "none": 0,
+        "pe": full,
+        "de": full,
+        "split": full,
+        "corrupt": hits // 2 * 64,
+        "lost_pe": 0,  # computed by the PE after all
+        "lost_de": full,  # the PE used them; the DE recomputed its own
+    }
     # each side's SNIC read exactly the blocks the plan gave it
     assert results["none"][2] == {"pnode": 0, "dnode": 0}
     assert results["pe"][2] == {"pnode": hits * block_nbytes, "dnode": 0}

@@ -10,6 +10,7 @@ that runs the most of the current streams (the Scheduler's fresh load reports).
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +25,7 @@ APP = "kill"
 DE = "DecodeEngine-node0"
 KILLS = 20
 STREAMS = 4  # concurrent streams per kill
-MAX_TOKENS = 40
+MAX_TOKENS = 24
 TOPICS = ["tides", "glaciers", "volcanoes", "deserts"]
 MODES = [{"temperature": 0}, {"temperature": 0.9, "seed": 4242}]
 
@@ -48,8 +49,6 @@ def body(i: int, stream: bool) -> dict:
 def stream_one(base: str, i: int, started: threading.Event) -> tuple[list[int], str, str]:
     """One streamed completion; sets `started` after its third token. Returns (token ids,
     text, finish_reason)."""
-    import json
-
     ids: list[int] = []
     text, finish = "", ""
     with httpx.stream("POST", f"{base}/v1/completions", json=body(i, True), timeout=300) as r:
@@ -142,6 +141,16 @@ def test_twenty_decode_kills_lose_nothing_and_change_nothing(serve_port, model_d
             assert finish == "length"
         # every kill hit running streams (each moved stream counts once)
         assert lost - before >= KILLS
+        # side effects once per request: one audit line each, billed its real token counts
+        lines = [
+            json.loads(line)
+            for f in sorted((tmp_path / "audit").glob("audit-*.jsonl"))
+            for line in f.read_text().splitlines()
+        ]
+        completions = [r for r in lines if r["route"] == "/v1/completions"]
+        assert len(completions) == len(TOPICS) + KILLS * STREAMS
+        assert len({r["request_id"] for r in completions}) == len(completions)
+        assert {(r["status"], r["completion_tokens"]) for r in completions} == {("ok", MAX_TOKENS)}
         wait_for(lambda: running_des(serve) == 3, 180, "the last decode replacements")
         engines = serve.get_deployment_handle("Scheduler", APP).engines.remote().result()
         live = [e for e in engines if time.time() - e.timestamp_s < 5]
