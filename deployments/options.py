@@ -130,6 +130,12 @@ class KVStoreSection(Section):
     min_write_share: float = Field(
         default=0.05, ge=0, le=1, description="SNIC bytes persistence gets under read load"
     )
+    read_timeout_s: float | None = Field(
+        default=10.0,
+        gt=0,
+        description="a stored-KV load waits this long at most (a stalled or slow disk); the "
+        "blocks not read by then are recomputed (None: wait)",
+    )
     load_failure: Literal["recompute", "fail"] = Field(
         default="recompute",
         description="a planned stored-KV read that fails or comes back short: recompute from "

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from functools import partial
@@ -48,6 +49,7 @@ class TieredStore(Generic[V]):
         block_size: int,
         block_nbytes: int,
         max_pending_writes: int = 1024,
+        read_timeout_s: float | None = None,
     ):
         self.node_id = node_id
         self.dram = dram
@@ -58,12 +60,14 @@ class TieredStore(Generic[V]):
         self.block_size = block_size
         self.block_nbytes = block_nbytes
         self.max_pending_writes = max_pending_writes
+        self.read_timeout_s = read_timeout_s  # a load waits this long at most (slow disk)
         self._lock = threading.Lock()
         self._pending_writes: dict[bytes, Future[None]] = {}
         self._events: list[IndexEvent] = []
         self.counters = {
             "loads": 0,
             "loads_cancelled": 0,
+            "read_timeouts": 0,
             "blocks_from_dram": 0,
             "blocks_from_nvme": 0,
             "load_misses": 0,
@@ -77,8 +81,9 @@ class TieredStore(Generic[V]):
     # ------------------------------------------------------------------ reads
     def load(self, keys: Sequence[bytes], cancel: threading.Event | None = None) -> list[V]:
         """The longest servable prefix of `keys`, as DRAM handles, in order. Once `cancel`
-        is set (the request is gone) it stops waiting and drops its reads still queued on
-        the SNIC, returning what it has."""
+        is set (the request is gone), or `read_timeout_s` has passed (a stalled disk), it
+        stops waiting and drops its reads still queued on the SNIC, returning what it has
+        (the rest is recomputed)."""
         handles: list[V | None] = []
         reads: dict[int, Future[torch.Tensor | None]] = {}
         known: dict[int, bool] = {}
@@ -101,12 +106,14 @@ class TieredStore(Generic[V]):
                     )
                 handles.append(handle)
         out: list[V] = []
+        deadline = None if self.read_timeout_s is None else time.monotonic() + self.read_timeout_s
         for i, handle in enumerate(handles):
             if handle is None:
-                block = _result(reads.pop(i), cancel)
-                if block is _CANCELLED:
+                block = _result(reads.pop(i), cancel, deadline)
+                if block is _CANCELLED or block is _TIMED_OUT:
+                    reason = "loads_cancelled" if block is _CANCELLED else "read_timeouts"
                     with self._lock:
-                        self.counters["loads_cancelled"] += 1
+                        self.counters[reason] += 1
                     break
                 if block is None:  # corrupt, vanished or not written yet: the prefix ends here
                     self._note_missing(keys[i], known[i])
@@ -233,15 +240,21 @@ class TieredStore(Generic[V]):
 
 
 _CANCELLED = object()
+_TIMED_OUT = object()
 
 
-def _result(future: Future[torch.Tensor | None], cancel: threading.Event | None) -> object:
-    """The read's block, or `_CANCELLED` once `cancel` is set first."""
-    if cancel is None:
+def _result(
+    future: Future[torch.Tensor | None], cancel: threading.Event | None, deadline: float | None
+) -> object:
+    """The read's block; `_CANCELLED` once `cancel` is set, `_TIMED_OUT` after `deadline`
+    (monotonic), whichever comes first."""
+    if cancel is None and deadline is None:
         return future.result()
     while True:
         try:
             return future.result(timeout=0.02)
         except TimeoutError:
-            if cancel.is_set():
+            if cancel is not None and cancel.is_set():
                 return _CANCELLED
+            if deadline is not None and time.monotonic() > deadline:
+                return _TIMED_OUT

@@ -55,6 +55,7 @@ class TrafficManager:
                 wrap=put_block,
                 unwrap=get_block,
                 block_size=block_size,
+                read_timeout_s=kvstore.read_timeout_s,
                 block_nbytes=engine.engine.engine_config(engine.model, None).kv_bytes_per_block(
                     ModelConfig.from_dir(engine.model.path.expanduser())
                 ),

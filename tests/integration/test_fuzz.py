@@ -5,8 +5,8 @@ A dedicated app (engines without a CPU reservation, `max_tokens_limit: 2`, so a 
 request costs one short prefill) at /fz. The request bodies in /openapi.json are the real
 pydantic models (app/api/http.py), so the generator reaches the engines, not only the
 validators. `DUALPATH_FUZZ_EXAMPLES` caps examples per operation (default 550: the two POST
-operations make ≥ 1,000; hypothesis
-stops early on small input spaces, so the total is asserted, ≥ 1,000 requests)."""
+operations make ≥ 1,000; hypothesis stops early on small input spaces, so the total is
+asserted, ≥ 1,000 requests)."""
 
 from __future__ import annotations
 

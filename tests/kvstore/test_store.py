@@ -310,3 +310,32 @@ def test_a_cancelled_load_stops_and_drops_its_queued_snic_reads(tmp_path):
         assert metrics.bytes_read_total <= (len(got) + 3) * NBYTES  # + those in flight
     finally:
         reader.snic.close(wait=False)
+
+
+def test_a_stalled_disk_read_ends_the_prefix_at_the_deadline(make_store, monkeypatch):
+    """A read that hangs (a slow or stalled disk) costs at most `read_timeout_s`: the load
+    returns the blocks before it and the rest is recomputed; serving never hangs on it."""
+    import threading
+    import time
+
+    store = make_store(dram_blocks=0)
+    for i in range(6):
+        store.persist(key(i), block(i))
+    store.flush()
+    stuck = threading.Event()
+    read = store.nvme.read
+
+    def slow_read(k):
+        if k == key(3):
+            stuck.wait(5)  # stalled until the test ends
+        return read(k)
+
+    monkeypatch.setattr(store.nvme, "read", slow_read)
+    store.read_timeout_s = 0.4
+    start = time.monotonic()
+    got = store.load([key(i) for i in range(6)])
+    took = time.monotonic() - start
+    stuck.set()
+    assert 0.4 <= took < 2.0
+    assert [torch.equal(g, block(i)) for i, g in enumerate(got)] == [True] * 3
+    assert store.counters["read_timeouts"] == 1
