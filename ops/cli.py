@@ -1,5 +1,6 @@
 """`python -m ops` (also installed as `dps`): model fetch, interactive chat, benchmarks, API
-keys and the usage ledger, status / drain, KV tier checks, traces and workload replay."""
+keys and the usage ledger, status / drain, KV tier checks, traces, workload replay and the
+cluster simulator."""
 
 from __future__ import annotations
 
@@ -144,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ops.dashboards.render import add_parsers as add_dashboard_parsers
     from ops.kvtool import add_parsers as add_kv_parsers
     from ops.replay import add_parsers as add_replay_parsers
+    from ops.sim.cli import add_parsers as add_sim_parsers
     from ops.status import add_drain_parsers
     from ops.status import add_parsers as add_status_parsers
     from ops.tenants import add_parsers as add_tenant_parsers
@@ -156,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_trace_parsers(sub)
     add_replay_parsers(sub)
     add_dashboard_parsers(sub)
+    add_sim_parsers(sub)
     return parser
 
 

@@ -1,0 +1,213 @@
+"""Storage in the simulator: each node's storage NIC, block keys, and a compact KV index.
+
+SimSNIC      one link per node with two FIFO classes and the live StorageNIC's dispatch
+             rule (kvstore/snic.py): READs first, yet WRITEs get `min_write_share` of
+             the bytes while both queue. Reports the read queue (queued + in flight)
+             the Scheduler balances on.
+BlockKeys    the chain keys of an agent's first n blocks, made on demand: the keys of
+             an agent's prompt are a prefix of its next prompt's, as hash chains are.
+CompactIndex the KVIndex contract the policy uses (`longest_prefix`, `apply`) for
+             NVMe-tier blocks, stored as one bytearray per agent instead of an entry
+             per block; the "exact" index option keeps kvstore.index.KVIndex itself.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import overload
+
+from deployments.protocol import NodeReport
+from kvstore.index import IndexEvent
+from ops.sim.events import EventLoop
+
+READ, WRITE = 0, 1
+_KEY = struct.Struct("<QI")
+
+
+def block_key(agent_id: int, block: int) -> bytes:
+    return _KEY.pack(agent_id, block)
+
+
+class BlockKeys(Sequence[bytes]):
+    """Keys of blocks [0, n) of one agent's token chain."""
+
+    __slots__ = ("agent_id", "num_blocks")
+
+    def __init__(self, agent_id: int, num_blocks: int):
+        self.agent_id = agent_id
+        self.num_blocks = num_blocks
+
+    def __len__(self) -> int:
+        return self.num_blocks
+
+    @overload
+    def __getitem__(self, i: int) -> bytes: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[bytes]: ...
+    def __getitem__(self, i: int | slice) -> bytes | list[bytes]:
+        if isinstance(i, slice):
+            return [block_key(self.agent_id, j) for j in range(*i.indices(self.num_blocks))]
+        if not -self.num_blocks <= i < self.num_blocks:
+            raise IndexError(i)
+        return block_key(self.agent_id, i % self.num_blocks)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return (block_key(self.agent_id, j) for j in range(self.num_blocks))
+
+
+class CompactIndex:
+    """Which agent blocks are stored (NVMe tier only: the simulated store has no DRAM)."""
+
+    def __init__(self) -> None:
+        self.stored: dict[int, bytearray] = {}
+        self.num_blocks = 0
+
+    def __len__(self) -> int:
+        return self.num_blocks
+
+    def apply(self, events: Iterable[IndexEvent], now: float = 0.0) -> None:
+        for event in events:
+            agent_id, block = _KEY.unpack(event.key)
+            bits = self.stored.setdefault(agent_id, bytearray())
+            if block >= len(bits):
+                bits.extend(b"\0" * (block + 1 - len(bits)))
+            was = bits[block]
+            bits[block] = 1 if event.present else 0
+            self.num_blocks += bits[block] - was
+
+    def mark_stored(self, agent_id: int, num_blocks: int) -> None:
+        """Blocks [0, num_blocks) of an agent are stored (a window's earlier context)."""
+        bits = self.stored.setdefault(agent_id, bytearray())
+        if num_blocks > len(bits):
+            bits.extend(bytes(num_blocks - len(bits)))
+        self.num_blocks += num_blocks - bits.count(1, 0, num_blocks)
+        bits[:num_blocks] = b"\1" * num_blocks
+
+    def drop_node(self, node_id: str) -> None:
+        """No DRAM tier in the simulator: nothing is lost with a node."""
+
+    def longest_prefix(
+        self, keys: Sequence[bytes], now: float | None = None, nodes: set[str] | None = None
+    ) -> int:
+        if isinstance(keys, BlockKeys):
+            bits = self.stored.get(keys.agent_id, bytearray())
+            end = min(len(keys), len(bits))
+            first_missing = bits.find(0, 0, end)
+            return end if first_missing < 0 else first_missing
+        n = 0
+        for key in keys:
+            agent_id, block = _KEY.unpack(key)
+            bits = self.stored.get(agent_id)
+            if bits is None or block >= len(bits) or not bits[block]:
+                break
+            n += 1
+        return n
+
+    def stats(self) -> dict[str, int]:
+        return {"blocks": self.num_blocks, "nvme_blocks": self.num_blocks, "dram_blocks": 0}
+
+
+@dataclass(slots=True)
+class IOOp:
+    kind: int
+    nbytes: int
+    done: Callable[[], None]
+
+
+class SimSNIC:
+    def __init__(
+        self,
+        loop: EventLoop,
+        node_id: str,
+        bytes_per_s: float | None,
+        uncapped_bytes_per_s: float,
+        min_write_share: float = 0.05,
+    ):
+        self.loop = loop
+        self.node_id = node_id
+        self.cap_bytes_per_s = bytes_per_s
+        self.rate = bytes_per_s or uncapped_bytes_per_s
+        self.min_write_share = min_write_share
+        self.queues: tuple[deque[IOOp], deque[IOOp]] = (deque(), deque())
+        self.pending_bytes = [0, 0]  # queued + in flight, per class
+        self.total_bytes = [0, 0]  # completed, per class
+        self.num_ops = [0, 0]
+        self.busy_s = 0.0
+        self.busy = False
+        self.log: list[tuple[float, float, int]] = []  # (start, end, bytes) of every op
+        self._period = [0, 0]  # bytes dispatched per class in the current contention period
+
+    @property
+    def read_queue_bytes(self) -> int:
+        return self.pending_bytes[READ]
+
+    @property
+    def write_queue_bytes(self) -> int:
+        return self.pending_bytes[WRITE]
+
+    def submit(self, kind: int, nbytes: int, done: Callable[[], None]) -> None:
+        """Queue one op; `done()` runs when its bytes have crossed the link."""
+        if nbytes <= 0:
+            self.loop.after(0.0, done)
+            return
+        self.queues[kind].append(IOOp(kind, nbytes, done))
+        self.pending_bytes[kind] += nbytes
+        if not self.busy:
+            self._dispatch()
+
+    def _dispatch(self) -> None:
+        reads, writes = self.queues
+        if not reads and not writes:
+            self.busy = False
+            return
+        if reads and writes:
+            w = writes[0].nbytes
+            read, written = self._period
+            queue = writes if written + w <= self.min_write_share * (read + written + w) else reads
+        else:
+            self._period = [0, 0]
+            queue = reads or writes
+        op = queue.popleft()
+        self._period[op.kind] += op.nbytes
+        self.busy = True
+        duration = op.nbytes / self.rate
+        self.busy_s += duration
+        self.log.append((self.loop.now, self.loop.now + duration, op.nbytes))
+        self.loop.after(duration, self._finish, op)
+
+    def _finish(self, op: IOOp) -> None:
+        self.pending_bytes[op.kind] -= op.nbytes
+        self.total_bytes[op.kind] += op.nbytes
+        self.num_ops[op.kind] += 1
+        op.done()
+        self._dispatch()
+
+
+@dataclass(slots=True)
+class SimNode:
+    """A node: its SNIC, and the index events of blocks it stored since its last report."""
+
+    node_id: str
+    role: str
+    snic: SimSNIC
+    events: list[IndexEvent] = field(default_factory=list)
+    dirty: bool = True
+
+    def report(self, now: float, kv_bytes_per_token: int, full_sync: bool) -> NodeReport:
+        """What its TrafficManager would send the Scheduler now; takes the pending events."""
+        snic = self.snic
+        events, self.events, self.dirty = tuple(self.events), [], False
+        return NodeReport(
+            node_id=self.node_id,
+            read_queue_bytes=snic.read_queue_bytes,
+            read_queue_tokens=snic.read_queue_bytes // kv_bytes_per_token,
+            write_queue_bytes=snic.write_queue_bytes,
+            bandwidth_bytes_per_s=snic.cap_bytes_per_s,
+            read_throughput_bytes_per_s=snic.rate,
+            timestamp_s=now,
+            events=events,
+            full_sync=full_sync,
+        )

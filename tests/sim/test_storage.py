@@ -1,0 +1,64 @@
+"""Storage pieces: the SNIC's dispatch rule and the compact index's contract."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from kvstore.index import IndexEvent, KVIndex
+from ops.sim.events import EventLoop
+from ops.sim.storage import READ, WRITE, BlockKeys, CompactIndex, SimSNIC, block_key
+
+
+def test_reads_go_first_but_writes_keep_their_share() -> None:
+    """Under a continuous read load, WRITEs still get ~min_write_share of the bytes; with
+    no contention a write goes at once (kvstore/snic.py's rule)."""
+    loop = EventLoop()
+    snic = SimSNIC(loop, "n", 100.0, 1e9, min_write_share=0.2)
+    order: list[str] = []
+    for i in range(50):
+        snic.submit(READ, 10, lambda i=i: order.append(f"r{i}"))
+        snic.submit(WRITE, 10, lambda i=i: order.append(f"w{i}"))
+    loop.run(lambda: False)
+    first_60 = order[:60]
+    writes = sum(1 for x in first_60 if x.startswith("w"))
+    assert 10 <= writes <= 14  # ~20% of the bytes while both queue
+    assert order[0] == "r0"
+    assert snic.total_bytes == [500, 500] and snic.read_queue_bytes == 0
+    assert loop.now == pytest.approx(10.0)  # 1000 bytes at 100 B/s: the link never idles
+
+
+def test_uncapped_snic_runs_at_its_device_rate() -> None:
+    loop = EventLoop()
+    snic = SimSNIC(loop, "n", None, 1000.0)
+    done: list[float] = []
+    snic.submit(READ, 500, lambda: done.append(loop.now))
+    loop.run(lambda: False)
+    assert done == [0.5]
+
+
+def test_compact_index_answers_like_kvindex() -> None:
+    """Random stores and deletes of agents' blocks: both indexes give the same longest
+    prefix for every (agent, length) query, via BlockKeys and via plain key tuples."""
+    rng = random.Random(0)
+    exact, compact = KVIndex(), CompactIndex()
+    for _ in range(400):
+        event = IndexEvent(
+            block_key(rng.randrange(5), rng.randrange(40)), "nvme", rng.random() < 0.8
+        )
+        exact.apply([event])
+        compact.apply([event])
+    for agent in range(5):
+        for n in range(0, 45, 3):
+            keys = BlockKeys(agent, n)
+            expected = exact.longest_prefix(tuple(keys))
+            assert compact.longest_prefix(keys) == expected
+            assert compact.longest_prefix(tuple(keys)) == expected
+    assert len(compact) == len(exact)
+
+
+def test_block_keys_are_a_prefix_chain() -> None:
+    assert BlockKeys(7, 5)[:3] == list(BlockKeys(7, 3))
+    assert BlockKeys(7, 5)[-1] == block_key(7, 4)
+    assert len({*BlockKeys(1, 4), *BlockKeys(2, 4)}) == 8
