@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from engine.config import DType, EngineConfig, default_model_dir
+from engine.config import DType, EngineConfig, SparseAttentionConfig, default_model_dir
 from kvstore.transfer.base import TransportName
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20}
@@ -74,6 +74,10 @@ class EngineSection(Section):
     num_cpus: float = Field(
         default=1.0, ge=0, description="CPUs Ray reserves per engine replica (0: oversubscribe)"
     )
+    attention: Literal["dense", "sparse"] = Field(
+        default="dense", description="decode engines' attention (prefill is always dense)"
+    )
+    sparse: SparseAttentionConfig = Field(default_factory=SparseAttentionConfig)
 
     def engine_config(
         self, model: ModelSection, num_threads: int | None, prefill: bool = False
@@ -90,6 +94,8 @@ class EngineSection(Section):
             prefill_quota_s=self.prefill_quota_s if prefill else None,
             enable_prefix_caching=self.enable_prefix_caching,
             num_threads=self.num_threads or num_threads,
+            attention="dense" if prefill else self.attention,
+            sparse=self.sparse,
         )
 
 

@@ -21,11 +21,13 @@ Jobs carry `target_replica` (the replica the Scheduler chose) and node reports c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from engine.sampling_params import SamplingParams
 from kvstore.index import IndexEvent
-from kvstore.transfer.base import KVDescriptor
+
+if TYPE_CHECKING:  # NOTE: torch-free at run time, so the policy and simulator import fast
+    from engine.sampling_params import SamplingParams
+    from kvstore.transfer.base import KVDescriptor
 
 Role = Literal["prefill", "decode"]
 

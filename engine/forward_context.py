@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine.kernels.sparse_attention import SparseSpec, SparseStats
+
 
 @dataclass(slots=True)
 class PrefillSpan:
@@ -33,6 +35,19 @@ class AttentionMetadata:
     decode_context_len: int = 0  # longest decode context; keys are cut to this length
     decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, decode_context_len] bool
     prefills: list[PrefillSpan] = field(default_factory=list)
+    # Sparse attention only (None when dense):
+    decode_context_lens: torch.Tensor | None = None  # [num_decodes] long, current token incl.
+    filled_sub_blocks: torch.Tensor | None = None  # [m] flat score blocks this step fills
+
+
+@dataclass(slots=True)
+class SparseContext:
+    """What sparse decode attention needs beyond the cache: its knobs, the per-layer key
+    summaries kept beside the cache, and the counters of tokens read."""
+
+    spec: SparseSpec
+    summaries: list[torch.Tensor]  # per layer: [num_sub_blocks, S, kv_heads, head_dim]
+    stats: SparseStats | None = None
 
 
 @dataclass(slots=True)
@@ -42,3 +57,4 @@ class ForwardContext:
     attn: AttentionMetadata
     kv_caches: list[torch.Tensor]  # per layer: [2, num_blocks, block_size, kv_heads, head_dim]
     before_layer: Callable[[int], None] | None = None  # waits for layer i's stored KV
+    sparse: SparseContext | None = None  # set when the engine's attention is sparse

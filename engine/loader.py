@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -12,7 +13,8 @@ from torch import nn
 
 
 def load_weights(model: nn.Module, model_dir: Path, tied_embeddings: bool = False) -> None:
-    """Copy every checkpoint tensor into `model`, fusing split projections.
+    """Copy every checkpoint tensor into `model`, fusing split projections and stacking
+    per-expert MoE weights (`experts.{e}.gate_proj.weight` -> `experts.gate_up_proj[e]`).
 
     Raises:
         FileNotFoundError: no *.safetensors in `model_dir`.
@@ -24,30 +26,56 @@ def load_weights(model: nn.Module, model_dir: Path, tied_embeddings: bool = Fals
     params = dict(model.named_parameters(remove_duplicate=False))
     fused: dict[str, tuple[str, int]] = getattr(model, "fused_shards", {})
     loaded: set[str] = set()
-    shards_seen: dict[str, dict[int, torch.Tensor]] = {}
+    # parameter -> {(expert index or -1, shard index): tensor}
+    pieces: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
     for file in files:
         with safe_open(file, framework="pt") as f:
             for name in f.keys():  # noqa: SIM118  (safe_open is not a Mapping)
                 ours = name.removeprefix("model.")
                 parts = ours.split(".")
                 target = next((p for p in parts if p in fused), None)
+                shard = 0
                 if target is not None:
-                    fused_name, index = fused[target]
+                    fused_name, shard = fused[target]
                     ours = ours.replace(target, fused_name)
-                    shards_seen.setdefault(ours, {})[index] = f.get_tensor(name)
+                expert = -1
+                match = _EXPERT.fullmatch(ours)
+                stacked = f"{match['prefix']}.{match['proj']}" if match else ""
+                if match is not None and stacked in params:
+                    ours, expert = stacked, int(match["expert"])
+                if target is None and expert < 0:
+                    if ours not in params:
+                        raise ValueError(f"checkpoint tensor {name} has no matching parameter")
+                    _copy(params[ours], f.get_tensor(name), name)
+                    loaded.add(ours)
                     continue
                 if ours not in params:
                     raise ValueError(f"checkpoint tensor {name} has no matching parameter")
-                _copy(params[ours], f.get_tensor(name), name)
-                loaded.add(ours)
-    for ours, shards in shards_seen.items():
-        _copy(params[ours], torch.cat([shards[i] for i in sorted(shards)], dim=0), ours)
+                pieces.setdefault(ours, {})[(expert, shard)] = f.get_tensor(name)
+    for ours, parts_by_key in pieces.items():
+        experts = sorted({e for e, _ in parts_by_key})
+        shards = {s for _, s in parts_by_key}
+        if len(parts_by_key) != len(experts) * len(shards) or experts not in (
+            [-1],
+            list(range(len(experts))),
+        ):
+            raise ValueError(f"{ours}: checkpoint lacks some expert or shard tensors")
+        rows = [
+            torch.cat([parts_by_key[k] for k in sorted(k for k in parts_by_key if k[0] == e)])
+            for e in experts
+        ]
+        tensor = rows[0] if experts == [-1] else torch.stack(rows)
+        _copy(params[ours], tensor, ours)
         loaded.add(ours)
     if tied_embeddings and "lm_head.weight" not in loaded and "embed_tokens.weight" in loaded:
         loaded.add("lm_head.weight")  # the head *is* the embedding table
     missing = set(params) - loaded
     if missing:
         raise ValueError(f"parameters missing from checkpoint: {sorted(missing)[:5]}")
+
+
+# `layers.3.mlp.experts.7.gate_up_proj.weight` -> stacked `layers.3.mlp.experts.gate_up_proj`
+_EXPERT = re.compile(r"(?P<prefix>.*\.experts)\.(?P<expert>\d+)\.(?P<proj>\w+)\.weight")
 
 
 def _copy(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:

@@ -6,7 +6,8 @@ import torch
 
 from engine.batch_scheduler import StepPlan
 from engine.config import EngineConfig, ModelConfig
-from engine.forward_context import AttentionMetadata, ForwardContext, PrefillSpan
+from engine.forward_context import AttentionMetadata, ForwardContext, PrefillSpan, SparseContext
+from engine.kernels.sparse_attention import SparseSpec, SparseStats
 from engine.kv_cache import KVCache
 from engine.kv_import import LayerwiseImport
 from engine.layers.linear import onednn_available
@@ -45,10 +46,23 @@ class ModelRunner:
                 self.model.prepack_linears()
             elif config.cpu_linear_backend == "onednn":
                 raise RuntimeError("cpu_linear_backend='onednn' but this torch has no oneDNN")
+        self.sparse_spec = build_sparse_spec(config, model_config)
         self.kv_cache = KVCache(
-            model_config, num_blocks, config.block_size, config.torch_dtype, self.device
+            model_config,
+            num_blocks,
+            config.block_size,
+            config.torch_dtype,
+            self.device,
+            sparse=self.sparse_spec,
         )
         self.kv_layers = self.kv_cache.layer_views()
+        self.kv_summaries = self.kv_cache.summary_views()
+        # decode tokens read by sparse attention so far (None when dense)
+        self.sparse_stats = (
+            SparseStats.zeros(model_config.num_hidden_layers, self.device)
+            if self.sparse_spec is not None
+            else None
+        )
         self.sampler = Sampler(config.seed, eos_token_ids)
         self.last_import: LayerwiseImport | None = None
 
@@ -70,6 +84,9 @@ class ModelRunner:
         finally:
             if self.last_import is not None:
                 self.last_import.join()
+        if self.last_import is not None and self.sparse_spec is not None:
+            # NOTE: the layer-wise import copies KV behind attention's back: summarise it.
+            self.kv_cache.refresh_summaries([block_id for block_id, _ in pending])
         if not sample_seqs:
             return [], None
         logits = self.model.compute_logits(hidden[sample_idx]).cpu()
@@ -133,5 +150,38 @@ class ModelRunner:
             attn=meta,
             kv_caches=self.kv_layers,
         )
+        if self.sparse_spec is not None:
+            self._prepare_sparse(ctx, positions, slots, decode_lens)
         ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
         return ids, ctx, torch.tensor(sample_idx, dtype=torch.long, device=dev), sample_seqs
+
+    def _prepare_sparse(
+        self, ctx: ForwardContext, positions: list[int], slots: list[int], decode_lens: list[int]
+    ) -> None:
+        """Sparse attention's extra inputs: decode lengths and the score blocks that fill."""
+        assert self.sparse_spec is not None and self.kv_summaries is not None
+        sbs = self.sparse_spec.score_block_size
+        filled = [s // sbs for p, s in zip(positions, slots, strict=True) if (p + 1) % sbs == 0]
+        meta = ctx.attn
+        meta.filled_sub_blocks = torch.tensor(filled, dtype=torch.long, device=self.device)
+        if decode_lens:
+            meta.decode_context_lens = torch.tensor(
+                decode_lens, dtype=torch.long, device=self.device
+            )
+        ctx.sparse = SparseContext(self.sparse_spec, self.kv_summaries, self.sparse_stats)
+
+
+def build_sparse_spec(config: EngineConfig, model_config: ModelConfig) -> SparseSpec | None:
+    """The resolved sparse-attention knobs, or None when attention is dense."""
+    if config.attention == "dense":
+        return None
+    sparse = config.sparse
+    return SparseSpec(
+        fractions=sparse.fractions(model_config.num_hidden_layers),
+        num_sink_tokens=sparse.num_sink_tokens,
+        window_tokens=sparse.window_tokens,
+        score_block_size=config.score_block_size,
+        summary=sparse.summary,
+        global_view=sparse.global_view,
+        channels=sparse.channels,
+    )

@@ -101,6 +101,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from ops.bench.soak import main as soak_main
 
         return soak_main(args.rest)
+    if args.which == "sparse-attention":
+        from ops.bench.sparse_attention import main as sparse_attention_main
+
+        return sparse_attention_main(args.rest)
     if args.which == "tracing":
         from ops.bench.tracing import main as tracing_main
 
@@ -137,7 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run a benchmark (ops/bench/<name>.py)")
     bench.add_argument(
         "which",
-        choices=["engine", "serve", "agentic", "kv-hit", "admission", "tracing", "soak"],
+        choices=[
+            "engine",
+            "serve",
+            "agentic",
+            "kv-hit",
+            "admission",
+            "tracing",
+            "soak",
+            "sparse-attention",
+        ],
     )
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     bench.set_defaults(func=_cmd_bench)

@@ -4,6 +4,10 @@ The cache of one layer is `[2, num_blocks, block_size, kv_heads, head_dim]`. New
 K/V are written to their slots first, then every query reads its context through its
 block table, so a prefix-cache hit and freshly computed KV are read the same way.
 GQA is handled by folding query heads into [kv_heads, group] instead of repeating K/V.
+
+With a `SparseContext`, decode queries read only their selected blocks (sinks, window and
+top-k by key summaries; engine/kernels/sparse_attention.py) and the summaries of score
+blocks that fill are written right after the new K/V. Prefill stays dense.
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from engine.forward_context import AttentionMetadata
+from engine.forward_context import AttentionMetadata, SparseContext
+from engine.kernels import ops
 
 
 def write_kv(
@@ -31,19 +36,28 @@ def paged_attention(
     kv_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    sparse: SparseContext | None = None,
+    layer: int = 0,
 ) -> torch.Tensor:
     """Causal attention of q [T, H, D] over the cache after writing k, v [T, KVH, D].
+
+    Args:
+        sparse: set for sparse decode attention; `layer` picks its budget and summaries.
 
     Returns:
         [T, H * D] attention output in q's dtype.
     """
     write_kv(kv_cache, meta.slot_mapping, k, v)
+    if sparse is not None and meta.filled_sub_blocks is not None:
+        ops.update_summaries(kv_cache, sparse.summaries[layer], meta.filled_sub_blocks, sparse.spec)
     num_tokens, num_heads, head_dim = q.shape
     kv_heads = kv_cache.shape[3]
     group = num_heads // kv_heads
     out = torch.empty_like(q)
 
-    if meta.decode_token_idx is not None:
+    if meta.decode_token_idx is not None and sparse is not None:
+        out[meta.decode_token_idx] = _sparse_decode(q, kv_cache, meta, scale, sparse, layer)
+    elif meta.decode_token_idx is not None:
         tables = meta.decode_block_tables
         num_decodes = tables.shape[0]
         # [B, max_blocks, bs, KVH, D] -> [B, KVH, L, D]
@@ -72,6 +86,36 @@ def paged_attention(
         )[0]
         out[rows] = attn.transpose(0, 1)
     return out.view(num_tokens, num_heads * head_dim)
+
+
+def _sparse_decode(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sparse: SparseContext,
+    layer: int,
+) -> torch.Tensor:
+    """Sparse attention of the decode queries [B, H, D]; counts what was read."""
+    lens = meta.decode_context_lens
+    assert lens is not None and meta.decode_block_tables is not None
+    fraction = sparse.spec.fractions[layer]
+    attn, tokens_read, summaries_read = ops.sparse_decode_attention(
+        q[meta.decode_token_idx],
+        kv_cache,
+        sparse.summaries[layer],
+        meta.decode_block_tables,
+        lens,
+        fraction,
+        sparse.spec,
+        scale,
+    )
+    stats = sparse.stats
+    if stats is not None:
+        stats.tokens_read[layer] += tokens_read.sum()
+        stats.tokens_context[layer] += lens.sum()
+        stats.summaries_read[layer] += summaries_read.sum()
+    return attn
 
 
 def _gather_kv(kv_cache: torch.Tensor, tables: torch.Tensor, length: int) -> torch.Tensor:

@@ -5,11 +5,13 @@ from __future__ import annotations
 from torch import nn
 
 from engine.models.llama import LlamaForCausalLM
+from engine.models.moe import MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2MoeForCausalLM": MoeForCausalLM,
 }
 
 

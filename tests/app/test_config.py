@@ -63,3 +63,17 @@ def test_nodes_need_a_prefill_and_a_decode_engine_and_unique_names():
         }
     )
     assert config.nodes[0].snic_bandwidth == 100_000_000
+
+
+def test_sparse_attention_reaches_decode_engines_only():
+    """`engine.attention: sparse` (with its knobs) configures the decode engines; prefill
+    engines stay dense (they never decode), and a bad knob is refused at validation."""
+    config = AppConfig.model_validate(
+        {"engine": {"attention": "sparse", "sparse": {"summary": "minmax", "deep_fraction": 0.1}}}
+    )
+    decode = config.engine.engine_config(config.model, num_threads=1, prefill=False)
+    prefill = config.engine.engine_config(config.model, num_threads=1, prefill=True)
+    assert decode.attention == "sparse" and prefill.attention == "dense"
+    assert decode.sparse.summary == "minmax" and decode.sparse.deep_fraction == 0.1
+    with pytest.raises(ValidationError):
+        AppConfig.model_validate({"engine": {"sparse": {"sumary": "mean"}}})
