@@ -101,6 +101,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from ops.bench.soak import main as soak_main
 
         return soak_main(args.rest)
+    if args.which == "kernels":
+        from ops.bench.kernels import main as kernels_main
+
+        return kernels_main(args.rest)
     if args.which == "sparse-attention":
         from ops.bench.sparse_attention import main as sparse_attention_main
 
@@ -150,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
             "tracing",
             "soak",
             "sparse-attention",
+            "kernels",
         ],
     )
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
