@@ -68,13 +68,14 @@ def test_split_read_across_two_nodes_gives_identical_output(two_nodes, engine, t
         extra_body={"ignore_eos": True, "return_token_ids": True},
     )
     turn2 = turn1 + first.choices[0].model_extra["token_ids"] + tool
-    dnode = serve.get_deployment_handle("TrafficManager-dnode", APP2)
-    time.sleep(1.0)  # the DE hands its last full blocks to its node's store
-    deadline = time.time() + 10
-    while dnode.stats.remote().result()["kvstore"]["pending_writes"]:
-        assert time.time() < deadline, "persistence did not finish"
+    # NOTE: wait until the Scheduler's index holds all 9 full blocks of turn 1 (the DE hands
+    # its decoded blocks to its node's store, the next node report carries the events);
+    # fixed sleeps here were too short on a loaded 2-core machine.
+    scheduler = serve.get_deployment_handle("Scheduler", APP2)
+    deadline = time.time() + 30
+    while scheduler.stats.remote().result()["index"]["blocks"] < len(turn2[:580]) // 64:
+        assert time.time() < deadline, "turn 1's blocks never reached the Scheduler's index"
         time.sleep(0.2)
-    time.sleep(0.5)  # the next node report carries the index events
 
     second = api.completions.create(model=MODEL, prompt=turn2, max_tokens=16, temperature=0)
     (want,) = engine.generate([turn2], SamplingParams(temperature=0, max_tokens=16))
