@@ -13,6 +13,7 @@ import torch
 from engine.kernels import ops
 from engine.kernels.moe import RouterSpec, select_experts
 from engine.kernels.sparse_attention import SparseSpec, update_summaries
+from tests.engine.test_sparse_attention import _paged
 
 pytestmark = [
     pytest.mark.gpu,
@@ -21,21 +22,14 @@ pytestmark = [
 
 
 def _sparse_inputs(seed: int, dtype: torch.dtype, lens: list[int], global_view: bool):
-    g = torch.Generator().manual_seed(seed)
-    bs, kv_heads = 64, 2
-    widths = [-(-n // bs) for n in lens]
-    num_blocks = sum(widths) + 2
-    cache = torch.randn(2, num_blocks, bs, kv_heads, 64, generator=g).to(dtype)
-    perm = torch.randperm(num_blocks, generator=g).tolist()
-    tables, at = [], 0
-    for w in widths:
-        tables.append(perm[at : at + w] + [0] * (max(widths) - w))
-        at += w
+    kv_heads = 2
+    cache, tables, g = _paged(seed, lens, kv_heads, 64, dtype)
     q = torch.randn(len(lens), 4 * kv_heads, 64, generator=g).to(dtype)
     spec = SparseSpec((0.2,), 64, 64, 16, global_view=global_view)
-    summ = torch.zeros(num_blocks * 4, spec.summary_width, kv_heads, 64, dtype=dtype)
-    update_summaries(cache, summ, torch.arange(num_blocks * 4), "minmax", global_view)
-    return q, cache, summ, torch.tensor(tables), torch.tensor(lens), spec
+    num_sub = cache.shape[1] * 4
+    summ = torch.zeros(num_sub, spec.summary_width, kv_heads, 64, dtype=dtype)
+    update_summaries(cache, summ, torch.arange(num_sub), "minmax", global_view)
+    return q, cache, summ, tables, torch.tensor(lens), spec
 
 
 def _cuda(args: tuple) -> list:
