@@ -55,9 +55,19 @@ def paged_attention(
     group = num_heads // kv_heads
     out = torch.empty_like(q)
 
-    if meta.decode_token_idx is not None and sparse is not None:
+    # NOTE: a layer whose budget is the whole context reads it through the dense path.
+    if (
+        meta.decode_token_idx is not None
+        and sparse is not None
+        and sparse.spec.fractions[layer] < 1
+    ):
         out[meta.decode_token_idx] = _sparse_decode(q, kv_cache, meta, scale, sparse, layer)
     elif meta.decode_token_idx is not None:
+        if sparse is not None and sparse.stats is not None:
+            lens = meta.decode_context_lens
+            assert lens is not None
+            sparse.stats.tokens_read[layer] += lens.sum()
+            sparse.stats.tokens_context[layer] += lens.sum()
         tables = meta.decode_block_tables
         num_decodes = tables.shape[0]
         # [B, max_blocks, bs, KVH, D] -> [B, KVH, L, D]

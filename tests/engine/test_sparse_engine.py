@@ -11,6 +11,7 @@ from engine import EngineConfig, EngineCore, SamplingParams
 from engine.config import SparseAttentionConfig
 from engine.kernels.sparse_attention import budget_tokens
 from engine.kv_import import PrefixKV
+from engine.layers import attention
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
@@ -35,15 +36,24 @@ def _sparse_engine(model_dir, prefix_caching: bool = True, **sparse) -> EngineCo
 
 
 @pytest.mark.slow
-def test_full_budget_greedy_is_token_identical_to_dense(engine, model_dir, text_ids):
-    """Sparse decode at 100% budget reads every block through the sparse path (summaries,
-    selection, gather by block table) and must not change a single greedy token."""
+@pytest.mark.parametrize("fraction", [0.9999, 1.0])
+def test_full_budget_greedy_is_token_identical_to_dense(
+    engine, model_dir, text_ids, fraction, monkeypatch
+):
+    """A budget that covers the context (0.9999 of these prompts rounds up to all of it)
+    reads every block through the sparse path (summaries, selection, gather by block
+    table); a budget of 1.0 sends the layer through the dense path. Neither may change a
+    single greedy token, and both count every token as read."""
     start = int(torch.randint(0, 90_000, (1,), generator=torch.Generator().manual_seed(3)))
     prompts = [text_ids[start : start + 160], text_ids[start + 5000 : start + 5097]]
     dense = [o.new_token_ids for o in engine.generate(prompts, GREEDY)]
-    sparse = _sparse_engine(model_dir, layer_fractions=(1.0,) * 30)
+    sparse = _sparse_engine(model_dir, layer_fractions=(fraction,) * 30)
+    calls = []
+    real = attention._sparse_decode
+    monkeypatch.setattr(attention, "_sparse_decode", lambda *a: calls.append(1) or real(*a))
     got = [o.new_token_ids for o in sparse.generate(prompts, GREEDY)]
     assert got == dense
+    assert bool(calls) == (fraction < 1.0)  # which path the layers took
     stats = sparse.runner.sparse_stats
     assert stats is not None and torch.equal(stats.tokens_read, stats.tokens_context)
 
