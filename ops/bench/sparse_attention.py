@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", type=Path, default=default_model_dir())
     p.add_argument("--contexts", default="2048,4096,8128")
     p.add_argument("--budgets", default="0.08,0.12,0.17,0.25,0.35,0.5,1.0")
-    p.add_argument("--windows", type=int, default=4, help="text windows (decoded as a batch)")
+    p.add_argument("--windows", type=int, default=12, help="text windows (decoded as a batch)")
     p.add_argument("--steps", type=int, default=64, help="teacher-forced decode steps")
     p.add_argument(
         "--variant", default="mean:16:uniform:local", help="summary:sbs:profile[:global|local]"
