@@ -55,9 +55,14 @@ class ServeBackend:
     async def plan(self, request: PlanRequest) -> Plan:
         return await self._unary(self.scheduler.plan, request)
 
-    async def load(self, node: str, keys: Sequence[bytes]) -> list[Any]:
+    async def load(self, node: str, keys: Sequence[bytes], request_id: str = "") -> list[Any]:
         # the read's span (current here) is the parent of the TrafficManager's
-        return await self._unary(self.traffic[node].load, list(keys), trace=tracing.inject())
+        return await self._unary(
+            self.traffic[node].load,
+            list(keys),
+            trace=tracing.inject(),
+            request_id=request_id or None,
+        )
 
     async def _unary(self, method: Any, arg: Any, **kwargs: Any) -> Any:
         response = as_own_request(method, arg, **kwargs)

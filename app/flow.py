@@ -33,7 +33,7 @@ replica_losses: collections.Counter[str] = collections.Counter()
 class Backend(Protocol):
     async def plan(self, request: PlanRequest) -> Plan: ...
 
-    async def load(self, node: str, keys: Sequence[bytes]) -> list[Any]: ...
+    async def load(self, node: str, keys: Sequence[bytes], request_id: str = "") -> list[Any]: ...
 
     def prefill(self, node: str, job: PrefillJob) -> AsyncIterator[RequestOutput | KVHandoff]: ...
 
@@ -261,7 +261,7 @@ async def _load(
             return []
         with tracing.span("kv.read", side=side, node=node, blocks=len(part)) as span:
             try:
-                got = await backend.load(node, part)
+                got = await backend.load(node, part, plan.request_id)
             except Exception as exc:  # a TrafficManager restarting, a closed SNIC: recompute
                 logger.warning("stored-KV read on %s failed (%s)", node, policy, exc_info=True)
                 tracing.fail(span, exc)

@@ -18,10 +18,12 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from opentelemetry.context import Context
 
 from deployments import tracing
+from deployments.protocol import ARRIVED_WINDOW_S
 from engine.core import EngineCore
 from engine.output import RequestOutput
 from engine.sequence import SequenceStatus
@@ -100,7 +102,8 @@ class EngineLoop:
         self.num_steps = 0
         self.busy_s = 0.0  # time spent in steps
         self.tokens_computed = 0  # tokens those steps computed (prefill chunks + decodes)
-        self.load: dict[str, int] = self._measure_load()
+        self._arrived: deque[tuple[float, str]] = deque()  # (time, request id), recent first-in
+        self.load: dict[str, Any] = self._measure_load()
 
     # ------------------------------------------------------------------ caller side
     def start(self) -> None:
@@ -162,6 +165,7 @@ class EngineLoop:
     def _enqueue(self, admission: _Admission) -> None:
         self._streams[admission.request_id] = admission.stream
         self._waiting.append(admission)
+        self._arrived.append((time.time(), admission.request_id))
 
     def _admit_waiting(self) -> None:
         while self._waiting:
@@ -254,7 +258,12 @@ class EngineLoop:
                 return
         self.engine.abort(request_id)
 
-    def _measure_load(self) -> dict[str, int]:
+    def _measure_load(self) -> dict[str, Any]:
+        """The engine's load as the next LoadReport carries it. `arrived_ids` are the requests
+        taken in recently: each is counted in these figures (or finished already)."""
+        horizon = time.time() - ARRIVED_WINDOW_S
+        while self._arrived and self._arrived[0][0] < horizon:
+            self._arrived.popleft()
         engine = self.engine
         sched = engine.scheduler
         queued = sum(a.num_tokens for a in self._waiting)
@@ -269,4 +278,5 @@ class EngineLoop:
             "num_waiting": len(sched.waiting) + len(self._waiting),
             "num_free_blocks": engine.block_manager.num_free_blocks,
             "num_total_blocks": engine.block_manager.num_blocks,
+            "arrived_ids": tuple(request_id for _, request_id in self._arrived),
         }

@@ -30,6 +30,9 @@ if TYPE_CHECKING:  # NOTE: torch-free at run time, so the policy and simulator i
     from kvstore.transfer.base import KVDescriptor
 
 Role = Literal["prefill", "decode"]
+# how long an engine (node) keeps naming a request it took in (whose reads it started) in
+# its reports: long enough that a report or two lost on the way does not matter
+ARRIVED_WINDOW_S = 10.0
 
 
 ReadPath = Literal["none", "pe", "de", "split"]
@@ -134,6 +137,10 @@ class LoadReport:
     num_context_tokens: int = 0  # tokens held by unfinished requests (their KV)
     kv_bytes_per_token: int = 0
     prefill_tokens_per_s: float = 0.0  # measured compute rate, 0 until measured
+    # requests this engine took in during the last `ARRIVED_WINDOW_S`: each is counted in
+    # the figures above (or finished already), so the Scheduler retires what it planned
+    # for them (deployments/scheduler/view.py)
+    arrived_ids: tuple[str, ...] = ()
 
     def routing_stats(self) -> dict[str, float]:
         return {
@@ -156,6 +163,9 @@ class NodeReport:
     timestamp_s: float
     events: tuple[IndexEvent, ...] = ()
     full_sync: bool = False  # events are the node's whole content, not a delta
+    # requests whose stored-KV loads this node took in during the last `ARRIVED_WINDOW_S`:
+    # their reads are in `read_queue_bytes` (queued or in flight) or done
+    started_ids: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)

@@ -91,6 +91,14 @@ class KVIndex:
             n += 1
         return n
 
+    def locate(
+        self, keys: Sequence[bytes], nodes: set[str] | None = None, now: float | None = None
+    ) -> list[IndexEntry]:
+        """The entries of the longest stored prefix of `keys` (readable from one of `nodes`,
+        as in `longest_prefix`), so a caller can see where each block lives."""
+        n = self.longest_prefix(keys, now, nodes)
+        return [self.entries[key] for key in keys[:n]]
+
     def stats(self) -> dict[str, int]:
         entries = self.entries.values()
         return {

@@ -1,11 +1,15 @@
 """TieredStore: one node's KV store — its DRAM tier, the NVMe tier behind its storage NIC.
 
     load(keys)        the longest prefix of `keys` that can be served, as DRAM handles:
-                      DRAM hits at once, the rest read from NVMe through the SNIC (READ
-                      class, all submitted together); the first missing or corrupt block ends
-                      the prefix, so the caller recomputes from there — never wrong KV.
+                      DRAM and write-buffer hits at once, the rest read from NVMe through
+                      the SNIC (READ class, all submitted together); the first missing or
+                      corrupt block ends the prefix, so the caller recomputes from there —
+                      never wrong KV.
     persist(key, kv)  DRAM now, NVMe in the background through the SNIC (WRITE class);
-                      blocks already stored anywhere are skipped.
+                      blocks already stored anywhere are skipped. Until its write lands a
+                      block stays in the write buffer, served from there and announced as
+                      held in this node's DRAM: a write that lags (the SNIC busy with
+                      reads) never costs a hit.
     evictions         LRU in DRAM; a block leaving DRAM that is not on NVMe yet is spilled.
     events            every change of where a block lives becomes an IndexEvent, drained by
                       the owner and sent to the cluster index (the Scheduler's KVIndex).
@@ -63,12 +67,14 @@ class TieredStore(Generic[V]):
         self.read_timeout_s = read_timeout_s  # a load waits this long at most (slow disk)
         self._lock = threading.Lock()
         self._pending_writes: dict[bytes, Future[None]] = {}
+        self._buffered: dict[bytes, V] = {}  # handles of blocks whose NVMe write is pending
         self._events: list[IndexEvent] = []
         self.counters = {
             "loads": 0,
             "loads_cancelled": 0,
             "read_timeouts": 0,
             "blocks_from_dram": 0,
+            "blocks_from_write_buffer": 0,
             "blocks_from_nvme": 0,
             "load_misses": 0,
             "corrupt_or_missing": 0,
@@ -79,18 +85,26 @@ class TieredStore(Generic[V]):
         }
 
     # ------------------------------------------------------------------ reads
-    def load(self, keys: Sequence[bytes], cancel: threading.Event | None = None) -> list[V]:
+    def load(
+        self,
+        keys: Sequence[bytes],
+        cancel: threading.Event | None = None,
+        on_queued: Callable[[], None] | None = None,
+    ) -> list[V]:
         """The longest servable prefix of `keys`, as DRAM handles, in order. Once `cancel`
         is set (the request is gone), or `read_timeout_s` has passed (a stalled disk), it
         stops waiting and drops its reads still queued on the SNIC, returning what it has
-        (the rest is recomputed)."""
+        (the rest is recomputed). `on_queued` runs once its reads are on the SNIC's queue."""
         handles: list[V | None] = []
         reads: dict[int, Future[torch.Tensor | None]] = {}
         known: dict[int, bool] = {}
+        buffered = 0
         with self._lock:
             self.counters["loads"] += 1
             for i, key in enumerate(keys):
                 handle = self.dram.get(key)
+                if handle is None and (handle := self._buffered.get(key)) is not None:
+                    buffered += 1
                 if handle is None:
                     # NOTE: no index check: on a shared directory another node may have
                     # written the block; the read itself finds out (a miss ends the prefix).
@@ -105,6 +119,9 @@ class TieredStore(Generic[V]):
                         num_tokens=self.block_size,
                     )
                 handles.append(handle)
+            self.counters["blocks_from_write_buffer"] += buffered
+        if on_queued is not None:
+            on_queued()
         out: list[V] = []
         deadline = None if self.read_timeout_s is None else time.monotonic() + self.read_timeout_s
         for i, handle in enumerate(handles):
@@ -148,7 +165,7 @@ class TieredStore(Generic[V]):
             self.counters["persisted"] += 1
             # NOTE: queue the write before caching: a block that leaves DRAM at once (a small
             # tier) must not be spilled as a second write of the same bytes.
-            self._write_behind(key, block)
+            self._write_behind(key, block, handle)
             self._cache(key, handle, self.block_nbytes)
         return True
 
@@ -170,7 +187,7 @@ class TieredStore(Generic[V]):
         with self._lock:
             events = [
                 IndexEvent(k, "dram", True, self.node_id, self.block_nbytes)
-                for k in self.dram.lru_order()
+                for k in [*self.dram.lru_order(), *self._buffered]
             ]
             if self.nvme is not None:
                 stored = self.nvme.keys()
@@ -184,6 +201,7 @@ class TieredStore(Generic[V]):
                 "dram": self.dram.stats(),
                 "nvme": self.nvme.stats() if self.nvme is not None else None,
                 "pending_writes": len(self._pending_writes),
+                "write_buffer_blocks": len(self._buffered),
                 **self.counters,
             }
 
@@ -193,22 +211,25 @@ class TieredStore(Generic[V]):
         if key in self.dram:
             self._events.append(IndexEvent(key, "dram", True, self.node_id, nbytes))
         for item in evicted:
-            if item.key != key:
-                self._events.append(IndexEvent(item.key, "dram", False, self.node_id))
             self._spill(item)
+            if item.key != key and item.key not in self._buffered:  # no longer held here
+                self._events.append(IndexEvent(item.key, "dram", False, self.node_id))
 
     def _spill(self, item: Evicted[V]) -> None:
         if self.nvme is None or item.key in self._pending_writes or self._on_disk(item.key):
             return
         self.counters["spilled"] += 1
-        self._write_behind(item.key, self.unwrap(item.value))
+        self._write_behind(item.key, self.unwrap(item.value), item.value)
 
-    def _write_behind(self, key: bytes, block: torch.Tensor) -> None:
+    def _write_behind(self, key: bytes, block: torch.Tensor, handle: V) -> None:
         if self.nvme is None or not self.nvme.accepting_writes():
             return
         self._pending_writes[key] = self.snic.submit(
             IOClass.WRITE, self.block_nbytes, partial(self._write, key, block), self.block_size
         )
+        # NOTE: lock held: the write's completion (`_write`) cannot pop it before this
+        self._buffered[key] = handle
+        self._events.append(IndexEvent(key, "dram", True, self.node_id, self.block_nbytes))
 
     def _write(self, key: bytes, block: torch.Tensor) -> None:
         assert self.nvme is not None
@@ -221,6 +242,8 @@ class TieredStore(Generic[V]):
             self._pending_writes.pop(key, None)
             if stored:
                 self._events.append(IndexEvent(key, "nvme", True, "", self.block_nbytes))
+            if self._buffered.pop(key, None) is not None and key not in self.dram:
+                self._events.append(IndexEvent(key, "dram", False, self.node_id))
             for gone in self.nvme.drain_evicted():
                 self._events.append(IndexEvent(gone, "nvme", False))
 

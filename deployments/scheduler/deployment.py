@@ -29,7 +29,7 @@ class Scheduler:
         self.metrics = Metrics("ray")
 
     async def report(self, report: LoadReport) -> None:
-        self.view.update(report)
+        self.view.update(report, time.time())
         labels = {"replica": report.replica_id, "role": report.role, "node": report.node_id}
         self.metrics.set("dualpath_engine_running", report.num_running, **labels)
         self.metrics.set("dualpath_engine_waiting", report.num_waiting, **labels)

@@ -14,15 +14,21 @@ The DualPath paper's algorithm (§6.1), applied per request:
             per engine (counting this request): engines that stay ≤ Z after taking it are
             preferred, fewest running requests first; otherwise the fewest tokens. Only
             engines with free blocks for prompt + max_tokens qualify; when none has room
-            anywhere, the one with the most free blocks queues the import.
-  read side the node with the shorter read queue (in seconds at its SNIC's rate), PE on a
-            tie. `dualpath_split` splits one request's blocks so both sides finish
-            together (the paper's future work); `single_path` always reads on the PE side
-            (the classic PD baseline); `round_robin` ignores load (the paper's ablation).
+            anywhere, the one holding the fewest tokens queues the import.
+  read side by when the read would finish on each side: the bytes ahead of it on that
+            node's SNIC (queued, in flight, and planned but not yet started), plus its
+            own bytes (blocks already in that node's DRAM cost none), at that SNIC's rate;
+            the decode side adds forwarding the KV to the PE (`forward_bytes_per_s`).
+            Within `tie_fraction` of each other the sides alternate. Blocks only one side
+            can read (in one node's DRAM or write buffer) stay on that side.
+            `dualpath_split` splits one request's blocks where both sides finish first
+            (the paper's future work); `single_path` always reads on the PE side (the
+            classic PD baseline); `round_robin` ignores load (the paper's ablation).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Literal
@@ -45,6 +51,8 @@ class PolicyConfig:
     z_factor: float = 1.05  # the DE high-token threshold over the group mean
     prefill_tokens_per_s: float = 1000.0  # a PE's rate until it reports a measured one
     snic_bytes_per_s: float = 1e9  # an uncapped SNIC's rate until one is measured
+    forward_bytes_per_s: float = 3e9  # DE -> PE forwarding of KV the decode side read
+    tie_fraction: float = 0.1  # read sides this close in finish time count as equal
 
 
 def plan(
@@ -60,13 +68,15 @@ def plan(
     round_robin = cfg.policy == "round_robin"
     prefill = pes[view.rr_counter % len(pes)] if round_robin else _pick_prefill(pes, view, cfg)
     need_tokens = request.num_prompt_tokens + request.max_tokens
-    decode = des[view.rr_counter % len(des)] if round_robin else _pick_decode(des, need_tokens, cfg)
-
     block_size = prefill.report.block_size
     max_hits = (request.num_prompt_tokens - 1) // block_size
-    readers = {prefill.node_id, decode.node_id}
-    num_hits = min(view.index.longest_prefix(request.block_keys, now, readers), max_hits)
-    de_blocks = _decode_side_blocks(num_hits, prefill, decode, view, cfg) if num_hits else 0
+    if round_robin:
+        decode = des[view.rr_counter % len(des)]
+    else:
+        holders = _holders(request.block_keys[:max_hits], prefill, des, view, cfg)
+        decode = _pick_decode(des, need_tokens, cfg, holders)
+    sides = _ReadSides.of(request.block_keys[:max_hits], prefill, decode, view, now, cfg)
+    num_hits, de_blocks = sides.num_hits, sides.choose(view, cfg)
     path: ReadPath = (
         "none"
         if num_hits == 0
@@ -91,15 +101,21 @@ def plan(
 def plan_and_note(
     request: PlanRequest, view: ClusterView, now: float, config: PolicyConfig | None = None
 ) -> Plan:
-    """plan(), then charge the chosen engines and SNICs in the view until their next report."""
+    """plan(), then charge the chosen engines and SNICs in the view with this request's work
+    until their reports count it (see ClusterView)."""
     result = plan(request, view, now, config)
+    rid = request.request_id
     block_size = view.engines[result.prefill_replica].report.block_size
     miss_tokens = request.num_prompt_tokens - result.num_hit_blocks * block_size
-    view.note_planned(result.prefill_replica, miss_tokens)
-    view.note_planned(result.decode_replica, request.num_prompt_tokens + request.max_tokens)
+    view.note_planned(result.prefill_replica, rid, miss_tokens, now)
+    decode_tokens = request.num_prompt_tokens + request.max_tokens
+    view.note_planned(result.decode_replica, rid, decode_tokens, now)
     block_bytes = _block_bytes(view.engines[result.prefill_replica])
-    view.note_read(result.prefill_node, result.pe_read_blocks * block_bytes)
-    view.note_read(result.decode_node, result.de_read_blocks * block_bytes)
+    keys = request.block_keys
+    de_keys = keys[: result.de_read_blocks]
+    pe_keys = keys[result.de_read_blocks : result.num_hit_blocks]
+    for node, part in ((result.decode_node, de_keys), (result.prefill_node, pe_keys)):
+        view.note_read(node, rid, _snic_blocks(view, node, part) * block_bytes, now)
     view.rr_counter += 1
     return result
 
@@ -118,10 +134,40 @@ def _pick_prefill(pes: list[EngineState], view: ClusterView, cfg: PolicyConfig) 
     return min(candidates, key=lambda e: e.queued_tokens)
 
 
-def _pick_decode(des: list[EngineState], need_tokens: int, cfg: PolicyConfig) -> EngineState:
+def _holders(
+    keys: tuple[bytes, ...],
+    prefill: EngineState,
+    des: list[EngineState],
+    view: ClusterView,
+    cfg: PolicyConfig,
+) -> set[str]:
+    """Decode nodes that would lengthen the hit: their DRAM (or write buffer, a block whose
+    NVMe write still lags) holds blocks past what the PE node alone can read."""
+    if cfg.policy == "single_path" or not keys:
+        return set()
+    pe = prefill.node_id
+    alone = view.index.longest_prefix(keys, None, {pe})
+    if alone == len(keys):
+        return set()
+    reach = {e.node_id: view.index.longest_prefix(keys, None, {pe, e.node_id}) for e in des}
+    best = max(reach.values())
+    return {node for node, n in reach.items() if n == best > alone}
+
+
+def _pick_decode(
+    des: list[EngineState], need_tokens: int, cfg: PolicyConfig, holders: set[str] | None = None
+) -> EngineState:
     groups: dict[str, list[EngineState]] = defaultdict(list)
     for e in des:
         groups[e.node_id].append(e)
+    # NOTE: a node holding the request's newest blocks (write lag) serves it unless that
+    # would put it above the Z threshold over the mean node: a hit recomputed costs more.
+    fair = cfg.z_factor * (need_tokens + sum(e.context_tokens for e in des)) / len(groups)
+    for node in sorted(holders or ()):
+        group = groups[node]
+        fits = [e for e in group if e.free_blocks * e.report.block_size >= need_tokens]
+        if fits and sum(e.context_tokens for e in group) + need_tokens <= fair:
+            return min(fits, key=lambda e: (e.running, e.context_tokens))
     for _, group in sorted(groups.items(), key=lambda g: sum(e.context_tokens for e in g[1])):
         fits = [e for e in group if e.free_blocks * e.report.block_size >= need_tokens]
         if not fits:
@@ -131,35 +177,99 @@ def _pick_decode(des: list[EngineState], need_tokens: int, cfg: PolicyConfig) ->
         if low:
             return min(low, key=lambda e: (e.running, e.context_tokens))
         return min(fits, key=lambda e: e.context_tokens)
-    return max(des, key=lambda e: e.free_blocks)
+    # NOTE: no engine has room now: the import queues wherever it lands. The engine holding
+    # the fewest tokens frees room soonest; "most free blocks" kept choosing the engine whose
+    # report lagged, and collected the overflow (the simulator: -14 % / -6 % JCT).
+    return min(des, key=lambda e: (e.context_tokens, e.running))
 
 
-def _decode_side_blocks(
-    num_hits: int,
-    prefill: EngineState,
-    decode: EngineState,
-    view: ClusterView,
-    cfg: PolicyConfig,
-) -> int:
-    """How many of the hit blocks (a prefix) the decode side reads; the PE reads the rest."""
-    if cfg.policy == "single_path" or prefill.node_id == decode.node_id:
-        return 0
-    if cfg.policy == "round_robin":
-        return num_hits if view.rr_counter % 2 else 0
-    pe_node, de_node = view.node(prefill.node_id), view.node(decode.node_id)
-    if pe_node is None or de_node is None:
-        return 0
-    q_pe = pe_node.read_queue_s(cfg.snic_bytes_per_s)
-    q_de = de_node.read_queue_s(cfg.snic_bytes_per_s)
-    if cfg.policy == "dualpath":
-        return num_hits if q_de < q_pe else 0
-    # dualpath_split: x blocks on the DE side so that both sides finish together:
-    #   q_pe + (h - x) * b / r_pe == q_de + x * b / r_de
-    block_bytes = _block_bytes(prefill)
-    t_pe = block_bytes / pe_node.rate(cfg.snic_bytes_per_s)
-    t_de = block_bytes / de_node.rate(cfg.snic_bytes_per_s)
-    x = (q_pe - q_de + num_hits * t_pe) / (t_pe + t_de)
-    return max(0, min(num_hits, round(x)))
+@dataclass(frozen=True, slots=True)
+class _ReadSides:
+    """The hit blocks and what reading a prefix of them on the decode side costs.
+
+    The decode side reads blocks [0, s), the prefill side [s, num_hits); `s` may range over
+    [lo, hi]: blocks only the PE node can read (its DRAM or write buffer) force s below them,
+    blocks only the DE node can read force s past them. Bytes count what each side reads
+    through its SNIC (a block in that node's DRAM costs none).
+    """
+
+    num_hits: int
+    lo: int
+    hi: int
+    pe_after: tuple[int, ...]  # [s]: the PE side's SNIC bytes of blocks [s, num_hits)
+    de_before: tuple[int, ...]  # [s]: the decode side's SNIC bytes of blocks [0, s)
+    pe_queue_s: float = 0.0
+    de_queue_s: float = 0.0
+    pe_rate: float = 1.0
+    de_rate: float = 1.0
+    block_bytes: int = 0
+
+    @classmethod
+    def of(
+        cls,
+        keys: tuple[bytes, ...] | list[bytes],
+        prefill: EngineState,
+        decode: EngineState,
+        view: ClusterView,
+        now: float,
+        cfg: PolicyConfig,
+    ) -> _ReadSides:
+        pe, de = prefill.node_id, decode.node_id
+        both = cfg.policy != "single_path" and pe != de
+        entries = view.index.locate(keys, {pe, de} if both else {pe}, now)
+        if not entries:
+            return cls(0, 0, 0, (), ())
+        pe_ok = [e.on_nvme or pe in e.dram_nodes for e in entries]
+        de_ok = [both and (e.on_nvme or de in e.dram_nodes) for e in entries]
+        de_run = next((i for i, ok in enumerate(de_ok) if not ok), len(entries))
+        # past the decode side's readable run, every block must be readable on the PE side
+        pe_run = next((i for i, ok in enumerate(pe_ok[de_run:]) if not ok), len(entries))
+        num_hits = min(len(entries), de_run + pe_run)
+        lo = max((i + 1 for i in range(num_hits) if not pe_ok[i]), default=0)
+        hi = min(de_run, num_hits)
+        block = _block_bytes(prefill)
+        pe_bytes = [0 if pe in e.dram_nodes else block for e in entries[:num_hits]]
+        de_bytes = [0 if de in e.dram_nodes else block for e in entries[:num_hits]]
+        pe_node, de_node = view.node(pe), view.node(de)
+        return cls(
+            num_hits,
+            lo,
+            hi,
+            tuple(itertools.accumulate(reversed(pe_bytes), initial=0))[::-1],
+            tuple(itertools.accumulate(de_bytes, initial=0)),
+            pe_node.read_queue_s(cfg.snic_bytes_per_s) if pe_node else 0.0,
+            de_node.read_queue_s(cfg.snic_bytes_per_s) if de_node else 0.0,
+            pe_node.rate(cfg.snic_bytes_per_s) if pe_node else cfg.snic_bytes_per_s,
+            de_node.rate(cfg.snic_bytes_per_s) if de_node else cfg.snic_bytes_per_s,
+            block,
+        )
+
+    def finish_s(self, s: int, cfg: PolicyConfig) -> tuple[float, float]:
+        """When the PE side and the decode side (its KV forwarded) would have read their
+        parts if the decode side reads blocks [0, s)."""
+        pe_bytes, de_bytes = self.pe_after[s], self.de_before[s]
+        pe = self.pe_queue_s + pe_bytes / self.pe_rate if pe_bytes else 0.0  # DRAM: no wait
+        de = self.de_queue_s + de_bytes / self.de_rate if de_bytes else 0.0
+        return pe, de + s * self.block_bytes / cfg.forward_bytes_per_s
+
+    def choose(self, view: ClusterView, cfg: PolicyConfig) -> int:
+        """How many leading hit blocks the decode side reads."""
+        if self.num_hits == 0 or self.lo == self.hi:
+            return self.lo
+        if cfg.policy == "round_robin":
+            return self.hi if view.rr_counter % 2 else self.lo
+        if cfg.policy == "dualpath_split":
+            return min(range(self.lo, self.hi + 1), key=lambda s: max(self.finish_s(s, cfg)))
+        on_pe, on_de = max(self.finish_s(self.lo, cfg)), max(self.finish_s(self.hi, cfg))
+        if abs(on_pe - on_de) <= cfg.tie_fraction * max(on_pe, on_de):
+            view.tie_counter += 1
+            return self.lo if view.tie_counter % 2 else self.hi
+        return self.hi if on_de < on_pe else self.lo
+
+
+def _snic_blocks(view: ClusterView, node: str, keys: tuple[bytes, ...]) -> int:
+    """Blocks of `keys` that `node` reads through its SNIC (not in its DRAM)."""
+    return sum(1 for e in view.index.locate(keys) if node not in e.dram_nodes)
 
 
 def _block_bytes(engine: EngineState) -> int:

@@ -69,11 +69,18 @@ class TrafficManager:
         self.interval_s = engine.report_interval_s
         self._task = asyncio.get_running_loop().create_task(self._report_forever())
 
-    async def load(self, keys: Sequence[bytes], trace: dict[str, str] | None = None) -> list[Any]:
+    async def load(
+        self,
+        keys: Sequence[bytes],
+        trace: dict[str, str] | None = None,
+        request_id: str | None = None,
+    ) -> list[Any]:
+        """DRAM handles of the longest servable prefix of `keys`; `request_id` lets the
+        Scheduler's view match these reads with the ones it planned."""
         with tracing.span("kv.snic_read", trace, node=self.node, blocks=len(keys)) as span:
             cancel = threading.Event()
             try:
-                handles = await asyncio.to_thread(self.manager.load, keys, cancel)
+                handles = await asyncio.to_thread(self.manager.load, keys, cancel, request_id)
             except asyncio.CancelledError:  # the caller left: its queued SNIC reads go too
                 cancel.set()
                 raise

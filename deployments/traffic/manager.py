@@ -17,13 +17,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
 import torch
 
-from deployments.protocol import NodeReport, TransferStats
+from deployments.protocol import ARRIVED_WINDOW_S, NodeReport, TransferStats
 from engine.output import SequenceKV
 from kvstore.index import IndexEvent
 from kvstore.store import TieredStore
@@ -146,11 +147,36 @@ class TrafficManager:
         self.node_id = node_id
         self.store = store
         self.engines: dict[str, TransferStats] = {}
+        self._started: deque[tuple[float, str]] = deque()  # (time, request id) of loads
+        self._started_lock = threading.Lock()
 
-    def load(self, keys: Sequence[bytes], cancel: threading.Event | None = None) -> list[Any]:
+    def load(
+        self,
+        keys: Sequence[bytes],
+        cancel: threading.Event | None = None,
+        request_id: str | None = None,
+    ) -> list[Any]:
         """DRAM handles of the longest servable prefix of `keys` (reads through the SNIC);
-        setting `cancel` (the request is gone) drops its reads still queued."""
-        return self.store.load(keys, cancel) if self.store is not None and keys else []
+        setting `cancel` (the request is gone) drops its reads still queued. Once its reads
+        are on the SNIC's queue, `request_id` is named in the node's reports (`started_ids`),
+        so the Scheduler stops counting them as only planned."""
+        if self.store is None or not keys:
+            if request_id is not None:
+                self._note_started(request_id)
+            return []
+        queued = None if request_id is None else lambda: self._note_started(request_id)
+        return self.store.load(keys, cancel, on_queued=queued)
+
+    def _note_started(self, request_id: str) -> None:
+        with self._started_lock:
+            self._started.append((time.time(), request_id))
+
+    def _started_ids(self) -> tuple[str, ...]:
+        horizon = time.time() - ARRIVED_WINDOW_S
+        with self._started_lock:
+            while self._started and self._started[0][0] < horizon:
+                self._started.popleft()
+            return tuple(request_id for _, request_id in self._started)
 
     def persist(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
         """Store full blocks (DRAM now, NVMe in the background); returns how many were new."""
@@ -159,6 +185,8 @@ class TrafficManager:
         return sum(self.store.persist(key, block) for key, block in items)
 
     def node_report(self, full_sync: bool = False) -> NodeReport:
+        # NOTE: ids before the SNIC snapshot: a load named here has its reads in that snapshot
+        started = self._started_ids()
         snic = self.store.snic.metrics() if self.store is not None else None
         events: list[IndexEvent] = []
         if self.store is not None:
@@ -173,6 +201,7 @@ class TrafficManager:
             timestamp_s=time.time(),
             events=tuple(events),
             full_sync=full_sync,
+            started_ids=started,
         )
 
     def record(self, stats: TransferStats) -> None:

@@ -2,7 +2,8 @@
 
     python -m ops bench agentic [--agents 4 --turns 6 --context 1024 --append 128]
         [--gen 8] [--snic-mbps 12] [--warmup-turns 1] [--online-rates 0.2,0.4]
-        [--modes single_path,dualpath,dualpath_split,oracle]
+        [--modes single_path,dualpath,dualpath_split,oracle] [--kv-cache-mib 160]
+    python -m ops bench agentic --sweep [--shapes default,heavy-append] [--modes ...]
 
 Trace (shaped like the paper's coding-agent traces, scaled down to a 2-core CPU machine and
 stated in the output): every agent starts from `--context` tokens and runs `--turns` turns;
@@ -26,6 +27,9 @@ agents start together. Online (`--online-rates`): agents arrive as a Poisson pro
 TTFT / TPOT percentiles per rate against a scaled SLO. Also measured in-process
 (ops/bench/kv_hit.py): turn TTFT with a KV hit vs recompute at `--hit-context` tokens
 (stored blocks read from real files), and the layer-wise import overlap.
+
+`--sweep` replays several trace shapes (ops/bench/agentic_sweep.py) in one Ray start,
+offline only; a shape flag given with it (`--turns 2`) overrides that value in every shape.
 """
 
 from __future__ import annotations
@@ -55,6 +59,10 @@ logger = logging.getLogger(__name__)
 APP = "dualpath-agentic"
 MODEL = "bench-model"
 NODES = ("pnode", "dnode0", "dnode1")
+# The default trace shape (docs/BENCHMARKS.md's table; the sweep's `default` shape).
+DEFAULT_SHAPE = {"agents": 4, "turns": 6, "context": 1024, "append": 128, "gen": 8}
+DEFAULT_KV_CACHE_MIB = 160
+NIXL_STAGING_MIB = 256  # deployments' default per-engine NIXL pool
 COLUMNS = [
     "mode",
     "load",
@@ -160,9 +168,10 @@ async def replay(
 def _deploy(args: argparse.Namespace, mode: str, kv_dir: Path, port: int) -> str:
     cap = None if mode == "oracle" else int(args.snic_mbps * 1e6)
     policy = "dualpath" if mode == "oracle" else mode
-    app_args = {
+    kv_mib = args.kv_cache_mib
+    app_args: dict[str, Any] = {
         "model": {"path": str(args.model), "served_model_name": MODEL},
-        "engine": {"kv_cache_bytes": "160MiB", "num_threads": 1, "max_num_batched_tokens": 2048},
+        "engine": {"kv_cache_bytes": f"{kv_mib}MiB", "num_threads": 1, "max_num_batched_tokens": 2048},
         "scheduler": {"policy": policy, "report_interval_s": 0.1},
         "kvstore": {"path": str(kv_dir), "dram_bytes": 0, "fsync": False},
         "nodes": [
@@ -171,6 +180,8 @@ def _deploy(args: argparse.Namespace, mode: str, kv_dir: Path, port: int) -> str
             {"name": "dnode1", "decode": 1, "snic_bandwidth": cap},
         ],
     }
+    if kv_mib > NIXL_STAGING_MIB:  # a PE stages a whole prompt's KV for its DE
+        app_args["transfer"] = {"nixl_staging_bytes": f"{kv_mib}MiB"}
     return f"{deploy(APP, app_args, port)}/v1/completions"
 
 
@@ -277,11 +288,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ops bench agentic", description=__doc__)
     p.add_argument("--model", type=Path, default=default_model_dir())
     p.add_argument("--modes", default="single_path,dualpath,dualpath_split,oracle")
-    p.add_argument("--agents", type=int, default=4)
-    p.add_argument("--turns", type=int, default=6)
-    p.add_argument("--context", type=int, default=1024, help="tokens before the first turn")
-    p.add_argument("--append", type=int, default=128, help="tokens appended per turn (mean)")
-    p.add_argument("--gen", type=int, default=8, help="tokens generated per turn (mean)")
+    # NOTE: shape flags default to None so that --sweep can tell a given one (an override)
+    p.add_argument("--agents", type=int, help="default 4")
+    p.add_argument("--turns", type=int, help="default 6")
+    p.add_argument("--context", type=int, help="tokens before the first turn (default 1024)")
+    p.add_argument("--append", type=int, help="tokens appended per turn, mean (default 128)")
+    p.add_argument("--gen", type=int, help="tokens generated per turn, mean (default 8)")
+    p.add_argument("--kv-cache-mib", type=int, help="KV pool per engine (default 160)")
     p.add_argument(
         "--warmup-turns", type=int, default=1, help="untimed turns per agent before JCT starts"
     )
@@ -292,10 +305,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slo-tpot-ms", type=float, default=400.0, help="scaled SLO: TPOT p90")
     p.add_argument("--hit-context", type=int, default=8000, help="KV-hit TTFT context (0: skip)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--name", default="agentic")
+    p.add_argument("--name", help="report name (default agentic, or agentic-sweep)")
+    p.add_argument("--sweep", action="store_true", help="replay every shape (agentic_sweep.py)")
+    p.add_argument("--shapes", default="", help="with --sweep: a subset, e.g. default,long-gen")
     args = p.parse_args(argv)
     args.online_rates = [float(r) for r in args.online_rates.split(",") if r]
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    given = {k: v for k in [*DEFAULT_SHAPE, "kv_cache_mib"] if (v := getattr(args, k)) is not None}
+    vars(args).update({**DEFAULT_SHAPE, "kv_cache_mib": DEFAULT_KV_CACHE_MIB, **given})
+    if args.sweep:
+        if args.online_rates or args.skip_offline:
+            p.error("--sweep replays offline only")
+        from ops.bench.agentic_sweep import run_sweep
+
+        args.name = args.name or "agentic-sweep"
+        return run_sweep(args, given)
+    args.name = args.name or "agentic"
 
     import ray
     from ray import serve

@@ -5,6 +5,9 @@ Every turn goes the way app/flow.py sends a request:
                on the module at call time (so the simulator runs whatever the live policy
                is, patched or not), fed with LoadReports / NodeReports the simulated
                engines and nodes publish every `report_interval_s`, index events included.
+               The view keeps what it planned until a report names the request: the
+               engine's `arrived_ids` (it took the request in), the node's `started_ids`
+               (its SNIC took the reads in).
   2. read      the hit blocks through the SNICs the plan names: the DE node reads the first
                `de_read_blocks`, the PE node the rest; the prefill job waits for both.
   3. prefill   on the chosen PE; hit KV moves into it over its CNIC (path B: from the DE
@@ -34,7 +37,7 @@ from ops.sim.events import EventLoop, Host, Link
 from ops.sim.metrics import NodeTraffic, RunResult, TurnRecord
 from ops.sim.perf import PerfModel, engine_weight_bytes
 from ops.sim.presets import resolve_device, resolve_model
-from ops.sim.storage import READ, WRITE, BlockKeys, CompactIndex, SimNode, SimSNIC, block_key
+from ops.sim.storage import WRITE, BlockKeys, CompactIndex, SimNode, SimSNIC, block_key
 from ops.sim.traces import SimAgent
 
 UNSTORED, PENDING, STORED = 0, 1, 2
@@ -87,6 +90,8 @@ class SimCluster:
         self._barrier: list[tuple[SimAgent, int]] = []
         self._barrier_size = 0
         self.timed_from = 0.0
+        self.num_arrivals = 0  # requests reaching a PE or a DE
+        self.num_forgotten = 0  # ... whose planned work had left the view already
 
     def _add_engine(self, role: str, replica_id: str, node_id: str, perf: PerfModel) -> None:
         c = self.scenario.cluster
@@ -193,6 +198,7 @@ class SimCluster:
             self.loop.now,
             agent.prompt_len(turn),
             agent.gens[turn],
+            request_id=f"{agent.agent_id}-{turn}",
             timed=turn - agent.first_turn >= warm,
             cold=turn == 0,
         )
@@ -203,7 +209,7 @@ class SimCluster:
         now = self.loop.now
         keys = BlockKeys(agent.agent_id, record.prompt_tokens // self.block_size)
         request = PlanRequest(
-            f"{agent.agent_id}-{turn}",
+            record.request_id,
             record.prompt_tokens,
             record.gen_tokens,
             keys if self.scenario.index == "compact" else tuple(keys),  # type: ignore[arg-type]
@@ -214,13 +220,12 @@ class SimCluster:
         record.read_path = plan.read_path
         record.prefill_replica, record.decode_replica = plan.prefill_replica, plan.decode_replica
         pe, de = self.prefill[plan.prefill_replica], self.decode[plan.decode_replica]
-        pe.dirty = de.dirty = True
-        if self.scenario.cluster.inflight_in_reports:
-            pe.inflight_requests += 1
-            pe.inflight_tokens += record.prompt_tokens
-            pe.inflight_queued += record.prompt_tokens - plan.num_hit_blocks * self.block_size
-            de.inflight_requests += 1
-            de.inflight_tokens += record.prompt_tokens + record.gen_tokens
+        pe.dirty = de.dirty = True  # a report at the next tick, as the live engines send
+        if self.scenario.cluster.forgetful_view:
+            # NOTE: the view before the fix dropped what it planned onto an engine at the
+            # engine's next report; naming the request there as arrived does just that
+            pe.arrived.note(request.request_id, now)
+            de.arrived.note(request.request_id, now)
         self.bytes_hit_needed += plan.num_hit_blocks * self.block_bytes
         reads = [
             (self.nodes[plan.prefill_node], plan.pe_read_blocks),
@@ -240,8 +245,7 @@ class SimCluster:
             read_done()
         for node, blocks in reads:
             nbytes = blocks * self.block_bytes
-            node.snic.submit(READ, nbytes, lambda n=nbytes: self._cpu(n, read_done))
-            node.dirty = True
+            node.read(request.request_id, nbytes, lambda n=nbytes: self._cpu(n, read_done))
 
     def _to_prefill(self, agent: SimAgent, turn: int, record: TurnRecord, plan: Plan) -> None:
         pe = self.prefill[plan.prefill_replica]
@@ -262,10 +266,7 @@ class SimCluster:
         task = PrefillTask(record, record.prompt_tokens, hit_tokens, import_s, load_s, first_token)
 
         def submit() -> None:
-            if self.scenario.cluster.inflight_in_reports:
-                pe.inflight_requests -= 1
-                pe.inflight_tokens -= record.prompt_tokens
-                pe.inflight_queued -= record.prompt_tokens - hit_tokens
+            self._count_arrival(plan.prefill_replica, record.request_id)
             pe.submit(task)
 
         self._cpu(hit_bytes if self.copy_rate else 0, submit)
@@ -275,7 +276,8 @@ class SimCluster:
         record.first_token_s = now
         de = self.decode[plan.decode_replica]
         if record.gen_tokens <= 1:  # done at the PE: the DE never sees it
-            self._landed(de, record)
+            # NOTE: so no report will name it; drop its DE plan now rather than at the TTL
+            self.view.forget_request(record.request_id)
             self._finish(agent, turn, record, self.nodes[plan.decode_node])
             return
         kvb = self.model.kv_bytes_per_token
@@ -298,7 +300,8 @@ class SimCluster:
             self._persist(
                 agent.agent_id, node, plan.num_hit_blocks, record.prompt_tokens // self.block_size
             )
-            self._landed(de, record)
+            record.handoff_s = self.loop.now
+            self._count_arrival(plan.decode_replica, record.request_id)
             de.submit(
                 DecodeTask(record, record.prompt_tokens + 1, record.gen_tokens - 1, decode_done)
             )
@@ -308,10 +311,12 @@ class SimCluster:
         else:
             self.loop.at(arrive, handoff)
 
-    def _landed(self, de: DecodeEngine, record: TurnRecord) -> None:
-        if self.scenario.cluster.inflight_in_reports:
-            de.inflight_requests -= 1
-            de.inflight_tokens -= record.prompt_tokens + record.gen_tokens
+    def _count_arrival(self, replica_id: str, request_id: str) -> None:
+        """A request reaches its engine: was its planned work still in the view until now?"""
+        planned = self.view.engines[replica_id].planned
+        self.num_arrivals += 1
+        if planned.expires.get(request_id, -math.inf) <= self.loop.now:
+            self.num_forgotten += 1
 
     def _finish(self, agent: SimAgent, turn: int, record: TurnRecord, node: SimNode) -> None:
         record.finish_s = self.loop.now
@@ -355,6 +360,8 @@ class SimCluster:
         # the byte counters are whole (JCT comes from the turns, not from the clock)
         snics = [n.snic for n in self.nodes.values()]
         self.loop.run(lambda: self._agents_left == 0 and not any(s.busy for s in snics), until)
+        self._report(force=True)  # reports that name the last arrivals too
+        views = [*self.view.engines.values(), *self.view.nodes.values()]
         timed = [r.finish_s for r in self.records if r.timed and not math.isnan(r.finish_s)]
         end = self.loop.now
         pe_busy = sum(e.busy_s for e in self.prefill.values())
@@ -378,5 +385,10 @@ class SimCluster:
             num_events=self.loop.num_events,
             wall_s=time.perf_counter() - wall,
             pe_busy_frac=pe_busy / max(1e-9, end * len(self.prefill)),
-            extra={"block_size": self.block_size, "block_bytes": self.block_bytes},
+            extra={
+                "block_size": self.block_size,
+                "block_bytes": self.block_bytes,
+                "planned_left": sum(len(v.planned) for v in views),
+                "forgotten_frac": self.num_forgotten / max(1, self.num_arrivals),
+            },
         )

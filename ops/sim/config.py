@@ -90,10 +90,11 @@ class ClusterConfig(Section):
         "and writes, object-store gets, transport copies); None: the device's copy rate",
     )
     report_interval_s: float = Field(default=0.25, gt=0)
-    inflight_in_reports: bool = Field(
+    forgetful_view: bool = Field(
         default=False,
-        description="what-if: engines also report requests planned onto them that have not "
-        "arrived yet (live engines do not: the view forgets them at their next report)",
+        description="what-if, the view before the fix: the work planned onto an engine or a "
+        "SNIC leaves the view at its next report, whether the request reached it or not "
+        "(the live view keeps it until a report names the request)",
     )
     stale_after_s: float = Field(default=15.0, gt=0)
     expert_parallel: Literal["role", "node", "none"] = Field(

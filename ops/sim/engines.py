@@ -13,7 +13,10 @@
                    events: the batch progresses as a fluid at 1 token per step time, which
                    is recomputed whenever the batch or its host share changes.
 
-Both publish `LoadReport`s with the fields engine_loop.EngineLoop._measure_load fills in.
+Both publish `LoadReport`s with the fields engine_loop.EngineLoop._measure_load fills in,
+and name in `arrived_ids` the requests they took in (from `submit`, when the report starts
+counting them) during the last ARRIVED_WINDOW_S, so the Scheduler's view retires the work it
+planned for them.
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from deployments.protocol import LoadReport
+from deployments.protocol import ARRIVED_WINDOW_S, LoadReport
 from engine.cost_model import PrefillCostModel, attention_work
-from ops.sim.events import EventLoop, Host
+from ops.sim.events import EventLoop, Host, RecentIds
 from ops.sim.metrics import TurnRecord
 from ops.sim.perf import PerfModel
 
@@ -34,7 +37,7 @@ MIN_CHUNK_TOKENS = 16  # engine/batch_scheduler.py: progress whatever the estima
 
 
 class Engine:
-    """What both roles share: identity, the host share, the dirty flag for reports."""
+    """What both roles share: identity, the host share, reports (dirty flag, arrived ids)."""
 
     role = "prefill"
 
@@ -60,11 +63,7 @@ class Engine:
         self.busy_s = 0.0
         self.tokens_computed = 0
         self._version = 0
-        # planned onto it but not arrived yet (still reading KV / prefilling); only reported
-        # with ClusterConfig.inflight_in_reports (a what-if: live engines do not know them)
-        self.inflight_requests = 0
-        self.inflight_tokens = 0  # their prompt (PE) or prompt + output (DE) tokens
-        self.inflight_queued = 0  # their miss tokens (PE)
+        self.arrived = RecentIds(ARRIVED_WINDOW_S)  # ids taken in: the reports' arrived_ids
 
     def _set_busy(self, busy: bool) -> None:
         if self.host is not None:
@@ -124,6 +123,7 @@ class PrefillEngine(Engine):
 
     def submit(self, task: PrefillTask) -> None:
         self.waiting.append(task)
+        self.arrived.note(task.record.request_id, self.loop.now)
         self.dirty = True
         if not self._step:
             self._start_step()
@@ -227,17 +227,18 @@ class PrefillEngine(Engine):
             replica_id=self.replica_id,
             role="prefill",
             node_id=self.node_id,
-            num_queued_tokens=sum(t.remaining for t in tasks) + self.inflight_queued,
+            num_queued_tokens=sum(t.remaining for t in tasks),
             num_running=len(self.running),
-            num_waiting=len(self.waiting) + self.inflight_requests,
+            num_waiting=len(self.waiting),
             num_free_blocks=self.free_blocks,
             num_total_blocks=self.num_blocks,
             block_size=self.block_size,
             max_num_seqs=self.max_num_seqs,
             timestamp_s=now,
-            num_context_tokens=sum(t.num_tokens for t in tasks) + self.inflight_tokens,
+            num_context_tokens=sum(t.num_tokens for t in tasks),
             kv_bytes_per_token=self.perf.model.kv_bytes_per_token,
             prefill_tokens_per_s=self.tokens_computed / self.busy_s if self.busy_s > 1 else 0.0,
+            arrived_ids=self.arrived.within(now),
         )
 
 
@@ -281,6 +282,7 @@ class DecodeEngine(Engine):
 
     def submit(self, task: DecodeTask) -> None:
         self.waiting.append(task)
+        self.arrived.note(task.record.request_id, self.loop.now)
         self.dirty = True
         self._advance(self.loop.now)
         self._admit()
@@ -293,6 +295,7 @@ class DecodeEngine(Engine):
             if need > self.free_blocks and self.running:
                 return
             self.waiting.popleft()
+            task.record.decode_admit_s = self.loop.now
             task.blocks = need
             self.free_blocks -= need
             self._seq += 1
@@ -362,12 +365,13 @@ class DecodeEngine(Engine):
             node_id=self.node_id,
             num_queued_tokens=waiting_tokens + n,
             num_running=n,
-            num_waiting=len(self.waiting) + self.inflight_requests,
-            num_free_blocks=max(0, self.free_blocks - self.blocks_for(self.inflight_tokens)),
+            num_waiting=len(self.waiting),
+            num_free_blocks=self.free_blocks,
             num_total_blocks=self.num_blocks,
             block_size=self.block_size,
             max_num_seqs=self.max_num_seqs,
             timestamp_s=now,
-            num_context_tokens=int(held) + waiting_tokens + self.inflight_tokens,
+            num_context_tokens=int(held) + waiting_tokens,
             kv_bytes_per_token=self.perf.model.kv_bytes_per_token,
+            arrived_ids=self.arrived.within(now),
         )

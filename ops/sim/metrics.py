@@ -20,6 +20,7 @@ class TurnRecord:
     arrival_s: float
     prompt_tokens: int
     gen_tokens: int
+    request_id: str = ""  # the PlanRequest's: f"{agent_id}-{turn of its trajectory}"
     timed: bool = True  # counted in JCT / latency statistics (not a warm-up turn)
     cold: bool = False  # its agent's first turn: nothing of it can be stored yet
     hit_blocks: int = 0
@@ -30,6 +31,8 @@ class TurnRecord:
     planned_s: float = math.nan
     read_done_s: float = math.nan
     first_token_s: float = math.nan
+    handoff_s: float = math.nan  # its KV reached the DE (the DE took it in)
+    decode_admit_s: float = math.nan  # the DE admitted it to its batch (blocks + a slot)
     finish_s: float = math.nan
     num_finishes: int = 0  # conservation: exactly 1 at the end of a run
 
@@ -114,6 +117,8 @@ def summarize(result: RunResult, warm_only: bool = True) -> dict[str, Any]:
     for r in timed:
         paths[r.read_path] = paths.get(r.read_path, 0) + 1
     hit_tokens = sum(min(r.hit_blocks * result.extra["block_size"], r.prompt_tokens) for r in warm)
+    # a DE's import queue: from its KV reaching the DE to a batch slot with room for it
+    de_wait = [w for r in timed if not math.isnan(w := r.decode_admit_s - r.handoff_s)]
     return {
         "policy": result.policy,
         "jct_s": round(result.jct_s, 2),
@@ -130,6 +135,9 @@ def summarize(result: RunResult, warm_only: bool = True) -> dict[str, Any]:
         "snic_max_avg_1s": _round(windowed_max_avg(result.nodes)),
         "read_paths": ",".join(f"{k}:{v}" for k, v in sorted(paths.items())),
         "pe_busy": round(result.pe_busy_frac, 3),
+        "de_wait_mean_s": round(stat(de_wait, "mean"), 3),
+        "de_wait_p90_s": round(pct(de_wait, 0.9), 3),
+        "forgotten_frac": _round(result.extra.get("forgotten_frac")),
         "snic_bytes": {n.node_id: n.bytes_read + n.bytes_written for n in result.nodes},
         "events": result.num_events,
         "wall_s": round(result.wall_s, 2),

@@ -29,6 +29,8 @@ COLUMNS = [
     "snic_max_avg",
     "snic_max_avg_1s",
     "pe_busy",
+    "de_wait_mean_s",
+    "forgotten_frac",
     "max_rate",
     "rate_speedup",
     "online_rate",

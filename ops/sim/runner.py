@@ -213,7 +213,8 @@ def run_scenario(scenario: Scenario, advance: Callable[[], None] = lambda: None)
 
 
 def check_conservation(result: RunResult) -> None:
-    """Every turn finished exactly once; the SNICs read exactly the hit KV that was planned.
+    """Every turn finished exactly once; the SNICs read exactly the hit KV that was planned;
+    the reports retired all the work the view planned.
 
     Raises:
         AssertionError: a violation (a simulator bug).
@@ -222,3 +223,5 @@ def check_conservation(result: RunResult) -> None:
     assert not bad, f"{len(bad)} turns finished {sorted({r.num_finishes for r in bad})} times"
     read = sum(n.bytes_read for n in result.nodes)
     assert read == result.bytes_hit_needed, f"read {read} B, hits need {result.bytes_hit_needed}"
+    left = result.extra.get("planned_left", 0)
+    assert not left, f"{left} planned entries no report retired (they would wait for the TTL)"

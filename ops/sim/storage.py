@@ -19,9 +19,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import overload
 
-from deployments.protocol import NodeReport
+from deployments.protocol import ARRIVED_WINDOW_S, NodeReport
 from kvstore.index import IndexEvent
-from ops.sim.events import EventLoop
+from ops.sim.events import EventLoop, RecentIds
 
 READ, WRITE = 0, 1
 _KEY = struct.Struct("<QI")
@@ -188,13 +188,21 @@ class SimSNIC:
 
 @dataclass(slots=True)
 class SimNode:
-    """A node: its SNIC, and the index events of blocks it stored since its last report."""
+    """A node: its SNIC, the index events of blocks it stored since its last report, and the
+    requests whose reads its SNIC took in (the report's `started_ids`)."""
 
     node_id: str
     role: str
     snic: SimSNIC
     events: list[IndexEvent] = field(default_factory=list)
     dirty: bool = True
+    started: RecentIds = field(default_factory=lambda: RecentIds(ARRIVED_WINDOW_S))
+
+    def read(self, request_id: str, nbytes: int, done: Callable[[], None]) -> None:
+        """Queue a request's stored-KV read on the SNIC; its next reports name the request."""
+        self.snic.submit(READ, nbytes, done)
+        self.started.note(request_id, self.snic.loop.now)
+        self.dirty = True
 
     def report(self, now: float, kv_bytes_per_token: int, full_sync: bool) -> NodeReport:
         """What its TrafficManager would send the Scheduler now; takes the pending events."""
@@ -210,4 +218,5 @@ class SimNode:
             timestamp_s=now,
             events=events,
             full_sync=full_sync,
+            started_ids=self.started.within(now),
         )

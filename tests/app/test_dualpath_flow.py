@@ -68,7 +68,7 @@ class ClusterBackend:
         self.plans.append(plan)
         return plan
 
-    async def load(self, node: str, keys) -> list:
+    async def load(self, node: str, keys, request_id: str = "") -> list:
         return await asyncio.to_thread(self.nodes[node].load, keys)
 
     async def prefill(self, node: str, job: PrefillJob) -> AsyncIterator[RequestOutput | KVHandoff]:

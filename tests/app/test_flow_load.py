@@ -16,7 +16,7 @@ class Sides:
     def __init__(self, **behaviour):
         self.behaviour = behaviour
 
-    async def load(self, node, keys):
+    async def load(self, node, keys, request_id=""):
         what = self.behaviour[node]
         if isinstance(what, Exception):
             raise what

@@ -45,7 +45,7 @@ class LocalBackend:
             self.view.update(server.load_report())
         return plan_and_note(request, self.view, time.time())
 
-    async def load(self, node: str, keys) -> list:
+    async def load(self, node: str, keys, request_id: str = "") -> list:
         return []
 
     async def prefill(self, node: str, job: PrefillJob) -> AsyncIterator[RequestOutput | KVHandoff]:

@@ -37,7 +37,7 @@ class GatedEngines:
     async def plan(self, request: PlanRequest) -> Plan:
         return Plan(request.request_id, "pe", "de", "n0", "n0")
 
-    async def load(self, node: str, keys) -> list:
+    async def load(self, node: str, keys, request_id: str = "") -> list:
         return []
 
     async def prefill(self, node: str, job: PrefillJob) -> AsyncIterator[RequestOutput]:
