@@ -15,7 +15,14 @@ from ray.serve.handle import DeploymentHandle
 
 from app.flow import ReplicaLost
 from deployments import tracing
-from deployments.protocol import DecodeJob, KVHandoff, Plan, PlanRequest, PrefillJob
+from deployments.protocol import (
+    DecodeJob,
+    KVHandoff,
+    Plan,
+    PlanRequest,
+    PrefillJob,
+    StoredPrefix,
+)
 from engine.output import RequestOutput
 
 NodeHandles = dict[str, DeploymentHandle]  # "prefill" / "decode" / "traffic" -> handle
@@ -54,6 +61,9 @@ class ServeBackend:
 
     async def plan(self, request: PlanRequest) -> Plan:
         return await self._unary(self.scheduler.plan, request)
+
+    async def lookup(self, block_keys: tuple[bytes, ...]) -> StoredPrefix:
+        return await self._unary(self.scheduler.lookup, block_keys)
 
     async def load(self, node: str, keys: Sequence[bytes], request_id: str = "") -> list[Any]:
         # the read's span (current here) is the parent of the TrafficManager's

@@ -10,7 +10,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -18,7 +18,14 @@ from opentelemetry import trace
 
 from app.api.errors import KVLoadFailed
 from deployments import tracing
-from deployments.protocol import DecodeJob, KVHandoff, Plan, PlanRequest, PrefillJob
+from deployments.protocol import (
+    DecodeJob,
+    KVHandoff,
+    Plan,
+    PlanRequest,
+    PrefillJob,
+    StoredPrefix,
+)
 from engine.output import RequestOutput
 from engine.sampling_params import SamplingParams
 from kvstore.keys import chain_keys, root_key
@@ -32,6 +39,8 @@ replica_losses: collections.Counter[str] = collections.Counter()
 
 class Backend(Protocol):
     async def plan(self, request: PlanRequest) -> Plan: ...
+
+    async def lookup(self, block_keys: tuple[bytes, ...]) -> StoredPrefix: ...
 
     async def load(self, node: str, keys: Sequence[bytes], request_id: str = "") -> list[Any]: ...
 
@@ -59,10 +68,12 @@ async def run_request(
     params: SamplingParams,
     salt: bytes = b"",
     priority: int = 0,
+    on_loaded: Callable[[], None] | None = None,
 ) -> AsyncIterator[RequestOutput]:
     """One choice: Scheduler → stored-KV reads → PE (first token) → DE (the rest). Outputs
     carry the prompt tokens the PE did not compute (stored + prefix-cache hits) as
-    `num_cached_tokens`, and the first one the request path's own timings.
+    `num_cached_tokens`, and the first one the request path's own timings. `on_loaded`
+    runs once the choice's stored-KV reads have ended (admission's read budget).
 
     A replica lost mid-request (`ReplicaLost`) costs a retry, up to `model.max_retries`:
     before the first token the choice starts again from the plan; after it, the DE's part
@@ -101,6 +112,8 @@ async def run_request(
                 with tracing.span("kv.load", parent=ctx, hit_blocks=plan.num_hit_blocks) as span:
                     handles, de_blocks = await _load(backend, plan, keys, model.load_failure)
                     span.set_attributes({"loaded_blocks": len(handles), "de_blocks": de_blocks})
+                if on_loaded is not None:
+                    on_loaded()
                 loaded = time.perf_counter()
                 # NOTE: spans that outlive a `yield` are never made current (see tracing.span)
                 current = tracing.start_span("prefill", ctx, replica=plan.prefill_replica)
@@ -177,6 +190,24 @@ async def run_request(
     finally:
         tracing.end(current)
         tracing.end(choice)
+
+
+async def stored_prefix(
+    backend: Backend, model: ModelInfo, prompt: list[int], salt: bytes
+) -> tuple[int, int]:
+    """(hit tokens, SNIC read bytes) of the prompt's stored prefix, as the cluster index has
+    it now: what admission charges to storage instead of prefill. (0, 0) if unknown."""
+    keys = chain_keys(root_key(model.model_id, salt), prompt, model.block_size)
+    if not keys:
+        return 0, 0
+    try:
+        stored = await backend.lookup(tuple(keys))
+    except Exception:  # the Scheduler restarting: charge the whole prompt as prefill
+        logger.warning("stored-prefix lookup failed", exc_info=True)
+        return 0, 0
+    num_blocks = min(stored.num_blocks, (len(prompt) - 1) // model.block_size)
+    snic = min(stored.num_snic_blocks, num_blocks)
+    return num_blocks * model.block_size, snic * stored.block_bytes
 
 
 class ReplicaLost(RuntimeError):

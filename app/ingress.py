@@ -184,9 +184,14 @@ class Ingress:
                 self.metrics.set("dualpath_queue_depth", depth, service_tier=tier)
             try:
                 reports = await self.scheduler.engines.remote()
+                reads = await self.scheduler.read_capacity.remote()
                 self.queue.update_capacity(
                     Capacity.from_reports(
-                        reports, section.prefill_queue_s, section.default_prefill_tokens_per_s
+                        reports,
+                        section.prefill_queue_s,
+                        section.default_prefill_tokens_per_s,
+                        reads,
+                        section.read_queue_s,
                     )
                 )
             except Exception:

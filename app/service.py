@@ -15,7 +15,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from app.admission.gate import Caller, Gate
-from app.admission.queues import RANK, Lease, Ticket
+from app.admission.queues import Lease, Ticket
 from app.api.errors import BadRequestError, model_not_found
 from app.api.schemas import (
     AssistantMessage,
@@ -32,7 +32,7 @@ from app.api.schemas import (
     Timings,
     Usage,
 )
-from app.flow import Backend, ModelInfo, run_request
+from app.flow import Backend, ModelInfo, run_request, stored_prefix
 from app.logprobs import LogprobFormatter
 from app.tally import Choice, Tally
 from engine.output import RequestOutput
@@ -118,6 +118,7 @@ class ChatService:
         if self.gate is None or caller is None:
             yield None
             return
+        hits, read_bytes = await stored_prefix(self.backend, self.model, prompt, _salt(caller))
         ticket = Ticket(
             caller.request_id,
             caller.tenant.name,
@@ -125,6 +126,8 @@ class ChatService:
             len(prompt),
             max(p.max_tokens for p in params),
             len(params),
+            hits,
+            read_bytes,
             route=caller.route,
             user=user,
         )
@@ -151,23 +154,24 @@ class ChatService:
         prompt: list[int],
         params: SamplingParams,
         salt: bytes = b"",
-        priority: int = 0,
+        lease: Lease | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        return run_request(self.backend, self.model, request_id, prompt, params, salt, priority)
+        rank, loaded = (lease.rank, lease.read_done) if lease is not None else (0, None)
+        return run_request(self.backend, self.model, request_id, prompt, params, salt, rank, loaded)
 
     async def _choices(
         self,
         prompt: list[int],
         params: list[SamplingParams],
         salt: bytes,
-        priority: int = 0,
+        lease: Lease | None = None,
         base: str = "",
     ) -> AsyncIterator[tuple[int, RequestOutput]]:
         """Run all choices concurrently; yield (index, output) as they come. The engines know
         choice i as `<base>-i` (`<base>` alone when n = 1)."""
         base = base or uuid.uuid4().hex
         if len(params) == 1:
-            outputs = self.run(base, prompt, params[0], salt, priority)
+            outputs = self.run(base, prompt, params[0], salt, lease)
             async with contextlib.aclosing(outputs):
                 async for output in outputs:
                     yield 0, output
@@ -176,7 +180,7 @@ class ChatService:
 
         async def pump(index: int, p: SamplingParams) -> None:
             try:
-                async for output in self.run(f"{base}-{index}", prompt, p, salt, priority):
+                async for output in self.run(f"{base}-{index}", prompt, p, salt, lease):
                     await queue.put((index, output))
             except Exception as exc:
                 await queue.put(exc)
@@ -209,7 +213,7 @@ class ChatService:
     ) -> tuple[list[Choice], Usage, Timings]:
         choices = [Choice(logprobs=[] if p.logprobs is not None else None) for p in params]
         tally = Tally(len(prompt), len(params), lease)
-        outputs = self._choices(prompt, params, _salt(caller), _priority(lease), rid)
+        outputs = self._choices(prompt, params, _salt(caller), lease, rid)
         async for index, out in outputs:
             tally.note(index, out)
             choice = choices[index]
@@ -237,7 +241,7 @@ class ChatService:
         validation errors reach the client before any byte is sent (a proper status code).
         """
         tally = Tally(len(prompt), len(params), lease)
-        outputs = self._choices(prompt, params, _salt(caller), _priority(lease), rid)
+        outputs = self._choices(prompt, params, _salt(caller), lease, rid)
         first = await anext(outputs, None)
 
         async def deltas() -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -374,11 +378,6 @@ class ChatService:
             if request.stream_options and request.stream_options.include_usage:
                 usage = self._bill(tally.usage(), lease)
                 yield CompletionResponse(**head, choices=[], usage=usage, timings=tally.timings)
-
-
-def _priority(lease: Lease | None) -> int:
-    """The PE prefills `priority` before `default` before `flex` (the tier's rank)."""
-    return RANK[lease.tier] if lease else 0
 
 
 def _rid(caller: Caller | None) -> str:

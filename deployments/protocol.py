@@ -48,6 +48,24 @@ class PlanRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class StoredPrefix:
+    """How much of a prompt the KV store holds (cluster index, any node): what admission
+    charges to the storage reads instead of the prefill compute."""
+
+    num_blocks: int = 0  # leading blocks stored
+    num_snic_blocks: int = 0  # of them, those in no node's DRAM: read through an SNIC
+    block_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ReadCapacity:
+    """The storage side's read rate as admission sees it, and what is queued on it."""
+
+    bytes_per_s: float  # summed over the nodes the policy reads on
+    queued_bytes: int  # reads queued and in flight on those nodes' SNICs, and planned
+
+
+@dataclass(frozen=True, slots=True)
 class Plan:
     """Who serves a request, and who reads its stored KV.
 

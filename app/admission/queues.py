@@ -10,12 +10,15 @@ the clock and the billing calendar are injected.
 - Tenants within a tier share by tokens, deficit round robin (DRR): each turn a tenant gets
   `quantum_tokens × weight` of credit and runs requests while its credit covers their
   tokens (prompt + max_tokens, × n).
-- Capacity is tokens, not a request count: a request is admitted while the work in flight
+- Capacity is work, not a request count: a request is admitted while the work in flight
   plus its own stays within the budget: prefill tokens not yet computed (of its own and
-  more urgent tiers only: the PE prefills by tier), decode KV tokens and decode batch
-  slots (this queue's own count, or the engines' last reports if higher). Each tier may
-  fill only its `tier_share`, which keeps headroom for `priority`. With nothing in flight
-  one request is always admitted, however large.
+  more urgent tiers only: the PE prefills by tier), stored-KV bytes not yet read, decode
+  KV tokens and decode batch slots (this queue's own count, or the engines' last reports
+  if higher). A prompt's stored prefix is not prefill work: its tokens count against the
+  storage read budget (the SNICs' rate × `read_queue_s`), its miss tokens against the
+  prefill budget, so agent turns that mostly hit run together while the PE is idle. Each
+  tier may fill only its `tier_share`, which keeps headroom for `priority`. With nothing
+  in flight one request is always admitted, however large.
 - `flex` requests are held while the billing window is `peak`, unless the system is idle
   (nothing else waiting, load under `flex_idle_share`); they run in the next non-peak
   window or fail at their deadline with 429 and the time until the peak ends.
@@ -66,6 +69,12 @@ class QueueSection(Section):
     prefill_queue_s: float = Field(
         default=2.0, gt=0, description="admit while queued prefill work stays under this"
     )
+    read_queue_s: float = Field(
+        default=6.0,
+        gt=0,
+        description="admit while queued stored-KV reads stay under this many seconds of the "
+        "SNICs' read rate (keep it below kvstore.read_timeout_s)",
+    )
     default_prefill_tokens_per_s: float = Field(
         default=1000.0, gt=0, description="a PE's rate until it has measured its own"
     )
@@ -110,6 +119,8 @@ class Ticket:
     prompt_tokens: int
     max_tokens: int
     n: int = 1
+    hit_tokens: int = 0  # the prompt's stored prefix (KV read, not computed)
+    read_bytes: int = 0  # per choice: stored KV read through an SNIC
     weight: float = 1.0
     arrival: float = 0.0
     deadline: float = math.inf
@@ -124,13 +135,15 @@ class Ticket:
 
     @property
     def prefill_tokens(self) -> int:
-        return self.prompt_tokens * self.n
+        """The tokens the PE computes: the prompt less its stored prefix, per choice."""
+        return max(1, self.prompt_tokens - self.hit_tokens) * self.n
 
 
 @dataclass(slots=True)
 class InFlight:
     requests: int = 0
     prefill_by_rank: list[int] = field(default_factory=lambda: [0, 0, 0])  # by tier rank
+    read_bytes: int = 0  # stored KV admitted and not yet read
     kv_tokens: int = 0
     seqs: int = 0
 
@@ -141,8 +154,9 @@ class InFlight:
 
 
 class Lease:
-    """An admitted request's hold on capacity: `prefill_done` when its first token is out
-    (its prompt left the prefill queue), `release` when it ends (both idempotent)."""
+    """An admitted request's hold on capacity: `read_done` when a choice's stored KV is read,
+    `prefill_done` when its first token is out (its prompt left the prefill queue; its
+    reads are done too), `release` when it ends (all idempotent)."""
 
     def __init__(self, queue: AdmissionQueue, ticket: Ticket, admitted_at: float, window: str):
         self.queue, self.ticket = queue, ticket
@@ -150,22 +164,40 @@ class Lease:
         self.queued_s = admitted_at - ticket.arrival
         self.meter: Meter | None = None  # set by the request path; read for the bill
         self._prefilling = True
+        self._reads_left = ticket.n if ticket.read_bytes else 0  # choices still reading
         self._held = True
 
     @property
     def tier(self) -> Tier:
         return self.ticket.tier
 
+    @property
+    def rank(self) -> int:
+        """The PE prefills `priority` before `default` before `flex` (the tier's rank)."""
+        return RANK[self.ticket.tier]
+
+    def read_done(self) -> None:
+        """One choice's stored-KV read ended: its bytes leave the read budget."""
+        if self._reads_left and self._held:
+            self._reads_left -= 1
+            self.queue._finish_read(self.ticket.read_bytes)
+
     def prefill_done(self) -> None:
         if self._prefilling and self._held:
             self._prefilling = False
+            self._finish_reads()
             self.queue._finish_prefill(self.ticket)
 
     def release(self) -> None:
         if self._held:
+            self._finish_reads()
             self._held = False
             self.queue._release(self.ticket, self._prefilling)
             self._prefilling = False
+
+    def _finish_reads(self) -> None:
+        while self._reads_left:
+            self.read_done()
 
 
 class AdmissionQueue:
@@ -303,12 +335,16 @@ class AdmissionQueue:
             return False  # no engine report yet: one request at a time
         share = self.config.tier_share[self._tier_now(ticket, now)]
         _, kv, seqs = self._used()
+        # NOTE: reads are FIFO on an SNIC (not by tier), so all reads in flight are ahead
+        reads = max(self.in_flight.read_bytes, cap.used_read_bytes)
+        read_bytes = ticket.read_bytes * ticket.n
         # NOTE: the PE prefills by tier, so a request waits only behind prompts of its own
         # or a more urgent tier: that is the work its budget counts. With none of those in
         # flight any prompt goes (a budget below one prompt must not serialise the PE).
         ahead = sum(self.in_flight.prefill_by_rank[: RANK[ticket.tier] + 1])
         return (
             (ahead == 0 or ahead + ticket.prefill_tokens <= cap.prefill_tokens * share)
+            and (reads == 0 or not read_bytes or reads + read_bytes <= cap.read_bytes * share)
             and kv + ticket.tokens <= cap.kv_tokens * share
             and seqs + ticket.n <= cap.seqs * share
         )
@@ -318,6 +354,7 @@ class AdmissionQueue:
         flight = self.in_flight
         flight.requests += 1
         flight.prefill_by_rank[RANK[ticket.tier]] += ticket.prefill_tokens
+        flight.read_bytes += ticket.read_bytes * ticket.n
         flight.kv_tokens += ticket.tokens
         flight.seqs += ticket.n
         self.counts["admitted"] += 1
@@ -328,6 +365,10 @@ class AdmissionQueue:
             lease.release()
         else:
             ticket.future.set_result(lease)
+
+    def _finish_read(self, num_bytes: int) -> None:
+        self.in_flight.read_bytes -= num_bytes
+        self.service()
 
     def _finish_prefill(self, ticket: Ticket) -> None:
         self.in_flight.prefill_by_rank[RANK[ticket.tier]] -= ticket.prefill_tokens

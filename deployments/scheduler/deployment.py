@@ -9,7 +9,14 @@ import time
 from deployments import tracing
 from deployments.metrics import Metrics
 from deployments.options import TracingSection
-from deployments.protocol import LoadReport, NodeReport, Plan, PlanRequest
+from deployments.protocol import (
+    LoadReport,
+    NodeReport,
+    Plan,
+    PlanRequest,
+    ReadCapacity,
+    StoredPrefix,
+)
 from deployments.scheduler.policy import PolicyConfig, plan_and_note
 from deployments.scheduler.view import ClusterView
 
@@ -49,6 +56,25 @@ class Scheduler:
         self.read_paths[result.read_path] = self.read_paths.get(result.read_path, 0) + 1
         self.metrics.inc("dualpath_read_path_total", path=result.read_path)
         return result
+
+    async def lookup(self, block_keys: tuple[bytes, ...]) -> StoredPrefix:
+        """How much of a prompt is stored, for admission (touches nothing)."""
+        entries = self.view.index.locate(block_keys)
+        reports = [e.report for e in self.view.engines.values()]
+        block_bytes = max((r.kv_bytes_per_token * r.block_size for r in reports), default=0)
+        snic = sum(1 for e in entries if not e.dram_nodes)
+        return StoredPrefix(len(entries), snic, block_bytes)
+
+    async def read_capacity(self) -> ReadCapacity:
+        """The read rate of the SNICs this policy reads on (the PE nodes' for single_path)."""
+        roles = ("prefill",) if self.policy.policy == "single_path" else ("prefill", "decode")
+        now = time.time()
+        readers = {e.node_id for role in roles for e in self.view.live(role, now)}
+        nodes = [s for n, s in self.view.nodes.items() if n in readers]
+        return ReadCapacity(
+            sum(s.rate(self.policy.snic_bytes_per_s) for s in nodes),
+            sum(s.read_queue_bytes for s in nodes),
+        )
 
     async def drain(self, replica_id: str, drained: bool = True) -> list[str]:
         """Stop (or, with `drained=False`, resume) planning new requests on a replica; its

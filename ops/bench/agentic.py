@@ -171,7 +171,11 @@ def _deploy(args: argparse.Namespace, mode: str, kv_dir: Path, port: int) -> str
     kv_mib = args.kv_cache_mib
     app_args: dict[str, Any] = {
         "model": {"path": str(args.model), "served_model_name": MODEL},
-        "engine": {"kv_cache_bytes": f"{kv_mib}MiB", "num_threads": 1, "max_num_batched_tokens": 2048},
+        "engine": {
+            "kv_cache_bytes": f"{kv_mib}MiB",
+            "num_threads": 1,
+            "max_num_batched_tokens": 2048,
+        },
         "scheduler": {"policy": policy, "report_interval_s": 0.1},
         "kvstore": {"path": str(kv_dir), "dram_bytes": 0, "fsync": False},
         "nodes": [

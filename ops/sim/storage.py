@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 from typing import overload
 
 from deployments.protocol import ARRIVED_WINDOW_S, NodeReport
-from kvstore.index import IndexEvent
+from kvstore.index import IndexEntry, IndexEvent
 from ops.sim.events import EventLoop, RecentIds
 
 READ, WRITE = 0, 1
 _KEY = struct.Struct("<QI")
+_ON_NVME = IndexEntry(on_nvme=True)  # every stored block of the compact index (read-only)
 
 
 def block_key(agent_id: int, block: int) -> bytes:
@@ -105,6 +106,12 @@ class CompactIndex:
                 break
             n += 1
         return n
+
+    def locate(
+        self, keys: Sequence[bytes], nodes: set[str] | None = None, now: float | None = None
+    ) -> list[IndexEntry]:
+        """KVIndex.locate: the entries of the longest stored prefix, all on NVMe here."""
+        return [_ON_NVME] * self.longest_prefix(keys, now, nodes)
 
     def stats(self) -> dict[str, int]:
         return {"blocks": self.num_blocks, "nvme_blocks": self.num_blocks, "dram_blocks": 0}

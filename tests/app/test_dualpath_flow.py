@@ -21,7 +21,15 @@ from app.flow import ModelInfo
 from app.service import ChatService
 from deployments.decode.server import DecodeServer
 from deployments.prefill.server import PrefillServer
-from deployments.protocol import DecodeJob, KVHandoff, Plan, PlanRequest, PrefillJob, TransferStats
+from deployments.protocol import (
+    DecodeJob,
+    KVHandoff,
+    Plan,
+    PlanRequest,
+    PrefillJob,
+    StoredPrefix,
+    TransferStats,
+)
 from deployments.scheduler.policy import PolicyConfig, plan_and_note
 from deployments.scheduler.view import ClusterView
 from deployments.traffic.manager import KVMover, TrafficManager
@@ -68,8 +76,11 @@ class ClusterBackend:
         self.plans.append(plan)
         return plan
 
+    async def lookup(self, block_keys) -> StoredPrefix:
+        return StoredPrefix(self.view.index.longest_prefix(block_keys))
+
     async def load(self, node: str, keys, request_id: str = "") -> list:
-        return await asyncio.to_thread(self.nodes[node].load, keys)
+        return await asyncio.to_thread(self.nodes[node].load, keys, None, request_id)
 
     async def prefill(self, node: str, job: PrefillJob) -> AsyncIterator[RequestOutput | KVHandoff]:
         assert node == "pnode"

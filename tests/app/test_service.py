@@ -21,6 +21,7 @@ from deployments.protocol import (
     Plan,
     PlanRequest,
     PrefillJob,
+    StoredPrefix,
     TransferStats,
 )
 from deployments.scheduler.policy import plan_and_note
@@ -44,6 +45,9 @@ class LocalBackend:
         for server in (self.prefill_server, self.decode_server):
             self.view.update(server.load_report())
         return plan_and_note(request, self.view, time.time())
+
+    async def lookup(self, block_keys) -> StoredPrefix:
+        return StoredPrefix()
 
     async def load(self, node: str, keys, request_id: str = "") -> list:
         return []

@@ -19,7 +19,7 @@ from app.flow import ModelInfo
 from app.ledger import Ledger
 from app.pricing import PriceBook, PricingSection
 from app.service import ChatService
-from deployments.protocol import Plan, PlanRequest, PrefillJob
+from deployments.protocol import Plan, PlanRequest, PrefillJob, StoredPrefix
 from engine.output import RequestOutput
 from engine.tokenizer import Tokenizer
 
@@ -33,9 +33,13 @@ class GatedEngines:
     def __init__(self):
         self.arrived: list[PrefillJob] = []
         self.gates: dict[str, asyncio.Event] = {}
+        self.stored = StoredPrefix()  # what the cluster index holds of every prompt
 
     async def plan(self, request: PlanRequest) -> Plan:
         return Plan(request.request_id, "pe", "de", "n0", "n0")
+
+    async def lookup(self, block_keys) -> StoredPrefix:
+        return self.stored
 
     async def load(self, node: str, keys, request_id: str = "") -> list:
         return []

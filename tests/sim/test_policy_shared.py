@@ -35,7 +35,8 @@ def test_a_change_to_the_policy_changes_the_simulation(scenario: Scenario, monke
     then reads like single-path (every read on the PE nodes) and its output changes."""
     before = summarize(run_once(scenario, "dualpath"))
     assert "de" in before["read_paths"]
-    monkeypatch.setattr(live_policy, "_decode_side_blocks", lambda *args, **kwargs: 0)
+    # the fewest leading blocks the decode side may read: none in the simulator (no DRAM tier)
+    monkeypatch.setattr(live_policy._ReadSides, "choose", lambda sides, view, cfg: sides.lo)
     after = summarize(run_once(scenario, "dualpath"))
     assert "de:" not in after["read_paths"] and "split:" not in after["read_paths"]
     assert after["snic_bytes"] != before["snic_bytes"]
