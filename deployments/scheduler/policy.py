@@ -140,33 +140,39 @@ def _holders(
     des: list[EngineState],
     view: ClusterView,
     cfg: PolicyConfig,
-) -> set[str]:
-    """Decode nodes that would lengthen the hit: their DRAM (or write buffer, a block whose
-    NVMe write still lags) holds blocks past what the PE node alone can read."""
+) -> dict[str, int]:
+    """Decode nodes that would lengthen the hit, with the tokens they save: their DRAM (or
+    write buffer: blocks whose NVMe write still lags) holds blocks past what the PE node
+    alone can read."""
     if cfg.policy == "single_path" or not keys:
-        return set()
+        return {}
     pe = prefill.node_id
     alone = view.index.longest_prefix(keys, None, {pe})
     if alone == len(keys):
-        return set()
+        return {}
     reach = {e.node_id: view.index.longest_prefix(keys, None, {pe, e.node_id}) for e in des}
-    best = max(reach.values())
-    return {node for node, n in reach.items() if n == best > alone}
+    block_size = prefill.report.block_size
+    return {node: (n - alone) * block_size for node, n in reach.items() if n > alone}
 
 
 def _pick_decode(
-    des: list[EngineState], need_tokens: int, cfg: PolicyConfig, holders: set[str] | None = None
+    des: list[EngineState],
+    need_tokens: int,
+    cfg: PolicyConfig,
+    holders: dict[str, int] | None = None,
 ) -> EngineState:
     groups: dict[str, list[EngineState]] = defaultdict(list)
     for e in des:
         groups[e.node_id].append(e)
-    # NOTE: a node holding the request's newest blocks (write lag) serves it unless that
-    # would put it above the Z threshold over the mean node: a hit recomputed costs more.
-    fair = cfg.z_factor * (need_tokens + sum(e.context_tokens for e in des)) / len(groups)
-    for node in sorted(holders or ()):
-        group = groups[node]
-        fits = [e for e in group if e.free_blocks * e.report.block_size >= need_tokens]
-        if fits and sum(e.context_tokens for e in group) + need_tokens <= fair:
+    # NOTE: a node holding the request's newest blocks (write lag) serves it while it would
+    # hold at most Z x what the least loaded other node would, plus the tokens it saves
+    # from recompute: locality wins over balance only by what it is worth.
+    load = {node: sum(e.context_tokens for e in group) for node, group in groups.items()}
+    for node, saved in sorted((holders or {}).items(), key=lambda h: (-h[1], load[h[0]])):
+        others = [t for n, t in load.items() if n != node]
+        limit = cfg.z_factor * (min(others, default=0) + need_tokens) + saved
+        fits = [e for e in groups[node] if e.free_blocks * e.report.block_size >= need_tokens]
+        if fits and (not others or load[node] + need_tokens <= limit):
             return min(fits, key=lambda e: (e.running, e.context_tokens))
     for _, group in sorted(groups.items(), key=lambda g: sum(e.context_tokens for e in g[1])):
         fits = [e for e in group if e.free_blocks * e.report.block_size >= need_tokens]
