@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 # CPU machines pin the local CPU wheel; set TORCH_SPEC="torch" on a CUDA machine.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: serve status chat test lint bench-engine bench-serve bench-agentic bench-admission dashboard fetch clean
+.PHONY: serve status chat test lint bench-engine bench-serve bench-agentic bench-agentic-sweep bench-admission dashboard fetch clean
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
@@ -38,6 +38,10 @@ bench-serve: fetch
 
 bench-agentic: fetch
 	$(PY) -m ops bench agentic
+
+# every trace shape x mode in one run (~45-50 min): bench-results/agentic-sweep.{json,png}
+bench-agentic-sweep: fetch
+	$(PY) -m ops bench agentic --sweep
 
 bench-admission: fetch
 	$(PY) -m ops bench admission

@@ -185,15 +185,10 @@ class Ingress:
             try:
                 reports = await self.scheduler.engines.remote()
                 reads = await self.scheduler.read_capacity.remote()
-                self.queue.update_capacity(
-                    Capacity.from_reports(
-                        reports,
-                        section.prefill_queue_s,
-                        section.default_prefill_tokens_per_s,
-                        reads,
-                        section.read_queue_s,
-                    )
-                )
+                rate = section.default_prefill_tokens_per_s
+                prefill_s, read_s = section.prefill_queue_s, section.read_queue_s
+                capacity = Capacity.from_reports(reports, prefill_s, rate, reads, read_s)
+                self.queue.update_capacity(capacity)
             except Exception:
                 logger.warning("engine loads unavailable for admission", exc_info=True)
             await asyncio.sleep(self.config.ingress.capacity_poll_s)

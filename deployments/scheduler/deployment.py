@@ -33,6 +33,7 @@ class Scheduler:
         self.view = ClusterView(stale_after_s)
         self.policy = policy or PolicyConfig()
         self.read_paths: dict[str, int] = {}
+        self.read_blocks: dict[str, int] = {}  # node -> hit blocks planned to be read there
         self.metrics = Metrics("ray")
 
     async def report(self, report: LoadReport) -> None:
@@ -54,6 +55,12 @@ class Scheduler:
             result = plan_and_note(request, self.view, time.time(), self.policy)
             span.set_attributes({"read_path": result.read_path, "engines": len(self.view.engines)})
         self.read_paths[result.read_path] = self.read_paths.get(result.read_path, 0) + 1
+        for node, blocks in (
+            (result.prefill_node, result.pe_read_blocks),
+            (result.decode_node, result.de_read_blocks),
+        ):
+            if blocks:
+                self.read_blocks[node] = self.read_blocks.get(node, 0) + blocks
         self.metrics.inc("dualpath_read_path_total", path=result.read_path)
         return result
 
@@ -100,6 +107,7 @@ class Scheduler:
             "policy": self.policy.policy,
             "drained": sorted(self.view.drained),
             "read_paths": dict(self.read_paths),
+            "read_blocks": dict(self.read_blocks),
             "index": self.view.index.stats(),
             "nodes": {
                 n: {

@@ -210,7 +210,8 @@ def shape_table(shape: Shape, rows: list[dict[str, Any]]):
 
     table = Table(title=f"{shape.name}: {shape.describe()}")
     for key, header in COLUMNS:
-        table.add_column(header, justify="left" if key in ("mode", "read_paths") else "right")
+        left = key in ("mode", "read_paths")
+        table.add_column(header, justify="left" if left else "right", overflow="fold")
     for row in rows:
         table.add_row(*[_fmt(row.get(key)) for key, _ in COLUMNS])
     return table
@@ -325,14 +326,14 @@ def write_sweep(
 def print_sweep(shapes: list[Shape], rows: list[dict[str, Any]], path: Path) -> None:
     from rich.console import Console
 
-    console = Console(width=150)
+    console = Console(width=160)
     grouped = _by_shape(shapes, rows)
     for shape in shapes:
         if grouped[shape.name]:
             console.print(shape_table(shape, grouped[shape.name]))
     for shape in shapes:
         if grouped[shape.name]:
-            console.print(summary_line(shape.name, evaluate(grouped[shape.name])))
+            console.print(summary_line(shape.name, evaluate(grouped[shape.name])), soft_wrap=True)
     console.print(f"wrote {path} and {path.with_suffix('.png')}")
 
 

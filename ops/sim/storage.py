@@ -33,12 +33,14 @@ def block_key(agent_id: int, block: int) -> bytes:
 
 
 class BlockKeys(Sequence[bytes]):
-    """Keys of blocks [0, n) of one agent's token chain."""
+    """Keys of blocks [first, first + n) of one agent's token chain. A slice is a BlockKeys
+    too, so the compact index answers the policy's sliced queries without making keys."""
 
-    __slots__ = ("agent_id", "num_blocks")
+    __slots__ = ("agent_id", "first", "num_blocks")
 
-    def __init__(self, agent_id: int, num_blocks: int):
+    def __init__(self, agent_id: int, num_blocks: int, first: int = 0):
         self.agent_id = agent_id
+        self.first = first
         self.num_blocks = num_blocks
 
     def __len__(self) -> int:
@@ -47,16 +49,20 @@ class BlockKeys(Sequence[bytes]):
     @overload
     def __getitem__(self, i: int) -> bytes: ...
     @overload
-    def __getitem__(self, i: slice) -> list[bytes]: ...
-    def __getitem__(self, i: int | slice) -> bytes | list[bytes]:
+    def __getitem__(self, i: slice) -> Sequence[bytes]: ...
+    def __getitem__(self, i: int | slice) -> bytes | Sequence[bytes]:
         if isinstance(i, slice):
-            return [block_key(self.agent_id, j) for j in range(*i.indices(self.num_blocks))]
+            start, stop, step = i.indices(self.num_blocks)
+            if step != 1:
+                return [self[j] for j in range(start, stop, step)]
+            return BlockKeys(self.agent_id, max(0, stop - start), self.first + start)
         if not -self.num_blocks <= i < self.num_blocks:
             raise IndexError(i)
-        return block_key(self.agent_id, i % self.num_blocks)
+        return block_key(self.agent_id, self.first + i % self.num_blocks)
 
     def __iter__(self) -> Iterator[bytes]:
-        return (block_key(self.agent_id, j) for j in range(self.num_blocks))
+        first = self.first
+        return (block_key(self.agent_id, j) for j in range(first, first + self.num_blocks))
 
 
 class CompactIndex:
@@ -95,9 +101,12 @@ class CompactIndex:
     ) -> int:
         if isinstance(keys, BlockKeys):
             bits = self.stored.get(keys.agent_id, bytearray())
-            end = min(len(keys), len(bits))
-            first_missing = bits.find(0, 0, end)
-            return end if first_missing < 0 else first_missing
+            first = keys.first
+            end = min(first + len(keys), len(bits))
+            if end <= first:
+                return 0
+            first_missing = bits.find(0, first, end)
+            return (end if first_missing < 0 else first_missing) - first
         n = 0
         for key in keys:
             agent_id, block = _KEY.unpack(key)

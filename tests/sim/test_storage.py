@@ -40,7 +40,8 @@ def test_uncapped_snic_runs_at_its_device_rate() -> None:
 
 def test_compact_index_answers_like_kvindex() -> None:
     """Random stores and deletes of agents' blocks: both indexes give the same longest
-    prefix for every (agent, length) query, via BlockKeys and via plain key tuples."""
+    prefix (and `locate` length) for every (agent, start, length) query, via BlockKeys and
+    its slices and via plain key tuples."""
     rng = random.Random(0)
     exact, compact = KVIndex(), CompactIndex()
     for _ in range(400):
@@ -51,14 +52,19 @@ def test_compact_index_answers_like_kvindex() -> None:
         compact.apply([event])
     for agent in range(5):
         for n in range(0, 45, 3):
-            keys = BlockKeys(agent, n)
-            expected = exact.longest_prefix(tuple(keys))
-            assert compact.longest_prefix(keys) == expected
-            assert compact.longest_prefix(tuple(keys)) == expected
+            for start in (0, 1, 7, 30, 44):
+                keys = BlockKeys(agent, 45)[start : start + n]
+                expected = exact.longest_prefix(tuple(keys))
+                assert compact.longest_prefix(keys) == expected
+                assert compact.longest_prefix(tuple(keys)) == expected
+                assert len(compact.locate(keys)) == len(exact.locate(tuple(keys)))
     assert len(compact) == len(exact)
 
 
 def test_block_keys_are_a_prefix_chain() -> None:
-    assert BlockKeys(7, 5)[:3] == list(BlockKeys(7, 3))
+    assert list(BlockKeys(7, 5)[:3]) == list(BlockKeys(7, 3))
+    assert list(BlockKeys(7, 5)[2:4]) == [block_key(7, 2), block_key(7, 3)]
+    assert BlockKeys(7, 5)[2:4][-1] == block_key(7, 3)
+    assert list(BlockKeys(7, 5)[::2]) == [block_key(7, b) for b in (0, 2, 4)]
     assert BlockKeys(7, 5)[-1] == block_key(7, 4)
     assert len({*BlockKeys(1, 4), *BlockKeys(2, 4)}) == 8
