@@ -45,7 +45,12 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         ray_actor_options=light,
         logging_config=quiet,
         max_ongoing_requests=1000,
-    ).bind(config.scheduler.stale_after_s, config.scheduler.policy_config(), config.tracing)
+    ).bind(
+        config.scheduler.stale_after_s,
+        config.scheduler.policy_config(),
+        config.tracing,
+        config.scheduler.planned_ttl_s,
+    )
     engine_options: dict[str, Any] = {
         "request_router_config": PINNED_ROUTER,
         "health_check_period_s": 5,

@@ -56,6 +56,15 @@ class SchedulerSection(Section):
     prefill_tokens_per_s: float = Field(
         default=1000.0, gt=0, description="a PE's rate until it has measured its own"
     )
+    forward_bytes_per_s: float = Field(
+        default=3e9, gt=0, description="DE -> PE forwarding rate of KV the decode side read"
+    )
+    tie_fraction: float = Field(
+        default=0.1, ge=0, lt=1, description="read sides this close in finish time alternate"
+    )
+    planned_ttl_s: float = Field(
+        default=30.0, gt=0, description="planned work no report confirms is dropped after"
+    )
 
     def policy_config(self) -> PolicyConfig:
         return PolicyConfig(
@@ -64,6 +73,8 @@ class SchedulerSection(Section):
             beta_s=self.beta_s,
             z_factor=self.z_factor,
             prefill_tokens_per_s=self.prefill_tokens_per_s,
+            forward_bytes_per_s=self.forward_bytes_per_s,
+            tie_fraction=self.tie_fraction,
         )
 
 

@@ -112,8 +112,9 @@ async def run_request(
                 with tracing.span("kv.load", parent=ctx, hit_blocks=plan.num_hit_blocks) as span:
                     handles, de_blocks = await _load(backend, plan, keys, model.load_failure)
                     span.set_attributes({"loaded_blocks": len(handles), "de_blocks": de_blocks})
-                if on_loaded is not None:
+                if on_loaded is not None:  # once per choice, retries or not
                     on_loaded()
+                    on_loaded = None
                 loaded = time.perf_counter()
                 # NOTE: spans that outlive a `yield` are never made current (see tracing.span)
                 current = tracing.start_span("prefill", ctx, replica=plan.prefill_replica)

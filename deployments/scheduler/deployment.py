@@ -27,10 +27,11 @@ class Scheduler:
         stale_after_s: float = 15.0,
         policy: PolicyConfig | None = None,
         tracing_section: TracingSection | None = None,
+        planned_ttl_s: float = 30.0,
     ):
         if tracing_section is not None:
             tracing.setup_tracing(tracing_section, "dualpath.scheduler")
-        self.view = ClusterView(stale_after_s)
+        self.view = ClusterView(stale_after_s, planned_ttl_s)
         self.policy = policy or PolicyConfig()
         self.read_paths: dict[str, int] = {}
         self.read_blocks: dict[str, int] = {}  # node -> hit blocks planned to be read there

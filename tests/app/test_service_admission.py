@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from app.admission.capacity import Capacity
 from app.admission.gate import Caller, Gate
 from app.admission.queues import AdmissionQueue, QueueSection
 from app.admission.ratelimit import RateLimited, RateLimiter
@@ -150,3 +151,40 @@ async def test_a_disconnected_waiter_never_reaches_the_engine(setup):
     await running
     assert len(engines.arrived) == 1
     assert service.gate.running["a"] == 0
+
+
+async def test_turns_whose_prompt_is_stored_are_admitted_together(setup):
+    """The service asks the cluster index what each prompt has stored and admission charges
+    only the miss tokens to the PE: three 640-token turns with 576 tokens stored run at once
+    under a 200-token prefill budget; three cold ones run one at a time."""
+    service, engines, auth, _ = setup
+    queue = service.gate.queue
+    queue.update_capacity(Capacity(prefill_tokens=200, kv_tokens=1e6, seqs=64, read_bytes=1e9))
+
+    def turns(first: int) -> list[asyncio.Task]:
+        prompts = [list(range(first + i, first + i + 640)) for i in range(3)]
+        requests = [CompletionRequest(model="m", prompt=p, max_tokens=1) for p in prompts]
+        return [
+            asyncio.ensure_future(service.complete(r, Caller(auth.tenants["a"], "priority")))
+            for r in requests
+        ]
+
+    engines.stored = StoredPrefix(num_blocks=9, num_snic_blocks=9, block_bytes=1000)
+    warm = turns(1)
+    await asyncio.sleep(0.05)
+    assert len(engines.arrived) == 3
+    assert queue.in_flight.prefill_tokens == 3 * 64
+    assert queue.in_flight.read_bytes == 0  # reads ended (the flow's on_loaded), prefill not
+    for _ in warm:
+        await engines.open_next()
+    await asyncio.gather(*warm)
+
+    engines.stored = StoredPrefix()  # nothing stored: the whole prompt is prefill work
+    cold = turns(5000)
+    await asyncio.sleep(0.05)
+    assert len(engines.arrived) == 4  # one cold turn at a time
+    for _ in cold:
+        await engines.open_next()
+        await asyncio.sleep(0.01)
+    await asyncio.gather(*cold)
+    assert (queue.in_flight.requests, queue.in_flight.read_bytes) == (0, 0)
