@@ -32,3 +32,14 @@ def deploy(
             raise RuntimeError("app never became healthy")
         time.sleep(0.3)
     return base
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `override`'s keys replacing its own, recursively (sections merge)."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from engine.config import default_model_dir
 from ops.bench._report import machine_info, write_report
-from ops.bench._serve import deploy, free_port
+from ops.bench._serve import deep_merge, deploy, free_port
 from ops.sim.traces import Agent, make_trace
 
 logger = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ def _deploy(args: argparse.Namespace, mode: str, kv_dir: Path, port: int) -> str
     }
     if kv_mib > NIXL_STAGING_MIB:  # a PE stages a whole prompt's KV for its DE
         app_args["transfer"] = {"nixl_staging_bytes": f"{kv_mib}MiB"}
-    return f"{deploy(APP, app_args, port)}/v1/completions"
+    return f"{deploy(APP, deep_merge(app_args, args.app_args), port)}/v1/completions"
 
 
 def _cluster_stats() -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
@@ -309,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slo-tpot-ms", type=float, default=400.0, help="scaled SLO: TPOT p90")
     p.add_argument("--hit-context", type=int, default=8000, help="KV-hit TTFT context (0: skip)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--app-args", type=json.loads, default={}, help="JSON merged into the app args")
     p.add_argument("--name", help="report name (default agentic, or agentic-sweep)")
     p.add_argument("--sweep", action="store_true", help="replay every shape (agentic_sweep.py)")
     p.add_argument("--shapes", default="", help="with --sweep: a subset, e.g. default,long-gen")
