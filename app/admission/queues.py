@@ -17,8 +17,10 @@ the clock and the billing calendar are injected.
   if higher). A prompt's stored prefix is not prefill work: its tokens count against the
   storage read budget (the SNICs' rate × `read_queue_s`), its miss tokens against the
   prefill budget, so agent turns that mostly hit run together while the PE is idle. Each
-  tier may fill only its `tier_share`, which keeps headroom for `priority`. With nothing
-  in flight one request is always admitted, however large.
+  tier may fill only its `tier_share`, which keeps headroom for `priority`. A turn holds
+  the read budget while it reads and the prefill budget only from then (see Lease): the
+  storage stage and the compute stage overlap as in the engines. With nothing in flight
+  one request is always admitted, however large.
 - `flex` requests are held while the billing window is `peak`, unless the system is idle
   (nothing else waiting, load under `flex_idle_share`); they run in the next non-peak
   window or fail at their deadline with 429 and the time until the peak ends.
@@ -83,9 +85,13 @@ class Ticket:
         return (self.prompt_tokens + self.max_tokens) * self.n
 
     @property
+    def miss_tokens(self) -> int:
+        """What the PE computes of one choice: the prompt less its stored prefix."""
+        return max(1, self.prompt_tokens - self.hit_tokens)
+
+    @property
     def prefill_tokens(self) -> int:
-        """The tokens the PE computes: the prompt less its stored prefix, per choice."""
-        return max(1, self.prompt_tokens - self.hit_tokens) * self.n
+        return self.miss_tokens * self.n
 
 
 @dataclass(slots=True)
@@ -98,14 +104,16 @@ class InFlight:
 
     @property
     def prefill_tokens(self) -> int:
-        """Prompt tokens admitted and not yet past their first token."""
+        """Miss tokens waiting for the PE (reads done) and not yet past their first token."""
         return sum(self.prefill_by_rank)
 
 
 class Lease:
-    """An admitted request's hold on capacity: `read_done` when a choice's stored KV is read,
-    `prefill_done` when its first token is out (its prompt left the prefill queue; its
-    reads are done too), `release` when it ends (all idempotent)."""
+    """An admitted request's hold on capacity, a pipeline: its stored-KV bytes hold the read
+    budget until `read_done` (once per choice); then its miss tokens hold the prefill budget
+    (from admission, for a prompt with nothing to read) until `prefill_done` (the first
+    token is out); KV tokens and batch slots until `release` (all idempotent). A turn that
+    is still reading is not in the PE's queue, so it does not hold the PE's budget."""
 
     def __init__(self, queue: AdmissionQueue, ticket: Ticket, admitted_at: float, window: str):
         self.queue, self.ticket = queue, ticket
@@ -114,6 +122,7 @@ class Lease:
         self.meter: Meter | None = None  # set by the request path; read for the bill
         self._prefilling = True
         self._reads_left = ticket.n if ticket.read_bytes else 0  # choices still reading
+        self._prefill = 0 if ticket.read_bytes else ticket.prefill_tokens  # held in the budget
         self._held = True
 
     @property
@@ -126,27 +135,26 @@ class Lease:
         return RANK[self.ticket.tier]
 
     def read_done(self) -> None:
-        """One choice's stored-KV read ended: its bytes leave the read budget."""
+        """One choice's stored-KV read ended: its bytes leave the read budget and its miss
+        tokens join the PE's queue."""
         if self._reads_left and self._held:
             self._reads_left -= 1
-            self.queue._finish_read(self.ticket.read_bytes)
+            tokens = self.ticket.miss_tokens if self._prefilling else 0
+            self._prefill += tokens
+            self.queue._move(self.rank, -self.ticket.read_bytes, tokens)
 
     def prefill_done(self) -> None:
         if self._prefilling and self._held:
             self._prefilling = False
-            self._finish_reads()
-            self.queue._finish_prefill(self.ticket)
+            reads, self._reads_left = self._reads_left * self.ticket.read_bytes, 0
+            tokens, self._prefill = self._prefill, 0
+            self.queue._move(self.rank, -reads, -tokens)
 
     def release(self) -> None:
         if self._held:
-            self._finish_reads()
+            self.prefill_done()
             self._held = False
-            self.queue._release(self.ticket, self._prefilling)
-            self._prefilling = False
-
-    def _finish_reads(self) -> None:
-        while self._reads_left:
-            self.read_done()
+            self.queue._release(self.ticket)
 
 
 class AdmissionQueue:
@@ -302,34 +310,30 @@ class AdmissionQueue:
     def _start(self, ticket: Ticket, now: float) -> None:
         flight = self.in_flight
         flight.requests += 1
-        flight.prefill_by_rank[RANK[ticket.tier]] += ticket.prefill_tokens
+        lease = Lease(self, ticket, now, self.calendar.window_at(now))
+        flight.prefill_by_rank[RANK[ticket.tier]] += lease._prefill
         flight.read_bytes += ticket.read_bytes * ticket.n
         flight.kv_tokens += ticket.tokens
         flight.seqs += ticket.n
         self.counts["admitted"] += 1
         self.admitted.append(now)
-        lease = Lease(self, ticket, now, self.calendar.window_at(now))
         assert ticket.future is not None
         if ticket.future.done():  # cancelled in the same loop iteration
             lease.release()
         else:
             ticket.future.set_result(lease)
 
-    def _finish_read(self, num_bytes: int) -> None:
-        self.in_flight.read_bytes -= num_bytes
+    def _move(self, rank: int, read_bytes: int, prefill_tokens: int) -> None:
+        """A lease's work moved between the read and the prefill budget (or left both)."""
+        self.in_flight.read_bytes += read_bytes
+        self.in_flight.prefill_by_rank[rank] += prefill_tokens
         self.service()
 
-    def _finish_prefill(self, ticket: Ticket) -> None:
-        self.in_flight.prefill_by_rank[RANK[ticket.tier]] -= ticket.prefill_tokens
-        self.service()
-
-    def _release(self, ticket: Ticket, prefilling: bool) -> None:
+    def _release(self, ticket: Ticket) -> None:
         flight = self.in_flight
         flight.requests -= 1
         flight.kv_tokens -= ticket.tokens
         flight.seqs -= ticket.n
-        if prefilling:
-            flight.prefill_by_rank[RANK[ticket.tier]] -= ticket.prefill_tokens
         self.service()
 
     def _expire(self, now: float) -> None:

@@ -231,6 +231,9 @@ def summarize(mode: str, load: str, jct: float, records: list[TurnRecord], nodes
         "snic_max_avg": round(max(traffic) / mean, 2) if mean else None,
         "read_paths": ",".join(f"{k}:{v}" for k, v in sorted(sched["read_paths"].items())),
         "snic_bytes": {n: t for n, t in zip(nodes, traffic, strict=True)},
+        "snic_read_bytes": {
+            n: (s["snic"] or {}).get("bytes_read_total", 0) for n, s in nodes.items()
+        },
     }
 
 

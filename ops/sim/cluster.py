@@ -56,14 +56,16 @@ class SimCluster:
         self.host = Host(self.loop, c.host_cores, c.background_threads) if c.host_cores else None
         self.plumb_rate = c.kv_plumbing_bytes_per_s or self.copy_rate
         p = scenario.policy
+        forward = p.forward_bytes_per_s or (None if self.copy_rate else c.cnic_bytes_per_s)
         self.policy_config = live_policy.PolicyConfig(
             policy=policy,
             alpha_s=p.alpha_s,
             beta_s=p.beta_s,
             z_factor=p.z_factor,
             **({"prefill_tokens_per_s": p.prefill_tokens_per_s} if p.prefill_tokens_per_s else {}),
+            **({"forward_bytes_per_s": forward} if forward else {}),
         )
-        self.view = ClusterView(c.stale_after_s)
+        self.view = ClusterView(c.stale_after_s, c.planned_ttl_s)
         if scenario.index == "compact":
             self.view.index = CompactIndex()  # type: ignore[assignment]
         cap = None if oracle else c.snic_bytes_per_s

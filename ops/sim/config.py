@@ -97,6 +97,9 @@ class ClusterConfig(Section):
         "(the live view keeps it until a report names the request)",
     )
     stale_after_s: float = Field(default=15.0, gt=0)
+    planned_ttl_s: float = Field(
+        default=30.0, gt=0, description="the view drops planned work no report named by then"
+    )
     expert_parallel: Literal["role", "node", "none"] = Field(
         default="role", description="routed experts sharded over a role's GPUs, a node, or not"
     )
@@ -156,6 +159,13 @@ class PolicySection(Section):
     z_factor: float = 1.05
     prefill_tokens_per_s: float | None = Field(
         default=None, gt=0, description="a PE's rate until measured; None: the live default"
+    )
+    forward_bytes_per_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="the DE -> PE forwarding rate the policy charges a decode-side read "
+        "(scheduler.forward_bytes_per_s); None: the CNIC rate on GPUs (path B's KV crosses "
+        "the CNICs), the live default on a CPU device",
     )
     oracle: bool = Field(default=False, description="also run dualpath with uncapped SNICs")
 

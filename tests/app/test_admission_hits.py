@@ -33,8 +33,32 @@ async def test_mostly_stored_turns_are_admitted_together_while_the_pe_is_idle():
     # 4 x 63 miss tokens fit the 380-token prefill budget, 4 x 29 MB the read budget;
     # charged as whole prompts (4 x 703 tokens) only the first would run
     assert waiters.admitted == turns
-    assert queue.in_flight.prefill_tokens == 4 * 63
-    assert queue.in_flight.read_bytes == 4 * 29 * MB
+    # while they read they are not in the PE's queue; each read done moves its miss tokens
+    assert (queue.in_flight.read_bytes, queue.in_flight.prefill_tokens) == (4 * 29 * MB, 0)
+    for lease in waiters.leases:
+        lease.read_done()
+    assert (queue.in_flight.read_bytes, queue.in_flight.prefill_tokens) == (0, 4 * 63)
+
+
+async def test_a_reading_turn_holds_the_prefill_budget_only_once_its_read_is_done():
+    """Storage and compute overlap: turns still reading do not keep a cold prompt off an
+    idle PE, but once their KV is read their miss tokens are the PE's queue."""
+    queue = make()
+    queue.update_capacity(CAPACITY)
+    waiters = Waiters(queue)
+    reading = agent_turn("agent", hit=640, prompt=1000)  # 360 miss tokens after its read
+    cold, colder = ticket("cold", prompt=200, out=8), ticket("colder", prompt=100, out=8)
+    for t in (reading, cold):
+        waiters.submit(t)
+    await waiters.settle()
+    assert waiters.admitted == [reading, cold]  # the PE holds only the cold prompt
+    waiters.leases[0].read_done()  # 360 + 200 tokens now wait for the PE: 100 more do not fit
+    waiters.submit(colder)
+    await waiters.settle()
+    assert waiters.admitted == [reading, cold]
+    waiters.leases[0].prefill_done()
+    await waiters.settle()
+    assert waiters.admitted == [reading, cold, colder]
 
 
 async def test_a_miss_heavy_turn_still_waits_for_prefill_budget():
