@@ -62,6 +62,11 @@ class ServeBackend:
     async def plan(self, request: PlanRequest) -> Plan:
         return await self._unary(self.scheduler.plan, request)
 
+    def release(self, request_id: str) -> None:
+        """Tell the Scheduler a planned request ended early (not awaited: may run in a
+        cancelled task's cleanup)."""
+        as_own_request(self.scheduler.release, request_id)
+
     async def lookup(self, block_keys: tuple[bytes, ...]) -> StoredPrefix:
         return await self._unary(self.scheduler.lookup, block_keys)
 

@@ -57,13 +57,13 @@ class SchedulerSection(Section):
         default=1000.0, gt=0, description="a PE's rate until it has measured its own"
     )
     forward_bytes_per_s: float = Field(
-        default=3e9, gt=0, description="DE -> PE forwarding rate of KV the decode side read"
+        default=25e9, gt=0, description="DE -> PE forwarding rate of KV the decode side read"
     )
     tie_fraction: float = Field(
         default=0.1, ge=0, lt=1, description="read sides this close in finish time alternate"
     )
     planned_ttl_s: float = Field(
-        default=30.0, gt=0, description="planned work no report confirms is dropped after"
+        default=60.0, gt=0, description="planned work no report confirms is dropped after"
     )
 
     def policy_config(self) -> PolicyConfig:

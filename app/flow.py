@@ -42,6 +42,8 @@ class Backend(Protocol):
 
     async def lookup(self, block_keys: tuple[bytes, ...]) -> StoredPrefix: ...
 
+    def release(self, request_id: str) -> None: ...  # fire and forget: plan no longer needed
+
     async def load(self, node: str, keys: Sequence[bytes], request_id: str = "") -> list[Any]: ...
 
     def prefill(self, node: str, job: PrefillJob) -> AsyncIterator[RequestOutput | KVHandoff]: ...
@@ -92,6 +94,7 @@ async def run_request(
     ctx = trace.set_span_in_context(choice)
     current = choice  # the innermost open span: a failure is recorded there
     retries = _Retries(request_id, model.max_retries)
+    decoding = False
     try:
         keys = chain_keys(root_key(model.model_id, salt), prompt, model.block_size)
         while True:  # up to the first token, a lost replica restarts the choice
@@ -171,6 +174,7 @@ async def run_request(
             try:
                 async with contextlib.aclosing(backend.decode(plan.decode_node, djob)) as outputs:
                     async for output in outputs:
+                        decoding = True  # the DE has it: its reports retire the plan
                         _raise_on_failure(output)
                         output.num_cached_tokens = cached
                         emitted += output.new_token_ids
@@ -189,6 +193,8 @@ async def run_request(
         tracing.fail(current, exc)  # GeneratorExit / CancelledError: the client left
         raise
     finally:
+        if not decoding:  # ended before its DE took it: what was planned for it is void
+            backend.release(request_id)
         tracing.end(current)
         tracing.end(choice)
 

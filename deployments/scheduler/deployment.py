@@ -27,7 +27,7 @@ class Scheduler:
         stale_after_s: float = 15.0,
         policy: PolicyConfig | None = None,
         tracing_section: TracingSection | None = None,
-        planned_ttl_s: float = 30.0,
+        planned_ttl_s: float = 60.0,
     ):
         if tracing_section is not None:
             tracing.setup_tracing(tracing_section, "dualpath.scheduler")
@@ -64,6 +64,11 @@ class Scheduler:
                 self.read_blocks[node] = self.read_blocks.get(node, 0) + blocks
         self.metrics.inc("dualpath_read_path_total", path=result.read_path)
         return result
+
+    async def release(self, request_id: str) -> None:
+        """A request ended before reaching its engines or SNICs (finished at its first token,
+        failed, cancelled): what was planned for it leaves the view now, not at its TTL."""
+        self.view.forget_request(request_id)
 
     async def lookup(self, block_keys: tuple[bytes, ...]) -> StoredPrefix:
         """How much of a prompt is stored, for admission (touches nothing)."""

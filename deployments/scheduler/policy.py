@@ -54,7 +54,7 @@ class PolicyConfig:
     z_factor: float = 1.05  # the DE high-token threshold over the group mean
     prefill_tokens_per_s: float = 1000.0  # a PE's rate until it reports a measured one
     snic_bytes_per_s: float = 1e9  # an uncapped SNIC's rate until one is measured
-    forward_bytes_per_s: float = 3e9  # DE -> PE forwarding of KV the decode side read
+    forward_bytes_per_s: float = 25e9  # DE -> PE forwarding of KV the decode side read
     tie_fraction: float = 0.1  # read sides this close in finish time count as equal
 
 
@@ -153,7 +153,8 @@ def _holders(
     alone = view.index.longest_prefix(keys, None, {pe})
     if alone == len(keys):
         return {}
-    reach = {e.node_id: view.index.longest_prefix(keys, None, {pe, e.node_id}) for e in des}
+    nodes = {e.node_id for e in des} - {pe}
+    reach = {node: view.index.longest_prefix(keys, None, {pe, node}) for node in nodes}
     block_size = prefill.report.block_size
     return {node: (n - alone) * block_size for node, n in reach.items() if n > alone}
 

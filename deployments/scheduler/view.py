@@ -113,7 +113,7 @@ class NodeState:
 
 
 class ClusterView:
-    def __init__(self, stale_after_s: float = 15.0, planned_ttl_s: float = 30.0):
+    def __init__(self, stale_after_s: float = 15.0, planned_ttl_s: float = 60.0):
         self.stale_after_s = stale_after_s
         self.planned_ttl_s = planned_ttl_s  # planned work no report confirmed expires then
         self.engines: dict[str, EngineState] = {}

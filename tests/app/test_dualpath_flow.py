@@ -61,6 +61,7 @@ class ClusterBackend:
         self.view = ClusterView()
         self.force: str | None = None  # read path to force: "none", "pe", "de", "split"
         self.plans: list[Plan] = []
+        self.released: list[str] = []  # plans dropped before the DE took them
 
     async def plan(self, request: PlanRequest) -> Plan:
         for server in (self.prefill_server, self.decode_server):
@@ -75,6 +76,9 @@ class ClusterBackend:
             plan = dataclasses.replace(plan, num_hit_blocks=hits, de_read_blocks=de)
         self.plans.append(plan)
         return plan
+
+    def release(self, request_id: str) -> None:
+        self.released.append(request_id)
 
     async def lookup(self, block_keys) -> StoredPrefix:
         return StoredPrefix(self.view.index.longest_prefix(block_keys))

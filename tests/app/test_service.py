@@ -40,11 +40,15 @@ class LocalBackend:
     def __init__(self, prefill: PrefillServer, decode: DecodeServer):
         self.prefill_server, self.decode_server = prefill, decode
         self.view = ClusterView()
+        self.released: list[str] = []  # plans dropped before the DE took them
 
     async def plan(self, request: PlanRequest) -> Plan:
         for server in (self.prefill_server, self.decode_server):
             self.view.update(server.load_report())
         return plan_and_note(request, self.view, time.time())
+
+    def release(self, request_id: str) -> None:
+        self.released.append(request_id)
 
     async def lookup(self, block_keys) -> StoredPrefix:
         return StoredPrefix()

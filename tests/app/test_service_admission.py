@@ -35,9 +35,13 @@ class GatedEngines:
         self.arrived: list[PrefillJob] = []
         self.gates: dict[str, asyncio.Event] = {}
         self.stored = StoredPrefix()  # what the cluster index holds of every prompt
+        self.released: list[str] = []  # plans dropped before the DE took them
 
     async def plan(self, request: PlanRequest) -> Plan:
         return Plan(request.request_id, "pe", "de", "n0", "n0")
+
+    def release(self, request_id: str) -> None:
+        self.released.append(request_id)
 
     async def lookup(self, block_keys) -> StoredPrefix:
         return self.stored
@@ -188,3 +192,5 @@ async def test_turns_whose_prompt_is_stored_are_admitted_together(setup):
         await asyncio.sleep(0.01)
     await asyncio.gather(*cold)
     assert (queue.in_flight.requests, queue.in_flight.read_bytes) == (0, 0)
+    # each ended at its first token, never reaching a DE: its plan is released at once
+    assert sorted(engines.released) == sorted(job.request_id for job in engines.arrived)
