@@ -72,6 +72,7 @@ COLUMNS = [
     "ttft_p50_ms",
     "ttft_p99_ms",
     "tpot_p50_ms",
+    "queue_ms",
     "sched_ms",
     "read_ms",
     "prefill_ms",
@@ -222,6 +223,7 @@ def summarize(mode: str, load: str, jct: float, records: list[TurnRecord], nodes
         "ttft_p50_ms": round(_pct([r.ttft_s for r in warm], 0.5) * 1e3, 1),
         "ttft_p99_ms": round(_pct([r.ttft_s for r in warm], 0.99) * 1e3, 1),
         "tpot_p50_ms": round(_pct([r.tpot_s for r in records if r.tpot_s], 0.5) * 1e3, 1),
+        "queue_ms": round(timing("queue_ms"), 1),  # admission wait
         "sched_ms": round(timing("schedule_ms"), 1),
         "read_ms": round(timing("kv_read_ms"), 1),
         "prefill_ms": round(timing("prefill_ms"), 1),
@@ -231,6 +233,7 @@ def summarize(mode: str, load: str, jct: float, records: list[TurnRecord], nodes
         "snic_max_avg": round(max(traffic) / mean, 2) if mean else None,
         "read_paths": ",".join(f"{k}:{v}" for k, v in sorted(sched["read_paths"].items())),
         "snic_bytes": {n: t for n, t in zip(nodes, traffic, strict=True)},
+        "read_blocks": sched.get("read_blocks", {}),  # planned per node
         "snic_read_bytes": {
             n: (s["snic"] or {}).get("bytes_read_total", 0) for n, s in nodes.items()
         },

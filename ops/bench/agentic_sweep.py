@@ -65,6 +65,7 @@ COLUMNS = [  # (row key, table header)
     ("snic_max_avg", "SNIC max/avg"),
     ("hit_rate", "hit rate"),
     ("ttft_p50_ms", "TTFT p50 ms"),
+    ("queue_ms", "queue ms"),
     ("sched_ms", "sched ms"),
     ("read_ms", "KV read ms"),
     ("prefill_ms", "prefill ms"),
