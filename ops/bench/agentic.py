@@ -59,6 +59,7 @@ logger = logging.getLogger(__name__)
 APP = "dualpath-agentic"
 MODEL = "bench-model"
 NODES = ("pnode", "dnode0", "dnode1")
+KV_COUNTERS = ("read_timeouts", "blocks_from_write_buffer", "corrupt_or_missing", "persist_dropped")
 # The default trace shape (docs/BENCHMARKS.md's table; the sweep's `default` shape).
 DEFAULT_SHAPE = {"agents": 4, "turns": 6, "context": 1024, "append": 128, "gen": 8}
 DEFAULT_KV_CACHE_MIB = 160
@@ -208,10 +209,9 @@ def _pct(values: list[float], q: float) -> float:
 
 def summarize(mode: str, load: str, jct: float, records: list[TurnRecord], nodes, sched) -> dict:
     warm = [r for r in records if r.turn > 0]  # turn 0 is cold by construction
+    snic = {n: s["snic"] or {} for n, s in nodes.items()}
     traffic = [
-        (s["snic"] or {}).get("bytes_read_total", 0)
-        + (s["snic"] or {}).get("bytes_written_total", 0)
-        for s in nodes.values()
+        s.get("bytes_read_total", 0) + s.get("bytes_written_total", 0) for s in snic.values()
     ]
     mean = statistics.mean(traffic) if traffic else 0
     timing = lambda k: statistics.median(r.timings.get(k, 0.0) for r in warm) if warm else 0.0  # noqa: E731
@@ -234,9 +234,8 @@ def summarize(mode: str, load: str, jct: float, records: list[TurnRecord], nodes
         "read_paths": ",".join(f"{k}:{v}" for k, v in sorted(sched["read_paths"].items())),
         "snic_bytes": {n: t for n, t in zip(nodes, traffic, strict=True)},
         "read_blocks": sched.get("read_blocks", {}),  # planned per node
-        "snic_read_bytes": {
-            n: (s["snic"] or {}).get("bytes_read_total", 0) for n, s in nodes.items()
-        },
+        "kv": {n: {k: (s["kvstore"] or {}).get(k) for k in KV_COUNTERS} for n, s in nodes.items()},
+        "snic_read_bytes": {n: s.get("bytes_read_total", 0) for n, s in snic.items()},
     }
 
 
