@@ -139,8 +139,8 @@ class KVStoreSection(Section):
     read_timeout_s: float | None = Field(
         default=10.0,
         gt=0,
-        description="a stored-KV load waits at most this long for its next block (a stalled "
-        "disk); the blocks not read by then are recomputed (None: wait)",
+        description="a stored-KV load waits this long at most (a stalled or slow disk); the "
+        "blocks not read by then are recomputed (None: wait)",
     )
     load_failure: Literal["recompute", "fail"] = Field(
         default="recompute",

@@ -92,10 +92,9 @@ class TieredStore(Generic[V]):
         on_queued: Callable[[], None] | None = None,
     ) -> list[V]:
         """The longest servable prefix of `keys`, as DRAM handles, in order. Once `cancel`
-        is set (the request is gone), or no block has arrived for `read_timeout_s` (a
-        stalled disk), it stops waiting and drops its reads still queued on the SNIC,
-        returning what it has (the rest is recomputed). `on_queued` runs once its reads are
-        on the SNIC's queue."""
+        is set (the request is gone), or `read_timeout_s` has passed (a stalled disk), it
+        stops waiting and drops its reads still queued on the SNIC, returning what it has
+        (the rest is recomputed). `on_queued` runs once its reads are on the SNIC's queue."""
         handles: list[V | None] = []
         reads: dict[int, Future[torch.Tensor | None]] = {}
         known: dict[int, bool] = {}
@@ -124,14 +123,10 @@ class TieredStore(Generic[V]):
         if on_queued is not None:
             on_queued()
         out: list[V] = []
-        timeout = self.read_timeout_s
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if self.read_timeout_s is None else time.monotonic() + self.read_timeout_s
         for i, handle in enumerate(handles):
             if handle is None:
                 block = _result(reads.pop(i), cancel, deadline)
-                # NOTE: the timeout is on progress: a long read through a slow (capped) SNIC
-                # that keeps delivering blocks is worth its wait, a stalled one is not
-                deadline = None if timeout is None else time.monotonic() + timeout
                 if block is _CANCELLED or block is _TIMED_OUT:
                     reason = "loads_cancelled" if block is _CANCELLED else "read_timeouts"
                     with self._lock:
