@@ -50,15 +50,15 @@ def cluster(serve_port, model_dir, tmp_path_factory):
     serve.delete(APP3)
 
 
-def _stats() -> tuple[dict, dict[str, int]]:
+async def _stats() -> tuple[dict, dict[str, int]]:
     from ray import serve
 
-    sched = serve.get_deployment_handle("Scheduler", APP3).stats.remote().result()
-    snic = {
-        n: serve.get_deployment_handle(f"TrafficManager-{n}", APP3).stats.remote().result()["snic"]
-        for n in NODES
-    }
-    return sched, {n: s["bytes_read_total"] for n, s in snic.items()}
+    sched = await serve.get_deployment_handle("Scheduler", APP3).stats.remote()
+    read = {}
+    for n in NODES:
+        tm = await serve.get_deployment_handle(f"TrafficManager-{n}", APP3).stats.remote()
+        read[n] = tm["snic"]["bytes_read_total"]
+    return sched, read
 
 
 def test_concurrent_turns_with_equal_hits_read_on_both_sides(cluster):
@@ -71,7 +71,7 @@ def test_concurrent_turns_with_equal_hits_read_on_both_sides(cluster):
             extra_body={"ignore_eos": True, "return_token_ids": True},
         )  # fmt: skip
 
-    async def both_turns() -> tuple[tuple[dict, dict[str, int]], list]:
+    async def both_turns() -> tuple[tuple[dict, dict[str, int]], list, tuple[dict, dict]]:
         firsts = await asyncio.gather(*(turn(p) for p in prompts))
         nexts = [
             p + r.choices[0].model_extra["token_ids"] + [7] * 40
@@ -80,15 +80,15 @@ def test_concurrent_turns_with_equal_hits_read_on_both_sides(cluster):
         # every turn-1 block is on NVMe (no write pending): equal hits, an idle cluster
         full = AGENTS * (CONTEXT // BLOCK)
         deadline = time.time() + 60
-        while _stats()[0]["index"]["nvme_blocks"] < full:
+        while (await _stats())[0]["index"]["nvme_blocks"] < full:
             assert time.time() < deadline, "turn 1's blocks never reached NVMe"
             await asyncio.sleep(0.2)
         await asyncio.sleep(1.0)  # the engines' reports show them idle again
-        before = _stats()
-        return before, await asyncio.gather(*(turn(p) for p in nexts))
+        before = await _stats()
+        seconds = await asyncio.gather(*(turn(p) for p in nexts))
+        return before, seconds, await _stats()
 
-    (sched0, read0), seconds = asyncio.run(both_turns())
-    sched, read = _stats()
+    (sched0, read0), seconds, (sched, read) = asyncio.run(both_turns())
     paths = {k: v - sched0["read_paths"].get(k, 0) for k, v in sched["read_paths"].items()}
     assert sum(paths.values()) == AGENTS
     assert paths.get("pe", 0) >= 1 and paths.get("de", 0) + paths.get("split", 0) >= 1, paths
