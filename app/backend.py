@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -25,6 +26,7 @@ from deployments.protocol import (
 )
 from engine.output import RequestOutput
 
+logger = logging.getLogger(__name__)
 NodeHandles = dict[str, DeploymentHandle]  # "prefill" / "decode" / "traffic" -> handle
 
 
@@ -65,7 +67,10 @@ class ServeBackend:
     def release(self, request_id: str) -> None:
         """Tell the Scheduler a planned request ended early (not awaited: may run in a
         cancelled task's cleanup)."""
-        as_own_request(self.scheduler.release, request_id)
+        try:
+            as_own_request(self.scheduler.release, request_id)
+        except Exception:  # shutting down: the plan expires by its TTL instead
+            logger.debug("could not release the plan of %s", request_id, exc_info=True)
 
     async def lookup(self, block_keys: tuple[bytes, ...]) -> StoredPrefix:
         return await self._unary(self.scheduler.lookup, block_keys)
