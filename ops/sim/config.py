@@ -98,7 +98,9 @@ class ClusterConfig(Section):
     )
     stale_after_s: float = Field(default=15.0, gt=0)
     planned_ttl_s: float = Field(
-        default=30.0, gt=0, description="the view drops planned work no report named by then"
+        default=60.0,
+        gt=0,
+        description="the view drops planned work no report named by then (live default)",
     )
     expert_parallel: Literal["role", "node", "none"] = Field(
         default="role", description="routed experts sharded over a role's GPUs, a node, or not"
