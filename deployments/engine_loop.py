@@ -23,7 +23,7 @@ from typing import Any
 from opentelemetry.context import Context
 
 from deployments import tracing
-from deployments.protocol import ARRIVED_WINDOW_S
+from deployments.protocol import RecentIds
 from engine.core import EngineCore
 from engine.output import RequestOutput
 from engine.sequence import SequenceStatus
@@ -102,7 +102,7 @@ class EngineLoop:
         self.num_steps = 0
         self.busy_s = 0.0  # time spent in steps
         self.tokens_computed = 0  # tokens those steps computed (prefill chunks + decodes)
-        self._arrived: deque[tuple[float, str]] = deque()  # (time, request id), recent first-in
+        self._arrived = RecentIds()  # requests taken in: the reports' arrived_ids
         self.load: dict[str, Any] = self._measure_load()
 
     # ------------------------------------------------------------------ caller side
@@ -165,7 +165,7 @@ class EngineLoop:
     def _enqueue(self, admission: _Admission) -> None:
         self._streams[admission.request_id] = admission.stream
         self._waiting.append(admission)
-        self._arrived.append((time.time(), admission.request_id))
+        self._arrived.note(admission.request_id, time.time())
 
     def _admit_waiting(self) -> None:
         while self._waiting:
@@ -261,9 +261,6 @@ class EngineLoop:
     def _measure_load(self) -> dict[str, Any]:
         """The engine's load as the next LoadReport carries it. `arrived_ids` are the requests
         taken in recently: each is counted in these figures (or finished already)."""
-        horizon = time.time() - ARRIVED_WINDOW_S
-        while self._arrived and self._arrived[0][0] < horizon:
-            self._arrived.popleft()
         engine = self.engine
         sched = engine.scheduler
         queued = sum(a.num_tokens for a in self._waiting)
@@ -278,5 +275,5 @@ class EngineLoop:
             "num_waiting": len(sched.waiting) + len(self._waiting),
             "num_free_blocks": engine.block_manager.num_free_blocks,
             "num_total_blocks": engine.block_manager.num_blocks,
-            "arrived_ids": tuple(request_id for _, request_id in self._arrived),
+            "arrived_ids": self._arrived.within(time.time()),
         }

@@ -20,6 +20,8 @@ Jobs carry `target_replica` (the replica the Scheduler chose) and node reports c
 
 from __future__ import annotations
 
+import threading
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -33,6 +35,31 @@ Role = Literal["prefill", "decode"]
 # how long an engine (node) keeps naming a request it took in (whose reads it started) in
 # its reports: long enough that a report or two lost on the way does not matter
 ARRIVED_WINDOW_S = 10.0
+
+
+class RecentIds:
+    """Request ids with the time each was first noted; `within(now)` names those of the last
+    `window_s` seconds, oldest first, and forgets the older ones. What an engine reports as
+    `arrived_ids` and a node as `started_ids`; safe to share between threads."""
+
+    def __init__(self, window_s: float = ARRIVED_WINDOW_S):
+        self.window_s = window_s
+        self._noted: deque[tuple[float, str]] = deque()  # in time order
+        self._ids: set[str] = set()
+        self._lock = threading.Lock()
+
+    def note(self, request_id: str, now: float) -> None:
+        with self._lock:
+            if request_id not in self._ids:
+                self._ids.add(request_id)
+                self._noted.append((now, request_id))
+
+    def within(self, now: float) -> tuple[str, ...]:
+        with self._lock:
+            noted = self._noted
+            while noted and noted[0][0] < now - self.window_s:
+                self._ids.discard(noted.popleft()[1])
+            return tuple(request_id for _, request_id in noted)
 
 
 ReadPath = Literal["none", "pe", "de", "split"]

@@ -17,14 +17,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
 import torch
 
-from deployments.protocol import ARRIVED_WINDOW_S, NodeReport, TransferStats
+from deployments.protocol import NodeReport, RecentIds, TransferStats
 from engine.output import SequenceKV
 from kvstore.index import IndexEvent
 from kvstore.store import TieredStore
@@ -147,8 +146,7 @@ class TrafficManager:
         self.node_id = node_id
         self.store = store
         self.engines: dict[str, TransferStats] = {}
-        self._started: deque[tuple[float, str]] = deque()  # (time, request id) of loads
-        self._started_lock = threading.Lock()
+        self._started = RecentIds()  # loads whose reads are on the SNIC: started_ids
 
     def load(
         self,
@@ -162,21 +160,13 @@ class TrafficManager:
         so the Scheduler stops counting them as only planned."""
         if self.store is None or not keys:
             if request_id is not None:
-                self._note_started(request_id)
+                self._started.note(request_id, time.time())
             return []
-        queued = None if request_id is None else lambda: self._note_started(request_id)
-        return self.store.load(keys, cancel, on_queued=queued)
-
-    def _note_started(self, request_id: str) -> None:
-        with self._started_lock:
-            self._started.append((time.time(), request_id))
-
-    def _started_ids(self) -> tuple[str, ...]:
-        horizon = time.time() - ARRIVED_WINDOW_S
-        with self._started_lock:
-            while self._started and self._started[0][0] < horizon:
-                self._started.popleft()
-            return tuple(request_id for _, request_id in self._started)
+        if request_id is None:
+            return self.store.load(keys, cancel)
+        return self.store.load(
+            keys, cancel, on_queued=lambda: self._started.note(request_id, time.time())
+        )
 
     def persist(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:
         """Store full blocks (DRAM now, NVMe in the background); returns how many were new."""
@@ -186,7 +176,7 @@ class TrafficManager:
 
     def node_report(self, full_sync: bool = False) -> NodeReport:
         # NOTE: ids before the SNIC snapshot: a load named here has its reads in that snapshot
-        started = self._started_ids()
+        started = self._started.within(time.time())
         snic = self.store.snic.metrics() if self.store is not None else None
         events: list[IndexEvent] = []
         if self.store is not None:

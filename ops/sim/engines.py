@@ -27,9 +27,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from deployments.protocol import ARRIVED_WINDOW_S, LoadReport
+from deployments.protocol import ARRIVED_WINDOW_S, LoadReport, RecentIds
 from engine.cost_model import PrefillCostModel, attention_work
-from ops.sim.events import EventLoop, Host, RecentIds
+from ops.sim.events import EventLoop, Host
 from ops.sim.metrics import TurnRecord
 from ops.sim.perf import PerfModel
 

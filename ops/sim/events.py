@@ -6,8 +6,6 @@ Link        a GPU's compute NIC: a rate and a byte counter.
 Host        processor sharing of one CPU host's cores among its busy engines: the
             one-machine emulated cluster runs 3 engine threads on 2 cores, next to the
             rest of the app (`background_cores`). GPU engines have no host.
-RecentIds   request ids noted in the last few seconds: what an engine names in its
-            LoadReport's `arrived_ids`, a node in its NodeReport's `started_ids`.
 """
 
 from __future__ import annotations
@@ -15,7 +13,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -139,24 +136,3 @@ class Host:
         self._rerate(now, before, None)
         for callback in callbacks:
             callback()
-
-
-class RecentIds:
-    """Request ids with the time each was first noted; `within(now)` names those of the last
-    `window_s` seconds, oldest first, and forgets the older ones for good."""
-
-    def __init__(self, window_s: float):
-        self.window_s = window_s
-        self._noted: deque[tuple[float, str]] = deque()  # time order: sim time only grows
-        self._ids: set[str] = set()
-
-    def note(self, request_id: str, now: float) -> None:
-        if request_id not in self._ids:
-            self._ids.add(request_id)
-            self._noted.append((now, request_id))
-
-    def within(self, now: float) -> tuple[str, ...]:
-        noted = self._noted
-        while noted and noted[0][0] < now - self.window_s:
-            self._ids.discard(noted.popleft()[1])
-        return tuple(request_id for _, request_id in noted)

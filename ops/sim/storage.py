@@ -19,9 +19,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import overload
 
-from deployments.protocol import ARRIVED_WINDOW_S, NodeReport
+from deployments.protocol import ARRIVED_WINDOW_S, NodeReport, RecentIds
 from kvstore.index import IndexEntry, IndexEvent
-from ops.sim.events import EventLoop, RecentIds
+from ops.sim.events import EventLoop
 
 READ, WRITE = 0, 1
 _KEY = struct.Struct("<QI")

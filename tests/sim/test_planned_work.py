@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import math
 
-from deployments.protocol import ARRIVED_WINDOW_S, LoadReport
+from deployments.protocol import ARRIVED_WINDOW_S, LoadReport, RecentIds
 from ops.sim.cluster import SimCluster
 from ops.sim.config import Scenario
 from ops.sim.engines import PrefillTask
-from ops.sim.events import RecentIds
 from ops.sim.metrics import TurnRecord
 from ops.sim.runner import build_agents, check_conservation, run_once
 from tests.sim.conftest import small_scenario
