@@ -59,6 +59,11 @@ logger = logging.getLogger(__name__)
 APP = "dualpath-agentic"
 MODEL = "bench-model"
 NODES = ("pnode", "dnode0", "dnode1")
+LAYOUT = (  # what _deploy runs, as every report states it
+    "one machine emulating 3 logical nodes: pnode (1 PE), dnode0 and dnode1 (1 DE each), one "
+    "thread per engine; every node's SNIC capped at {snic_mbps} MB/s (oracle: uncapped); KV "
+    "store without DRAM cache, NVMe tier in a temp directory"
+)
 KV_COUNTERS = ("read_timeouts", "blocks_from_write_buffer", "corrupt_or_missing", "persist_dropped")
 # The default trace shape (docs/BENCHMARKS.md's table; the sweep's `default` shape).
 DEFAULT_SHAPE = {"agents": 4, "turns": 6, "context": 1024, "append": 128, "gen": 8}
@@ -359,11 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         **machine_info(),
         "args": {k: str(v) for k, v in vars(args).items()},
-        "layout": (
-            "one machine emulating 3 logical nodes: pnode (1 PE), dnode0 and dnode1 (1 DE "
-            f"each), one thread per engine; every node's SNIC capped at {args.snic_mbps} MB/s "
-            "(oracle: uncapped); KV store without DRAM cache, NVMe tier in a temp directory"
-        ),
+        "layout": LAYOUT.format(snic_mbps=args.snic_mbps),
         "trace": (
             f"{args.agents} agents x {args.turns} turns, {args.context} context tokens, "
             f"~{args.append} appended and ~{args.gen} generated per turn, JCT after "

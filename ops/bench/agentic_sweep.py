@@ -292,15 +292,13 @@ def write_sweep(
     overrides: dict[str, int],
 ) -> Path:
     """bench-results/<name>.json (meta, per-shape verdicts, rows) and <name>.png."""
+    from ops.bench.agentic import LAYOUT
+
     grouped = _by_shape(shapes, rows)
     meta = {
         **machine_info(),
         "args": {k: str(v) for k, v in vars(args).items()},
-        "layout": (
-            "one machine emulating 3 logical nodes: pnode (1 PE), dnode0 and dnode1 (1 DE "
-            f"each), one thread per engine; every node's SNIC capped at {args.snic_mbps} MB/s "
-            "(oracle: uncapped); KV store without DRAM cache, NVMe tier in a temp directory"
-        ),
+        "layout": LAYOUT.format(snic_mbps=args.snic_mbps),
         "warmup_turns": args.warmup_turns,
         "overrides": overrides,
         "targets": {**TARGETS, "storage_bound_x": STORAGE_BOUND_X},
