@@ -113,15 +113,15 @@ async def run_request(
                     span.set_attributes(_plan_attributes(plan))
                 planned = time.perf_counter()
                 with tracing.span("kv.load", parent=ctx, hit_blocks=plan.num_hit_blocks) as span:
-                    handles, de_blocks = await _load(backend, plan, keys, model.load_failure)
-                    span.set_attributes({"loaded_blocks": len(handles), "de_blocks": de_blocks})
+                    handles, num_de_blocks = await _load(backend, plan, keys, model.load_failure)
+                    span.set_attributes({"loaded_blocks": len(handles), "num_de_blocks": num_de_blocks})  # noqa: E501
                 if on_loaded is not None:  # once per choice, retries or not
                     on_loaded()
                     on_loaded = None
                 loaded = time.perf_counter()
                 # NOTE: spans that outlive a `yield` are never made current (see tracing.span)
                 current = tracing.start_span("prefill", ctx, replica=plan.prefill_replica)
-                job = _prefill_job(plan, prompt, params, salt, priority, keys, handles, de_blocks)
+                job = _prefill_job(plan, prompt, params, salt, priority, keys, handles, num_de_blocks)  # noqa: E501
                 from_pe = backend.prefill(plan.prefill_node, replace(job, trace=carrier(current)))
                 try:
                     first = await anext(from_pe)
@@ -164,7 +164,7 @@ async def run_request(
             salt,
             handoff,
             plan.decode_replica,
-            prefix_blocks=tuple(handles[: handoff.first_block]) if handoff else (),
+            prefix_blocks=tuple(handles[: handoff.num_de_blocks]) if handoff else (),
             num_stored_blocks=len(handles),
             emitted=() if handoff else tuple(emitted),
             trace=carrier(current),
@@ -254,7 +254,7 @@ def _prefill_job(
     priority: int,
     keys: list[bytes],
     handles: list[Any],
-    de_blocks: int,
+    num_de_blocks: int,
 ) -> PrefillJob:
     return PrefillJob(
         plan.request_id,
@@ -264,7 +264,7 @@ def _prefill_job(
         plan.prefill_replica,
         prefix_blocks=tuple(handles),
         prefix_keys=tuple(keys[: len(handles)]),
-        decode_has_blocks=de_blocks,
+        num_de_blocks=num_de_blocks,
         priority=priority,
     )
 
@@ -275,7 +275,7 @@ def _plan_attributes(plan: Plan) -> dict[str, Any]:
         "prefill_replica": plan.prefill_replica,
         "decode_replica": plan.decode_replica,
         "hit_blocks": plan.num_hit_blocks,
-        "de_read_blocks": plan.de_read_blocks,
+        "num_de_blocks": plan.num_de_blocks,
     }
 
 
@@ -283,7 +283,7 @@ async def _load(
     backend: Backend, plan: Plan, keys: list[bytes], policy: str = "recompute"
 ) -> tuple[list[Any], int]:
     """Read the plan's hit blocks on both sides at once: the DE side reads the first
-    `de_read_blocks`, the PE side the rest. Returns the DRAM handles of the longest
+    `num_de_blocks`, the PE side the rest. Returns the DRAM handles of the longest
     contiguous prefix that arrived and how many of them the DE side holds.
 
     NOTE: a block missing or corrupt on either side ends the prefix there: the PE
@@ -292,7 +292,7 @@ async def _load(
     """
     if plan.num_hit_blocks == 0:
         return [], 0
-    split = plan.de_read_blocks
+    split = plan.num_de_blocks
 
     async def read(side: str, node: str, part: list[bytes]) -> list[Any]:
         if not part:

@@ -97,9 +97,9 @@ class Plan:
     """Who serves a request, and who reads its stored KV.
 
     Hit blocks are `[0, num_hit_blocks)` of the prompt. The decode side reads the first
-    `de_read_blocks` of them through its node's SNIC, the prefill side reads the rest, so the
-    PE always ends up with all hit KV and the DE already holds `[0, de_read_blocks)`:
-    read_path "pe" has de_read_blocks = 0, "de" has de_read_blocks = num_hit_blocks.
+    `num_de_blocks` of them through its node's SNIC, the prefill side reads the rest, so the
+    PE always ends up with all hit KV and the DE already holds `[0, num_de_blocks)`:
+    read_path "pe" has num_de_blocks = 0, "de" has num_de_blocks = num_hit_blocks.
     """
 
     request_id: str
@@ -109,23 +109,23 @@ class Plan:
     decode_node: str = ""
     read_path: ReadPath = "none"
     num_hit_blocks: int = 0
-    de_read_blocks: int = 0
+    num_de_blocks: int = 0
 
     @property
     def pe_read_blocks(self) -> int:
-        return self.num_hit_blocks - self.de_read_blocks
+        return self.num_hit_blocks - self.num_de_blocks
 
 
 @dataclass(frozen=True, slots=True)
 class PrefillJob:
     request_id: str
-    token_ids: list[int]  # the whole prompt
+    prompt_token_ids: list[int]  # the whole prompt
     params: SamplingParams  # the PE samples the first token with them
     tenant_salt: bytes
     target_replica: str | None = None
     prefix_blocks: tuple[Any, ...] = ()  # DRAM handles of the hit blocks [0, n), in order
     prefix_keys: tuple[bytes, ...] = ()  # their keys (checked against the prompt's chain)
-    decode_has_blocks: int = 0  # leading blocks the DE holds already: not sent back
+    num_de_blocks: int = 0  # leading blocks the DE holds already: not sent back
     priority: int = 0  # the PE prefills lower values first (service tier rank)
     trace: dict[str, str] = field(default_factory=dict)
 
@@ -143,7 +143,7 @@ class KVHandoff:
     block_keys: list[bytes]
     output_token_ids: list[int]
     descriptor: KVDescriptor
-    first_block: int  # the descriptor's data starts at this block of the prompt
+    num_de_blocks: int  # the descriptor's data starts at this block of the prompt
     prefill_s: float  # engine time from admission to the first token
     send_s: float  # time to hand the layers to the transport
 
@@ -156,7 +156,7 @@ class DecodeJob:
     tenant_salt: bytes
     handoff: KVHandoff | None
     target_replica: str | None = None
-    prefix_blocks: tuple[Any, ...] = ()  # DRAM handles of blocks [0, handoff.first_block)
+    prefix_blocks: tuple[Any, ...] = ()  # DRAM handles of blocks [0, handoff.num_de_blocks)
     num_stored_blocks: int = 0  # leading blocks already in the KV store: not persisted again
     # no handoff (the PE or a DE was lost): output tokens the client already has; the DE
     # recomputes the KV of prompt + these and continues after them

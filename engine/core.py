@@ -96,7 +96,7 @@ class EngineCore(KVHandoffMixin):
             params: sampling parameters (defaults: temperature 1, max_tokens 256).
             tenant_salt: enters every block key, so tenants never share cached KV.
             kv: KV already computed elsewhere for a prefix of the prompt (PD handoff); its
-                blocks before `kv.first_block` come from `prefix`. `kv.data` None (transfer
+                blocks before `kv.num_de_blocks` come from `prefix`. `kv.data` None (transfer
                 failed): resume from its tokens, recomputing the KV.
             prefix: stored KV of the prompt's leading full blocks (those blocks are not
                 computed).
@@ -125,12 +125,12 @@ class EngineCore(KVHandoffMixin):
         params: SamplingParams | None = None,
         tenant_salt: bytes = b"",
         prefix: PrefixKV | None = None,
-        send_from_block: int = 0,
+        num_de_blocks: int = 0,
         priority: int = 0,
     ) -> None:
         """Queue the PE side of a PD request: prefill the prompt, sample the first token with
         the request's own params, then stop. That output carries `kv` (the prompt's KV from
-        block `send_from_block` on and the first token) unless
+        block `num_de_blocks` on and the first token) unless
         the request already finished; `add_request(..., kv=...)` on the decode engine
         continues exactly as one engine. `prefix`: stored KV of leading blocks (not computed).
         `priority`: lower values are prefilled first (the ingress's service tiers).
@@ -143,7 +143,7 @@ class EngineCore(KVHandoffMixin):
             None,
             prefill_only=True,
             prefix=prefix,
-            send_from_block=send_from_block,
+            num_de_blocks=num_de_blocks,
             priority=priority,
         )
 
@@ -156,7 +156,7 @@ class EngineCore(KVHandoffMixin):
         kv: SequenceKV | None,
         prefill_only: bool,
         prefix: PrefixKV | None = None,
-        send_from_block: int = 0,
+        num_de_blocks: int = 0,
         persist_from_block: int | None = None,
         priority: int = 0,
     ) -> None:
@@ -168,7 +168,7 @@ class EngineCore(KVHandoffMixin):
             params=params,
             root_key=root_key(self.model_id, tenant_salt),
             prefill_only=prefill_only,
-            send_from_block=send_from_block,
+            num_de_blocks=num_de_blocks,
             persist_from_block=persist_from_block,
             priority=priority,
         )
@@ -290,7 +290,7 @@ class EngineCore(KVHandoffMixin):
 
     def _hand_off(self, seq: Sequence) -> SequenceKV:
         """Export the prompt's KV and the first token, then drop the sequence (PE side)."""
-        kv = self.export_kv(seq.request_id, seq.send_from_block)
+        kv = self.export_kv(seq.request_id, seq.num_de_blocks)
         kv.output_token_ids = list(seq.output_token_ids)
         self._finish(seq, FinishReason.STOP)
         return kv

@@ -36,9 +36,9 @@ class KVHandoffMixin:
         self.persist_out.extend(zip(seq.block_keys[start:], data.unbind(0), strict=True))
         seq.persist_from_block = len(seq.block_keys)
 
-    def export_kv(self, request_id: str, first_block: int = 0) -> SequenceKV:
+    def export_kv(self, request_id: str, num_de_blocks: int = 0) -> SequenceKV:
         """Copy out the computed KV of an unfinished request as Full Blocks, from
-        `first_block` on (the receiver holds the blocks before it).
+        `num_de_blocks` on (the receiver holds the blocks before it).
 
         Raises:
             InvalidRequestError: the request is unknown or already finished.
@@ -47,11 +47,11 @@ class KVHandoffMixin:
         if seq is None:
             raise InvalidRequestError(f"no unfinished request {request_id!r} to export")
         n = seq.num_computed_tokens
-        first_block = min(first_block, n // self.block_manager.block_size)
-        blocks = seq.block_table[first_block : self.block_manager.num_blocks_for(n)]
+        num_de_blocks = min(num_de_blocks, n // self.block_manager.block_size)
+        blocks = seq.block_table[num_de_blocks : self.block_manager.num_blocks_for(n)]
         data = self.runner.kv_cache.export_blocks(blocks)
         return SequenceKV(
-            list(seq.token_ids[:n]), list(seq.block_keys), data, first_block=first_block
+            list(seq.token_ids[:n]), list(seq.block_keys), data, num_de_blocks=num_de_blocks
         )
 
     @staticmethod
@@ -82,12 +82,12 @@ class KVHandoffMixin:
             # NOTE: keys bind KV to model + tenant + tokens; a mismatch is never imported.
             raise InvalidRequestError("imported KV block keys do not match this prompt/tenant")
         num_blocks = bm.num_blocks_for(kv.num_tokens)
-        expected = (num_blocks - kv.first_block, *self.runner.kv_cache.full_block_shape)
+        expected = (num_blocks - kv.num_de_blocks, *self.runner.kv_cache.full_block_shape)
         if tuple(kv.data.shape) != expected:
             raise InvalidRequestError(
                 f"imported KV has shape {tuple(kv.data.shape)}, this engine needs {expected}"
             )
-        if kv.first_block and (prefix is None or prefix.num_blocks < kv.first_block):
+        if kv.num_de_blocks and (prefix is None or prefix.num_blocks < kv.num_de_blocks):
             raise InvalidRequestError("imported KV starts after blocks this engine lacks")
         if bm.num_blocks_for(seq.num_tokens) > bm.num_free_blocks:
             raise InvalidRequestError("not enough free KV blocks to import this request")
@@ -95,11 +95,11 @@ class KVHandoffMixin:
         blocks = seq.block_table[:num_blocks]
         try:
             cache = self.runner.kv_cache
-            if kv.first_block:
+            if kv.num_de_blocks:
                 assert prefix is not None
-                stored = torch.stack(prefix.blocks[: kv.first_block])
-                cache.import_blocks(blocks[: kv.first_block], stored)
-            cache.import_blocks(blocks[kv.first_block :], kv.data)
+                stored = torch.stack(prefix.blocks[: kv.num_de_blocks])
+                cache.import_blocks(blocks[: kv.num_de_blocks], stored)
+            cache.import_blocks(blocks[kv.num_de_blocks :], kv.data)
         except Exception:
             bm.free(seq)  # the sequence is not registered yet: nobody else would free them
             raise

@@ -15,8 +15,8 @@ from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 class SequenceKV:
     """A sequence's computed KV as Full Blocks, ready to move to another engine or a tier.
 
-    `data` is `[num_blocks - first_block, layers, 2, block_size, kv_heads, head_dim]`: blocks
-    `[first_block, ...)` of the sequence (the receiver already holds the ones before); the
+    `data` is `[num_blocks - num_de_blocks, layers, 2, block_size, kv_heads, head_dim]`: blocks
+    `[num_de_blocks, ...)` of the sequence (the receiver already holds the ones before); the
     last block may be partial (only the first `num_tokens % block_size` slots count).
     `data=None` resumes without the KV (its transfer failed): the receiver recomputes it.
     """
@@ -27,7 +27,7 @@ class SequenceKV:
     # PD resume state: tokens already sampled (their KV not in `data`); a seeded draw is a
     # function of (seed, position), so the receiver samples exactly as one engine.
     output_token_ids: list[int] = field(default_factory=list)
-    first_block: int = 0
+    num_de_blocks: int = 0
 
     @property
     def num_tokens(self) -> int:

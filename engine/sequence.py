@@ -68,7 +68,7 @@ class Sequence:
     generator: torch.Generator | None = None  # reused by next_token_generator
     output_logprobs: list[TokenLogprob] = field(default_factory=list)
     prefill_only: bool = False  # PD: stop after the first token and hand off KV + state
-    send_from_block: int = 0  # PD: the receiver holds blocks before this one already
+    num_de_blocks: int = 0  # PD: the receiver holds blocks before this one already
     prefix_kv: PrefixKV | None = None  # stored KV of leading blocks, imported at admission
     pending_import: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     persist_from_block: int | None = None  # export full blocks from here on (None: never)

@@ -129,7 +129,7 @@ class DecodeServer(EngineServer):
             handoff.block_keys,
             data,
             output_token_ids=handoff.output_token_ids,
-            first_block=handoff.first_block,
+            num_de_blocks=handoff.num_de_blocks,
         )
         prefix = PrefixKV(handoff.block_keys[: len(blocks)], blocks) if blocks else None
         return kv, prefix

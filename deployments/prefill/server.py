@@ -4,7 +4,7 @@ The PE prefills the prompt and samples the first token with the request's own pa
 the client gets it without waiting for the DE. Hit blocks are not computed: local
 prefix-cache hits are mapped, stored ones (read by either side's SNIC, handed over as DRAM
 handles) are copied in layer by layer while the miss tokens compute. The prompt's KV from
-`job.decode_has_blocks` on (the DE holds the blocks before it when it read them itself),
+`job.num_de_blocks` on (the DE holds the blocks before it when it read them itself),
 and the first token go to the DE: KV layer by layer through the KVMover, the token in the
 KVHandoff. The DE continues
 exactly as one engine would (greedy and seeded output are identical; tested).
@@ -48,7 +48,7 @@ class PrefillServer(EngineServer):
             parent=parent,
             replica=self.replica_id,
             node=self.node_id,
-            prompt_tokens=len(job.token_ids),
+            prompt_tokens=len(job.prompt_token_ids),
             stored_blocks=len(job.prefix_blocks),
             priority=job.priority,
         ) as span:
@@ -68,14 +68,14 @@ class PrefillServer(EngineServer):
             block_keys=kv.block_keys,
             output_token_ids=kv.output_token_ids,
             descriptor=descriptor,
-            first_block=kv.first_block,
+            num_de_blocks=kv.num_de_blocks,
             prefill_s=prefill_s,
             send_s=time.perf_counter() - start - prefill_s,
         )
 
     async def _first_token(self, job: PrefillJob, ctx: Context) -> RequestOutput:
         prefix = None
-        send_from_block = job.decode_has_blocks
+        num_de_blocks = job.num_de_blocks
         if job.prefix_blocks:
             with tracing.span("kv.fetch", parent=ctx, blocks=len(job.prefix_blocks)) as span:
                 try:
@@ -84,22 +84,22 @@ class PrefillServer(EngineServer):
                 except Exception as exc:  # their owner (a TrafficManager) died: recompute
                     logger.warning("stored KV of %s lost; recomputing", job.request_id)
                     tracing.fail(span, exc)
-                    send_from_block = 0  # the DE's own copies may be lost too: send it all
+                    num_de_blocks = 0  # the DE's own copies may be lost too: send it all
 
         def add(engine: EngineCore) -> None:
             engine.add_prefill(
                 job.request_id,
-                job.token_ids,
+                job.prompt_token_ids,
                 job.params,
                 job.tenant_salt,
                 prefix=prefix,
-                send_from_block=send_from_block,
+                num_de_blocks=num_de_blocks,
                 priority=job.priority,
             )
 
         hits = len(job.prefix_blocks) * self.engine.config.block_size
         stream = self.loop.submit(
-            job.request_id, add, num_tokens=max(1, len(job.token_ids) - hits), trace=ctx
+            job.request_id, add, num_tokens=max(1, len(job.prompt_token_ids) - hits), trace=ctx
         )
         first: RequestOutput | None = None
         async for output in stream:

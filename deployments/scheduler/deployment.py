@@ -58,7 +58,7 @@ class Scheduler:
         self.read_paths[result.read_path] = self.read_paths.get(result.read_path, 0) + 1
         for node, blocks in (
             (result.prefill_node, result.pe_read_blocks),
-            (result.decode_node, result.de_read_blocks),
+            (result.decode_node, result.num_de_blocks),
         ):
             if blocks:
                 self.read_blocks[node] = self.read_blocks.get(node, 0) + blocks

@@ -79,14 +79,14 @@ def plan(
         holders = _holders(request.block_keys[:max_hits], prefill, des, view, cfg)
         decode = _pick_decode(des, need_tokens, cfg, holders)
     sides = _ReadSides.of(request.block_keys[:max_hits], prefill, decode, view, now, cfg)
-    num_hits, de_blocks = sides.num_hits, sides.choose(view, cfg)
+    num_hits, num_de_blocks = sides.num_hits, sides.choose(view, cfg)
     path: ReadPath = (
         "none"
         if num_hits == 0
         else "pe"
-        if de_blocks == 0
+        if num_de_blocks == 0
         else "de"
-        if de_blocks == num_hits
+        if num_de_blocks == num_hits
         else "split"
     )
     return Plan(
@@ -97,7 +97,7 @@ def plan(
         decode_node=decode.node_id,
         read_path=path,
         num_hit_blocks=num_hits,
-        de_read_blocks=de_blocks,
+        num_de_blocks=num_de_blocks,
     )
 
 
@@ -115,8 +115,8 @@ def plan_and_note(
     view.note_planned(result.decode_replica, rid, decode_tokens, now)
     block_bytes = _block_bytes(view.engines[result.prefill_replica])
     keys = request.block_keys
-    de_keys = keys[: result.de_read_blocks]
-    pe_keys = keys[result.de_read_blocks : result.num_hit_blocks]
+    de_keys = keys[: result.num_de_blocks]
+    pe_keys = keys[result.num_de_blocks : result.num_hit_blocks]
     for node, part in ((result.decode_node, de_keys), (result.prefill_node, pe_keys)):
         view.note_read(node, rid, _snic_blocks(view, node, part) * block_bytes, now)
     view.rr_counter += 1

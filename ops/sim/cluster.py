@@ -9,7 +9,7 @@ Every turn goes the way app/flow.py sends a request:
                engine's `arrived_ids` (it took the request in), the node's `started_ids`
                (its SNIC took the reads in).
   2. read      the hit blocks through the SNICs the plan names: the DE node reads the first
-               `de_read_blocks`, the PE node the rest; the prefill job waits for both.
+               `num_de_blocks`, the PE node the rest; the prefill job waits for both.
   3. prefill   on the chosen PE; hit KV moves into it over its CNIC (path B: from the DE
                node's buffer, over both CNICs); the first token ends TTFT.
   4. decode    the PE sends the KV the DE lacks (path A: all, B: the miss part), the DE
@@ -218,7 +218,7 @@ class SimCluster:
         )
         plan = live_policy.plan_and_note(request, self.view, now, self.policy_config)
         record.planned_s = now
-        record.hit_blocks, record.de_blocks = plan.num_hit_blocks, plan.de_read_blocks
+        record.hit_blocks, record.num_de_blocks = plan.num_hit_blocks, plan.num_de_blocks
         record.read_path = plan.read_path
         record.prefill_replica, record.decode_replica = plan.prefill_replica, plan.decode_replica
         pe, de = self.prefill[plan.prefill_replica], self.decode[plan.decode_replica]
@@ -231,7 +231,7 @@ class SimCluster:
         self.bytes_hit_needed += plan.num_hit_blocks * self.block_bytes
         reads = [
             (self.nodes[plan.prefill_node], plan.pe_read_blocks),
-            (self.nodes[plan.decode_node], plan.de_read_blocks),
+            (self.nodes[plan.decode_node], plan.num_de_blocks),
         ]
         reads = [(node, blocks) for node, blocks in reads if blocks]
         left = [len(reads)]
@@ -260,7 +260,7 @@ class SimCluster:
             pe_link, de_link = self.cnic[plan.prefill_replica], self.cnic[plan.decode_replica]
             load_s = hit_bytes / pe_link.bytes_per_s
             pe_link.bytes_total += hit_bytes
-            de_link.bytes_total += plan.de_read_blocks * self.block_bytes
+            de_link.bytes_total += plan.num_de_blocks * self.block_bytes
 
         def first_token(task: PrefillTask) -> None:
             self._first_token(agent, turn, record, plan)
@@ -283,7 +283,7 @@ class SimCluster:
             self._finish(agent, turn, record, self.nodes[plan.decode_node])
             return
         kvb = self.model.kv_bytes_per_token
-        send_bytes = (record.prompt_tokens - plan.de_read_blocks * self.block_size) * kvb
+        send_bytes = (record.prompt_tokens - plan.num_de_blocks * self.block_size) * kvb
         prompt_bytes = record.prompt_tokens * kvb
         arrive = now
         if not self.copy_rate:  # PE HBM -> DE buffer over both CNICs, then DE buffer -> HBM

@@ -24,7 +24,7 @@ class TurnRecord:
     timed: bool = True  # counted in JCT / latency statistics (not a warm-up turn)
     cold: bool = False  # its agent's first turn: nothing of it can be stored yet
     hit_blocks: int = 0
-    de_blocks: int = 0
+    num_de_blocks: int = 0
     read_path: str = ""
     prefill_replica: str = ""
     decode_replica: str = ""

@@ -73,7 +73,7 @@ class ClusterBackend:
         forced = {"none": (0, 0), "pe": (h, 0), "de": (h, h), "split": (h, h // 2)}
         if self.force is not None:
             hits, de = forced[self.force]
-            plan = dataclasses.replace(plan, num_hit_blocks=hits, de_read_blocks=de)
+            plan = dataclasses.replace(plan, num_hit_blocks=hits, num_de_blocks=de)
         self.plans.append(plan)
         return plan
 

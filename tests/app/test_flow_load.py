@@ -23,7 +23,7 @@ class Sides:
         return [f"{node}:{k}" for k in keys][: what if what is not None else len(keys)]
 
 
-PLAN = Plan("r", "pe", "de", "pnode", "dnode", "split", num_hit_blocks=6, de_read_blocks=2)
+PLAN = Plan("r", "pe", "de", "pnode", "dnode", "split", num_hit_blocks=6, num_de_blocks=2)
 KEYS = [f"k{i}" for i in range(8)]
 
 
@@ -32,9 +32,9 @@ def load(**behaviour):
 
 
 def test_both_sides_joined_in_order():
-    handles, de_blocks = load(dnode=None, pnode=None)
+    handles, num_de_blocks = load(dnode=None, pnode=None)
     assert handles == ["dnode:k0", "dnode:k1", "pnode:k2", "pnode:k3", "pnode:k4", "pnode:k5"]
-    assert de_blocks == 2
+    assert num_de_blocks == 2
 
 
 def test_a_short_de_side_ends_the_prefix_there():
@@ -42,14 +42,14 @@ def test_a_short_de_side_ends_the_prefix_there():
 
 
 def test_a_short_pe_side_keeps_what_is_contiguous():
-    handles, de_blocks = load(dnode=None, pnode=1)
-    assert handles == ["dnode:k0", "dnode:k1", "pnode:k2"] and de_blocks == 2
+    handles, num_de_blocks = load(dnode=None, pnode=1)
+    assert handles == ["dnode:k0", "dnode:k1", "pnode:k2"] and num_de_blocks == 2
 
 
 def test_a_failing_side_is_a_miss_not_an_error():
     assert load(dnode=RuntimeError("TrafficManager restarting"), pnode=None) == ([], 0)
-    handles, de_blocks = load(dnode=None, pnode=RuntimeError("SNIC closed"))
-    assert handles == ["dnode:k0", "dnode:k1"] and de_blocks == 2
+    handles, num_de_blocks = load(dnode=None, pnode=RuntimeError("SNIC closed"))
+    assert handles == ["dnode:k0", "dnode:k1"] and num_de_blocks == 2
 
 
 def test_fail_policy_raises_instead_of_recomputing():

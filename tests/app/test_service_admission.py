@@ -53,7 +53,7 @@ class GatedEngines:
         self.arrived.append(job)
         gate = self.gates.setdefault(job.request_id, asyncio.Event())
         await gate.wait()
-        n = len(job.token_ids)
+        n = len(job.prompt_token_ids)
         yield RequestOutput(job.request_id, [7], "x", True, "length", n, 0, 1)
 
     def decode(self, node, job):  # pragma: no cover - every request ends on the PE

@@ -92,7 +92,7 @@ async def two_turns(model_dir, tmp_path, roots: RootSpans):
 def test_a_request_is_one_trace_with_the_expected_span_tree(model_dir, tmp_path, spans):
     roots = RootSpans()
     rid, out, plan = asyncio.run(asyncio.wait_for(two_turns(model_dir, tmp_path, roots), 240))
-    assert plan.num_hit_blocks >= 2 and 0 < plan.de_read_blocks < plan.num_hit_blocks
+    assert plan.num_hit_blocks >= 2 and 0 < plan.num_de_blocks < plan.num_hit_blocks
     assert not roots.open  # the root ended
 
     finished = spans.get_finished_spans()
@@ -118,12 +118,12 @@ def test_a_request_is_one_trace_with_the_expected_span_tree(model_dir, tmp_path,
     choice = one(root, "choice")
     assert choice.attributes["dualpath.request_id"] == rid  # n = 1: the engines' id too
     assert kids(choice) == ["decode", "kv.load", "prefill", "schedule"]
-    assert one(choice, "schedule").attributes["de_read_blocks"] == plan.de_read_blocks
+    assert one(choice, "schedule").attributes["num_de_blocks"] == plan.num_de_blocks
     load = one(choice, "kv.load")
     reads = {c.attributes["side"]: c for c in children[load.context.span_id]}
     assert set(reads) == {"de", "pe"}
-    assert reads["de"].attributes["blocks_read"] == plan.de_read_blocks
-    assert reads["pe"].attributes["blocks_read"] == plan.num_hit_blocks - plan.de_read_blocks
+    assert reads["de"].attributes["blocks_read"] == plan.num_de_blocks
+    assert reads["pe"].attributes["blocks_read"] == plan.num_hit_blocks - plan.num_de_blocks
 
     prefill = one(choice, "prefill")
     assert [e.name for e in prefill.events] == ["first_token"]

@@ -214,18 +214,18 @@ def test_read_side_is_the_shorter_queue(policy, pe_queue, de_queue, expect):
     view = two_node_view(pe_queue, de_queue)
     p = plan(request(9 * BLOCK, block_keys=keys(9)), view, 0.0, PolicyConfig(policy=policy))
     assert p.read_path == expect
-    assert p.de_read_blocks == (8 if expect == "de" else 0)
+    assert p.num_de_blocks == (8 if expect == "de" else 0)
 
 
 def test_split_balances_finish_times_across_both_snics():
     # equal rates, PE queue 4 blocks longer: of 12 blocks the DE takes 8, the PE 4
     view = two_node_view(pe_queue=4 * BLOCK * TOKEN_BYTES, stored=12)
     p = plan(request(13 * BLOCK, block_keys=keys(13)), view, 0.0, PolicyConfig("dualpath_split"))
-    assert (p.read_path, p.de_read_blocks, p.pe_read_blocks) == ("split", 8, 4)
+    assert (p.read_path, p.num_de_blocks, p.pe_read_blocks) == ("split", 8, 4)
     # a DE SNIC 3x faster takes 3/4 of an even split
     view = two_node_view(stored=12, de_bandwidth=3e6)
     p = plan(request(13 * BLOCK, block_keys=keys(13)), view, 0.0, PolicyConfig("dualpath_split"))
-    assert p.de_read_blocks == 9
+    assert p.num_de_blocks == 9
 
 
 def test_same_node_reads_on_that_node():
@@ -236,7 +236,7 @@ def test_same_node_reads_on_that_node():
         stored_keys=keys(4),
     )
     p = plan(request(5 * BLOCK, block_keys=keys(5)), view, 0.0)
-    assert (p.read_path, p.de_read_blocks) == ("pe", 0)
+    assert (p.read_path, p.num_de_blocks) == ("pe", 0)
 
 
 def test_plan_and_note_charges_read_queues_so_a_burst_spreads_over_sides():

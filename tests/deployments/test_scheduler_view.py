@@ -128,12 +128,12 @@ def test_split_uses_the_same_estimate_and_dram_blocks_cost_nothing():
     split = PolicyConfig("dualpath_split")
     request = PlanRequest("r", 13 * BLOCK, 10, keys(13))
     view = two_node_view(stored=12)
-    assert plan(request, view, 0.0, split).de_read_blocks == 6  # equal SNICs: half each
+    assert plan(request, view, 0.0, split).num_de_blocks == 6  # equal SNICs: half each
     # blocks 6-11 are also in the PE node's DRAM: reading them there costs no SNIC time, so
     # the PE side's SNIC reads only blocks [s, 6): both finish after 3 blocks at s = 3
     view.index.apply(IndexEvent(k, "dram", True, "pnode", BLOCK_BYTES) for k in keys(12)[6:])
     p = plan(request, view, 0.0, split)
-    assert (p.read_path, p.de_read_blocks) == ("split", 3)
+    assert (p.read_path, p.num_de_blocks) == ("split", 3)
 
 
 # ---------------------------------------------------------------- write lag and locality
@@ -143,7 +143,7 @@ def test_blocks_in_the_decode_nodes_write_buffer_are_read_on_the_decode_side():
     view = two_node_view(pe_queue=0, de_queue=50 * BLOCK_BYTES, stored=6)
     view.index.apply(IndexEvent(k, "dram", True, "dnode", BLOCK_BYTES) for k in keys(8)[6:])
     p = plan(turn("r"), view, 0.0, DUALPATH)
-    assert (p.num_hit_blocks, p.read_path, p.de_read_blocks) == (8, "de", 8)
+    assert (p.num_hit_blocks, p.read_path, p.num_de_blocks) == (8, "de", 8)
     single = plan(turn("r"), view, 0.0, PolicyConfig("single_path"))
     assert (single.num_hit_blocks, single.read_path) == (6, "pe")  # classic PD: PE node only
 

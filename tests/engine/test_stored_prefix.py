@@ -82,25 +82,25 @@ def test_prefix_covering_the_whole_prompt_still_computes_one_token(engine, recei
     assert final.num_cached_tokens == (len(keys) - 1) * bs
 
 
-@pytest.mark.parametrize("de_blocks", [0, 2, "all"], ids=["pe-read", "split", "de-read"])
-def test_pd_with_stored_prefix_sends_only_what_the_de_lacks(engine, receiver, de_blocks):
-    """PE (receiver) imports hit blocks; DE (engine) holds the first `de_blocks` already and
+@pytest.mark.parametrize("num_de_blocks", [0, 2, "all"], ids=["pe-read", "split", "de-read"])
+def test_pd_with_stored_prefix_sends_only_what_the_de_lacks(engine, receiver, num_de_blocks):
+    """PE (receiver) imports hit blocks; DE (engine) holds the first `num_de_blocks` already and
     gets the rest from the PE. Output equals a single engine computing everything."""
     prompt = chat(engine, TEXT + " Also mention observability.")
     keys, blocks = stored_blocks(engine, prompt)
     hits = len(keys) - 1
-    s = hits if de_blocks == "all" else de_blocks
+    s = hits if num_de_blocks == "all" else num_de_blocks
     expected, _ = run(receiver, "single", prompt)
 
     receiver.add_prefill(
-        "pe", prompt, GREEDY, prefix=PrefixKV(keys[:hits], blocks[:hits]), send_from_block=s
+        "pe", prompt, GREEDY, prefix=PrefixKV(keys[:hits], blocks[:hits]), num_de_blocks=s
     )
     outs = []
     while receiver.has_unfinished():
         outs.extend(receiver.step())
     (first,) = outs
     kv = first.kv
-    assert kv.first_block == s
+    assert kv.num_de_blocks == s
     assert kv.data.shape[0] == -(-len(prompt) // receiver.config.block_size) - s
     tokens, _ = run(engine, "de", prompt, kv=kv, prefix=PrefixKV(keys[:s], blocks[:s]))
     assert first.new_token_ids + tokens == expected

@@ -34,13 +34,13 @@ def test_every_turn_finishes_exactly_once(scenario: Scenario, policy: str) -> No
 @pytest.mark.parametrize("policy", ["single_path", "dualpath", "dualpath_split"])
 def test_bytes_read_are_the_hit_bytes_each_side_was_planned(scenario: Scenario, policy: str):
     """Storage reads = the hit KV the plans needed, and each node's SNIC read exactly the
-    blocks of the side it served (PE node: hits - de_blocks, DE node: de_blocks)."""
+    blocks of the side it served (PE node: hits - num_de_blocks, DE node: num_de_blocks)."""
     result = run_once(scenario, policy)
     block_bytes = result.extra["block_bytes"]
     expected: Counter[str] = Counter()
     for r in result.records:
-        expected[r.prefill_replica.split("/")[0]] += (r.hit_blocks - r.de_blocks) * block_bytes
-        expected[r.decode_replica.split("/")[0]] += r.de_blocks * block_bytes
+        expected[r.prefill_replica.split("/")[0]] += (r.hit_blocks - r.num_de_blocks) * block_bytes
+        expected[r.decode_replica.split("/")[0]] += r.num_de_blocks * block_bytes
     read = {n.node_id: n.bytes_read for n in result.nodes}
     assert read == {n: expected.get(n, 0) for n in read}
     assert sum(read.values()) == result.bytes_hit_needed > 0
