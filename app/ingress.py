@@ -22,7 +22,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import flow
 from app.admission.capacity import Capacity
@@ -30,7 +29,13 @@ from app.admission.gate import Caller, Gate
 from app.admission.queues import AdmissionQueue
 from app.admission.ratelimit import RateLimiter
 from app.api.errors import BadRequestError, PermissionDeniedError, to_api_error
-from app.api.http import error_response, openapi_with_bodies, read_json, sse
+from app.api.http import (
+    error_response,
+    install_error_handlers,
+    openapi_with_bodies,
+    read_json,
+    sse,
+)
 from app.api.schemas import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -70,18 +75,7 @@ api = FastAPI(
 )
 
 
-@api.exception_handler(StarletteHTTPException)
-async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    """Unknown routes and methods answer in the OpenAI error shape too."""
-    body = {
-        "error": {
-            "message": str(exc.detail),
-            "type": "invalid_request_error",
-            "param": None,
-            "code": None,
-        }
-    }
-    return JSONResponse(body, status_code=exc.status_code)
+install_error_handlers(api)
 
 
 @serve.ingress(api)

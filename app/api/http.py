@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.api.errors import BadRequestError, PayloadTooLargeError, to_api_error
 from app.api.schemas import ChatCompletionRequest, CompletionRequest
@@ -36,6 +37,22 @@ async def read_json(http: Request, limit: int) -> Any:
     if not isinstance(data, dict):
         raise BadRequestError("request body must be a JSON object")
     return data
+
+
+def install_error_handlers(api: FastAPI) -> None:
+    """Unknown routes and methods answer in the OpenAI error shape too."""
+
+    @api.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        body = {
+            "error": {
+                "message": str(exc.detail),
+                "type": "invalid_request_error",
+                "param": None,
+                "code": None,
+            }
+        }
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
 def error_response(exc: BaseException, headers: dict[str, str] | None = None) -> JSONResponse:
