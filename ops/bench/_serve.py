@@ -1,9 +1,12 @@
-"""Shared by the benchmarks that run the real app: a free port, and deploy-and-wait."""
+"""Shared by the benchmarks that run the real app: Ray + Serve up and down, a free port,
+and deploy-and-wait."""
 
 from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -13,6 +16,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def serve_session(num_cpus: int = 2, **ray_init: Any) -> Iterator[int]:
+    """Ray and Serve running locally for one benchmark run, and shut down again.
+
+    Args:
+        num_cpus: logical CPUs Ray is told it has.
+        **ray_init: further `ray.init` keywords (e.g. the dashboard's metrics export port).
+
+    Returns:
+        (yields) the local port Serve's HTTP proxy listens on. On exit, also after an error,
+        Serve is shut down and then Ray.
+    """
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, **ray_init)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 def deploy(

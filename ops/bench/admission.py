@@ -40,7 +40,7 @@ from tqdm import tqdm
 from app.auth import hash_key
 from engine.config import default_model_dir
 from ops.bench._report import machine_info, write_report
-from ops.bench._serve import deploy, free_port
+from ops.bench._serve import deploy, serve_session
 
 logger = logging.getLogger(__name__)
 APP = "dualpath-admission"
@@ -249,16 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     mix = [float(x) for x in args.mix.split(",")]
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
-    import ray
     from ray import serve
 
     from engine.config import ModelConfig
 
     rng = random.Random(args.seed)
     vocab = ModelConfig.from_dir(args.model).vocab_size
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     tmp = Path(tempfile.mkdtemp(prefix="bench-admission-"))
     config = {
         "model": {"path": str(args.model), "served_model_name": MODEL},
@@ -273,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         return [rng.randrange(100, vocab - 100) for _ in range(args.prompt)]
 
     rows: list[dict[str, Any]] = []
-    try:
+    with serve_session(num_cpus=2) as port:
         base = deploy(APP, config, port)
         warm = [Job(0.0, "priority", "t1", prompt()) for _ in range(3)]
         asyncio.run(run_phase(base, warm, args.max_tokens, True, "warm-up"))
@@ -306,9 +302,6 @@ def main(argv: list[str] | None = None) -> int:
         fifo = asyncio.run(run_phase(base, fresh, args.max_tokens, False, "fifo"))
         rows += summarise("fifo", fifo, reference)
         admission["after_fifo"] = ingress.admission_stats.remote().result()
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     prio = {r["phase"]: r for r in rows if r["tier"] == "priority"}
     meta = {
         **machine_info(),

@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from engine.config import default_model_dir
 from ops.bench._report import machine_info, write_report
-from ops.bench._serve import deep_merge, deploy, free_port
+from ops.bench._serve import deep_merge, deploy, serve_session
 from ops.sim.traces import Agent, make_trace
 
 logger = logging.getLogger(__name__)
@@ -337,9 +337,6 @@ def main(argv: list[str] | None = None) -> int:
         return run_sweep(args, given)
     args.name = args.name or "agentic"
 
-    import ray
-    from ray import serve
-
     from engine.config import ModelConfig
     from ops.bench.kv_hit import kv_hit_ttft
 
@@ -347,16 +344,10 @@ def main(argv: list[str] | None = None) -> int:
     hit = kv_hit_ttft(args.model, args.hit_context) if args.hit_context else None
     agents = make_trace(args, ModelConfig.from_dir(args.model).vocab_size)
     # NOTE: 3 engines of one thread each on a 2-core machine: Ray is told 4 logical CPUs.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     rows: list[dict[str, Any]] = []
-    try:
+    with serve_session(num_cpus=4) as port:
         for mode in args.modes.split(","):
             rows += run_mode(args, mode, agents, port)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     single = {r["load"]: r["jct_s"] for r in rows if r["mode"] == "single_path"}
     for r in rows:
         base = single.get(r["load"])

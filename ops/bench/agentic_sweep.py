@@ -235,11 +235,8 @@ def _check_fits(shapes: list[Shape], model: Path) -> None:
 
 def run_sweep(args: argparse.Namespace, overrides: dict[str, int]) -> int:
     """Replay every selected shape in every mode (one Ray start); write the report."""
-    import ray
-    from ray import serve
-
     from engine.config import ModelConfig
-    from ops.bench._serve import free_port
+    from ops.bench._serve import serve_session
     from ops.bench.agentic import run_mode
     from ops.sim.traces import make_trace
 
@@ -251,31 +248,26 @@ def run_sweep(args: argparse.Namespace, overrides: dict[str, int]) -> int:
     failures: list[dict[str, str]] = []
     path = RESULTS_DIR / f"{args.name}.json"
     # NOTE: 3 engines of one thread each on a 2-core machine: Ray is told 4 logical CPUs.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        with tqdm(total=len(shapes) * len(modes), desc="sweep", unit="mode") as bar:
-            for shape in shapes:
-                bar.set_description(f"sweep {shape.name}")
-                logger.info("shape start", extra={"shape": shape.name, "trace": shape.describe()})
-                shape_args = argparse.Namespace(**{**vars(args), **dataclasses.asdict(shape)})
-                agents = make_trace(shape_args, vocab)
-                for mode in modes:
-                    try:
-                        rows += [
-                            {"shape": shape.name, **r}
-                            for r in run_mode(shape_args, mode, agents, port)
-                        ]
-                    except Exception as exc:  # one broken mode must not lose a 45-min sweep
-                        logger.exception("mode failed", extra={"shape": shape.name, "mode": mode})
-                        failures.append({"shape": shape.name, "mode": mode, "error": repr(exc)})
-                    bar.update(1)
-                # written after every shape, so a crash later keeps what was measured
-                path = write_sweep(args, shapes, rows, failures, overrides)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with (
+        serve_session(num_cpus=4) as port,
+        tqdm(total=len(shapes) * len(modes), desc="sweep", unit="mode") as bar,
+    ):
+        for shape in shapes:
+            bar.set_description(f"sweep {shape.name}")
+            logger.info("shape start", extra={"shape": shape.name, "trace": shape.describe()})
+            shape_args = argparse.Namespace(**{**vars(args), **dataclasses.asdict(shape)})
+            agents = make_trace(shape_args, vocab)
+            for mode in modes:
+                try:
+                    rows += [
+                        {"shape": shape.name, **r} for r in run_mode(shape_args, mode, agents, port)
+                    ]
+                except Exception as exc:  # one broken mode must not lose a 45-min sweep
+                    logger.exception("mode failed", extra={"shape": shape.name, "mode": mode})
+                    failures.append({"shape": shape.name, "mode": mode, "error": repr(exc)})
+                bar.update(1)
+            # written after every shape, so a crash later keeps what was measured
+            path = write_sweep(args, shapes, rows, failures, overrides)
     print_sweep(shapes, rows, path)
     return 0
 

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from engine import EngineConfig, EngineCore, SamplingParams
 from engine.config import default_model_dir
 from ops.bench._report import machine_info, write_report
-from ops.bench._serve import deploy, free_port
+from ops.bench._serve import deploy, serve_session
 
 logger = logging.getLogger(__name__)
 APP = "dualpath-bench"
@@ -232,12 +232,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.clients = [int(c) for c in args.clients.split(",")]
 
-    import ray
-    from ray import serve
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     engine = EngineCore(
         EngineConfig(
             model=args.model, num_threads=1, enable_prefix_caching=False, kv_cache_bytes=64 << 20
@@ -245,12 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     prompts = Prompts(engine, args.prompt_tokens)
     rows: list[dict[str, Any]] = []
-    try:
+    with serve_session(num_cpus=2) as port:
         for transport in args.transports.split(","):
             rows += bench_transport(args, transport, engine, prompts, port)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     meta = {
         **machine_info(),
         "args": {k: str(v) for k, v in vars(args).items()},

@@ -36,7 +36,7 @@ import psutil
 from app.auth import hash_key
 from engine.config import ModelConfig, default_model_dir
 from ops.bench._report import machine_info, write_report
-from ops.bench._serve import deploy, free_port
+from ops.bench._serve import deploy, serve_session
 from ops.bench.admission import (
     KEYS,
     MODEL,
@@ -227,23 +227,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    import ray
-    from ray import serve
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     root = Path(tempfile.mkdtemp(prefix="bench-soak-"))
     vocab = ModelConfig.from_dir(args.model).vocab_size
-    try:
+    with serve_session(num_cpus=2) as port:
         base = deploy(APP, app_config(args.model, root), port)
         rng = random.Random(args.seed + 1)
         prompts = [[rng.randrange(100, vocab - 100) for _ in range(192)] for _ in range(64)]
         capacity = asyncio.run(measure_capacity(base, prompts, 24))
         result = soak(base, args.minutes, args.overload, capacity, vocab, args.seed)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     failed = check(result)
     meta = {
         **machine_info(),

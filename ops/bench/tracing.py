@@ -24,7 +24,7 @@ from typing import Any
 from engine.config import default_model_dir
 from engine.tokenizer import Tokenizer
 from ops.bench._report import machine_info, write_report
-from ops.bench._serve import deploy, free_port
+from ops.bench._serve import deploy, serve_session
 from ops.bench.serve import MODEL, Prompts, _pct, _run_clients
 
 logger = logging.getLogger(__name__)
@@ -96,23 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     args = p.parse_args(argv)
 
-    import ray
-    from ray import serve
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     prompts = Prompts(SimpleNamespace(tokenizer=Tokenizer(args.model)), args.prompt_tokens)
     traces = Path(tempfile.mkdtemp(prefix="bench-tracing-")) / "traces"
     traces.mkdir()
     rows = []
-    try:
+    with serve_session(num_cpus=2) as port:
         for mode in ("off", "on", "off"):
             rows.append(run_mode(args, mode, prompts, port, traces))
             logger.info("bench row", extra=rows[-1])
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     off = [r for r in rows if r["mode"] == "off"]
     for row in rows:
         for key, col in (

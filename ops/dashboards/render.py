@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 
 from engine.config import default_model_dir
-from ops.bench._serve import deploy, free_port
+from ops.bench._serve import deploy, free_port, serve_session
 from ops.replay import Request, replay
 
 logger = logging.getLogger(__name__)
@@ -212,43 +212,42 @@ def run(args: argparse.Namespace) -> int:
     if args.from_json:
         draw(json.loads(Path(args.json).read_text()), Path(args.out))
         return 0
-    import ray
-    from ray import serve
-
-    metrics_port, http_port = free_port(), free_port()
+    metrics_port = free_port()
     workdir = Path(tempfile.mkdtemp(prefix="dashboard-"))
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        _metrics_export_port=metrics_port,
-        _system_config={"metrics_report_interval_ms": 2000},
-    )
-    prometheus, prom = start_prometheus(metrics_port, workdir)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-        config = {
-            "model": {"path": str(default_model_dir()), "served_model_name": MODEL},
-            "engine": {"kv_cache_bytes": "128MiB"},
-            "auth": {"anonymous": {"name": "anonymous", "max_concurrent": 6}},
-            "ingress": {"ledger_path": None},
-            "audit": {"path": str(workdir / "audit")},
-            "tracing": {"path": str(workdir / "traces")},
-            "kvstore": {"path": str(workdir / "kv"), "dram_bytes": "32MiB"},
-        }
-        base = deploy(APP, config, http_port)
-        start = time.time()
-        asyncio.run(drive(base, args.minutes, args.seed))
-        time.sleep(20)  # the last reports reach Prometheus
-        panels = query_panels(prom, start, time.time())
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(panels, indent=1))
-        draw(panels, Path(args.out))
-        empty = [p["title"] for p in panels if not p["series"]]
-        logger.info("rendered %d panels to %s; without data: %s", len(panels), args.out, empty)
+        with serve_session(
+            num_cpus=2,
+            _metrics_export_port=metrics_port,
+            _system_config={"metrics_report_interval_ms": 2000},
+        ) as http_port:
+            prometheus, prom = start_prometheus(metrics_port, workdir)
+            try:
+                _render(args, prom, http_port, workdir)
+            finally:
+                prometheus.terminate()
     finally:
-        prometheus.terminate()
-        serve.shutdown()
-        ray.shutdown()
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+def _render(args: argparse.Namespace, prom: str, http_port: int, workdir: Path) -> None:
+    """Deploy the app, drive it for `args.minutes`, then query and draw every panel."""
+    config = {
+        "model": {"path": str(default_model_dir()), "served_model_name": MODEL},
+        "engine": {"kv_cache_bytes": "128MiB"},
+        "auth": {"anonymous": {"name": "anonymous", "max_concurrent": 6}},
+        "ingress": {"ledger_path": None},
+        "audit": {"path": str(workdir / "audit")},
+        "tracing": {"path": str(workdir / "traces")},
+        "kvstore": {"path": str(workdir / "kv"), "dram_bytes": "32MiB"},
+    }
+    base = deploy(APP, config, http_port)
+    start = time.time()
+    asyncio.run(drive(base, args.minutes, args.seed))
+    time.sleep(20)  # the last reports reach Prometheus
+    panels = query_panels(prom, start, time.time())
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(panels, indent=1))
+    draw(panels, Path(args.out))
+    empty = [p["title"] for p in panels if not p["series"]]
+    logger.info("rendered %d panels to %s; without data: %s", len(panels), args.out, empty)
