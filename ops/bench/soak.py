@@ -35,6 +35,7 @@ import psutil
 
 from app.auth import hash_key
 from engine.config import ModelConfig, default_model_dir
+from ops.bench import admission
 from ops.bench._report import machine_info, write_report
 from ops.bench._serve import deploy, serve_session
 from ops.bench.admission import (
@@ -51,22 +52,10 @@ from ops.bench.admission import (
 logger = logging.getLogger(__name__)
 APP = "dualpath-soak"
 ALLOWED = {200, 429, 503, 408}
-COLUMNS = [
-    "phase",
-    "tier",
-    "sent",
-    "ok",
-    "429",
-    "503",
-    "408",
-    "retry_after",
-    "ttft_p50_s",
-    "ttft_p99_s",
-    "queue_p99_s",
-    "e2e_p50_s",
-    "p99_vs_unloaded",
-    "other_status",
-]
+# the admission benchmark's columns (the same `summarise` rows) less the queue median and PE
+# times, plus the statuses outside ALLOWED
+_UNREPORTED = {"queue_p50_s", "pe_p50_s", "pe_p99_s"}
+COLUMNS = [c for c in admission.COLUMNS if c not in _UNREPORTED] + ["other_status"]
 
 
 def app_config(model: Path, root: Path) -> dict[str, Any]:
