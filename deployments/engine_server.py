@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from deployments.engine_loop import EngineLoop
-from deployments.protocol import LoadReport, Role
-from deployments.traffic.manager import KVMover, TransferStats
+from deployments.protocol import LoadReport, Role, TransferStats
+from deployments.traffic.mover import KVMover
 from engine.core import EngineCore
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from deployments import tracing
 from deployments.engine_server import EngineServer
 from deployments.options import EngineReplicaOptions
 from deployments.protocol import LoadReport, TransferReport, TransferStats
-from deployments.traffic.manager import KVMover
+from deployments.traffic.mover import KVMover
 from engine.core import EngineCore
 from kvstore.tiers.object_store import block_to_object, fetch_blocks
 from kvstore.transfer.base import create_transport

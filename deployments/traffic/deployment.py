@@ -18,7 +18,7 @@ from deployments import tracing
 from deployments.metrics import Metrics
 from deployments.options import EngineReplicaOptions, KVStoreSection
 from deployments.protocol import TransferReport
-from deployments.traffic.manager import TrafficManager as _TrafficManager
+from deployments.traffic.node_store import NodeKVStore
 from engine.config import ModelConfig
 from kvstore.snic import StorageNIC
 from kvstore.store import TieredStore
@@ -60,7 +60,7 @@ class TrafficManager:
                     ModelConfig.from_dir(engine.model.path.expanduser())
                 ),
             )
-        self.manager = _TrafficManager(node, store)
+        self.node_store = NodeKVStore(node, store)
         self.node = node
         self.block_size = engine.engine.block_size
         self.metrics = Metrics("ray")
@@ -80,7 +80,7 @@ class TrafficManager:
         with tracing.span("kv.snic_read", trace, node=self.node, blocks=len(keys)) as span:
             cancel = threading.Event()
             try:
-                handles = await asyncio.to_thread(self.manager.load, keys, cancel, request_id)
+                handles = await asyncio.to_thread(self.node_store.load, keys, cancel, request_id)
             except asyncio.CancelledError:  # the caller left: its queued SNIC reads go too
                 cancel.set()
                 raise
@@ -91,21 +91,21 @@ class TrafficManager:
         """Background work (no request waits): each batch is its own small trace."""
         blocks = [(k, block_from_object(v) if isinstance(v, tuple) else v) for k, v in items]
         with tracing.span("kv.persist", node=self.node, blocks=len(blocks)) as span:
-            new = await asyncio.to_thread(self.manager.persist, blocks)
+            new = await asyncio.to_thread(self.node_store.persist, blocks)
             span.set_attribute("new_blocks", new)
             return new
 
     async def record(self, report: TransferReport) -> None:
-        self.manager.record(report.stats)
+        self.node_store.record(report.stats)
 
     async def stats(self) -> dict[str, object]:
-        return self.manager.stats()
+        return self.node_store.stats()
 
     async def _report_forever(self) -> None:
         full_sync = True  # a (re)started node replaces whatever the Scheduler had for it
         while True:
             try:
-                report = self.manager.node_report(full_sync)
+                report = self.node_store.node_report(full_sync)
                 full_sync = await self.scheduler.report_node.remote(report)
                 self._export_metrics()
             except Exception:  # the Scheduler restarting must not stop the reports
@@ -114,7 +114,7 @@ class TrafficManager:
             await asyncio.sleep(self.interval_s)
 
     def _export_metrics(self) -> None:
-        store = self.manager.store
+        store = self.node_store.store
         if store is None:
             return
         snic = store.snic.metrics()
@@ -140,6 +140,6 @@ class TrafficManager:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        store = self.manager.store if hasattr(self, "manager") else None
+        store = self.node_store.store if hasattr(self, "node_store") else None
         if store is not None:
             store.snic.close(wait=False)

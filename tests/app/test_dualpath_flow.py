@@ -32,7 +32,8 @@ from deployments.protocol import (
 )
 from deployments.scheduler.policy import PolicyConfig, plan_and_note
 from deployments.scheduler.view import ClusterView
-from deployments.traffic.manager import KVMover, TrafficManager
+from deployments.traffic.mover import KVMover
+from deployments.traffic.node_store import NodeKVStore
 from engine import EngineConfig, EngineCore
 from engine.output import RequestOutput
 from kvstore.keys import chain_keys, root_key
@@ -55,7 +56,7 @@ class ClusterBackend:
     """plan (the live policy) → node stores → PE → DE, as direct calls."""
 
     def __init__(
-        self, prefill: PrefillServer, decode: DecodeServer, nodes: dict[str, TrafficManager]
+        self, prefill: PrefillServer, decode: DecodeServer, nodes: dict[str, NodeKVStore]
     ):
         self.prefill_server, self.decode_server, self.nodes = prefill, decode, nodes
         self.view = ClusterView()
@@ -97,8 +98,8 @@ class ClusterBackend:
             yield out
 
 
-def node_store(name: str, root) -> TrafficManager:
-    return TrafficManager(
+def node_store(name: str, root) -> NodeKVStore:
+    return NodeKVStore(
         name,
         TieredStore(
             name,

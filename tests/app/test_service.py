@@ -26,7 +26,7 @@ from deployments.protocol import (
 )
 from deployments.scheduler.policy import plan_and_note
 from deployments.scheduler.view import ClusterView
-from deployments.traffic.manager import KVMover
+from deployments.traffic.mover import KVMover
 from engine import EngineConfig, EngineCore
 from engine.output import RequestOutput
 

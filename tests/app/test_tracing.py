@@ -25,7 +25,7 @@ from deployments.decode.server import DecodeServer
 from deployments.prefill.server import PrefillServer
 from deployments.protocol import TransferStats
 from deployments.tracing import REQUEST_ID
-from deployments.traffic.manager import KVMover
+from deployments.traffic.mover import KVMover
 from engine import EngineConfig, EngineCore
 from tests.app.test_dualpath_flow import ClusterBackend, node_store
 from tests.helpers import chat

@@ -19,7 +19,7 @@ from app.service import ChatService
 from deployments.decode.server import DecodeServer
 from deployments.prefill.server import PrefillServer
 from deployments.protocol import DecodeJob, KVHandoff, PrefillJob, TransferStats
-from deployments.traffic.manager import KVMover
+from deployments.traffic.mover import KVMover
 from engine import EngineConfig, EngineCore
 from engine.output import RequestOutput
 from tests.app.test_service import LocalBackend

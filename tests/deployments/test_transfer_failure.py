@@ -15,7 +15,7 @@ from app.service import ChatService
 from deployments.decode.server import DecodeServer
 from deployments.prefill.server import PrefillServer
 from deployments.protocol import TransferStats
-from deployments.traffic.manager import KVMover
+from deployments.traffic.mover import KVMover
 from engine import EngineConfig, EngineCore
 from tests.app.test_service import LocalBackend
 

@@ -120,7 +120,7 @@ def test_a_waiting_receiver_renews_the_lease_then_reads(short_lease) -> None:
     """The DE holds the descriptor (KVMover.hold) for 3 leases before reading: its renewals
     keep the PE's pages; the data arrives intact. Unheld, the same transfer expires."""
     from deployments.protocol import TransferStats
-    from deployments.traffic.manager import KVMover
+    from deployments.traffic.mover import KVMover
     from engine.output import SequenceKV
     from kvstore.transfer.nixl import TransferExpiredError
 
