@@ -10,7 +10,8 @@ Reading path:
   4. calibration.py  — the CPU device fitted to this machine's measurements (calibration.yaml)
   5. traces.py       — agentic traces: token ids for the app, lengths for the simulator
   6. events.py       — event loop, NIC links, processor-shared CPU hosts
-  7. storage.py      — SimSNIC (the live StorageNIC's dispatch rule), block keys, index
+  7. storage.py      — SimSNIC (the live StorageNIC's dispatch rule), block keys, index,
+                       block write states
   8. engines.py      — simulated PE and DE: queues, steps, LoadReports
   9. cluster.py      — SimCluster: one turn's way, planned by deployments.scheduler.policy
  10. runner.py       — offline JCT, online max rate, conservation checks

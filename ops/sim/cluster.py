@@ -37,10 +37,16 @@ from ops.sim.events import EventLoop, Host, Link
 from ops.sim.metrics import NodeTraffic, RunResult, TurnRecord
 from ops.sim.perf import PerfModel, engine_weight_bytes
 from ops.sim.presets import resolve_device, resolve_model
-from ops.sim.storage import WRITE, BlockKeys, CompactIndex, SimNode, SimSNIC, block_key
+from ops.sim.storage import (
+    WRITE,
+    BlockKeys,
+    BlockWrites,
+    CompactIndex,
+    SimNode,
+    SimSNIC,
+    block_key,
+)
 from ops.sim.traces import SimAgent
-
-UNSTORED, PENDING, STORED = 0, 1, 2
 
 
 class SimCluster:
@@ -87,7 +93,7 @@ class SimCluster:
                     self._add_engine(role, f"{node_id}/g{g}", node_id, perf)
         self.records: list[TurnRecord] = []
         self.bytes_hit_needed = 0
-        self._written: dict[int, bytearray] = {}
+        self.writes = BlockWrites()
         self._agents_left = 0
         self._barrier: list[tuple[SimAgent, int]] = []
         self._barrier_size = 0
@@ -99,31 +105,19 @@ class SimCluster:
         c = self.scenario.cluster
         if role == "prefill":
             tokens = c.pe_kv_tokens or 1 << 40  # layer-wise prefill: one layer's KV at a time
-            self.prefill[replica_id] = PrefillEngine(
-                self.loop,
-                replica_id,
-                node_id,
-                perf,
-                tokens // self.block_size,
-                self.host,
-                c.max_batched_tokens,
-                c.prefill_quota_s,
-                c.max_num_seqs,
-                # the engine's own defaults on this CPU (as the app runs), a profiled prior
-                # on GPUs; either way refitted online to the steps' durations
-                PrefillCostModel() if self.copy_rate else PrefillCostModel(*perf.cost_prior()),
-            )
         else:
             tokens = c.de_kv_tokens or perf.kv_tokens_capacity()
-            self.decode[replica_id] = DecodeEngine(
-                self.loop,
-                replica_id,
-                node_id,
-                perf,
-                tokens // self.block_size,
-                self.host,
-                c.max_num_seqs,
+        num_blocks = tokens // self.block_size
+        common = (self.loop, replica_id, node_id, perf, num_blocks, self.host, c.max_num_seqs)
+        if role == "prefill":
+            # the engine's own defaults on this CPU (as the app runs), a profiled prior on
+            # GPUs; either way refitted online to the steps' durations
+            cost = PrefillCostModel() if self.copy_rate else PrefillCostModel(*perf.cost_prior())
+            self.prefill[replica_id] = PrefillEngine(
+                *common, c.max_batched_tokens, c.prefill_quota_s, cost
             )
+        else:
+            self.decode[replica_id] = DecodeEngine(*common)
         self.cnic[replica_id] = Link(replica_id, c.cnic_bytes_per_s)
 
     # ------------------------------------------------------------------ reports
@@ -153,7 +147,7 @@ class SimCluster:
             return
         prev = agent.first_turn - 1
         blocks = (agent.prompt_len(prev) + agent.gens[prev] - 1) // self.block_size
-        self._written[agent.agent_id] = bytearray([STORED]) * blocks
+        self.writes.mark_stored(agent.agent_id, blocks)
         index = self.view.index
         if isinstance(index, CompactIndex):
             index.mark_stored(agent.agent_id, blocks)
@@ -164,18 +158,12 @@ class SimCluster:
 
     def _persist(self, agent_id: int, node: SimNode, first: int, end: int) -> None:
         """Write blocks [first, end) of an agent that are not stored or being written."""
-        state = self._written.setdefault(agent_id, bytearray())
-        if end > len(state):
-            state.extend(bytes(end - len(state)))
-        new = [b for b in range(first, end) if state[b] == UNSTORED]
+        new = self.writes.begin(agent_id, first, end)
         if not new:
             return
-        for b in new:
-            state[b] = PENDING
 
         def done() -> None:
-            for b in new:
-                state[b] = STORED
+            self.writes.complete(agent_id, new)
             node.events.extend(IndexEvent(block_key(agent_id, b), "nvme", True) for b in new)
 
         nbytes = len(new) * self.block_bytes

@@ -26,8 +26,9 @@ import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
 
-from deployments.protocol import ARRIVED_WINDOW_S, LoadReport, RecentIds
+from deployments.protocol import ARRIVED_WINDOW_S, LoadReport, RecentIds, Role
 from engine.cost_model import PrefillCostModel, attention_work
 from ops.sim.events import EventLoop, Host
 from ops.sim.metrics import TurnRecord
@@ -36,10 +37,19 @@ from ops.sim.perf import PerfModel
 MIN_CHUNK_TOKENS = 16  # engine/batch_scheduler.py: progress whatever the estimate says
 
 
-class Engine:
-    """What both roles share: identity, the host share, reports (dirty flag, arrived ids)."""
+class Task(Protocol):
+    record: TurnRecord
+    blocks: int  # KV blocks it holds while admitted
 
-    role = "prefill"
+
+T = TypeVar("T", bound=Task)
+
+
+class Engine(Generic[T]):
+    """What both roles share: identity, the host share, the waiting queue, the KV blocks
+    tasks hold while admitted, and reports (dirty flag, arrived ids, the common fields)."""
+
+    role: Role = "prefill"
 
     def __init__(
         self,
@@ -49,6 +59,7 @@ class Engine:
         perf: PerfModel,
         num_blocks: int,
         host: Host | None,
+        max_num_seqs: int,
     ):
         self.loop = loop
         self.replica_id = replica_id
@@ -58,12 +69,26 @@ class Engine:
         self.num_blocks = num_blocks
         self.free_blocks = num_blocks
         self.host = host
+        self.max_num_seqs = max_num_seqs
         self.share = 1.0
         self.dirty = True  # changed since its last report
         self.busy_s = 0.0
         self.tokens_computed = 0
         self._version = 0
+        self.waiting: deque[T] = deque()
         self.arrived = RecentIds(ARRIVED_WINDOW_S)  # ids taken in: the reports' arrived_ids
+
+    def _take_in(self, task: T) -> None:
+        """Queue a submitted task; from now on the reports name its request as arrived."""
+        self.waiting.append(task)
+        self.arrived.note(task.record.request_id, self.loop.now)
+        self.dirty = True
+
+    def _admit(self, task: T, num_blocks: int) -> None:
+        """Move the head of the queue in, holding `num_blocks` KV blocks until it is done."""
+        self.waiting.popleft()
+        task.blocks = num_blocks
+        self.free_blocks -= num_blocks
 
     def _set_busy(self, busy: bool) -> None:
         if self.host is not None:
@@ -74,6 +99,33 @@ class Engine:
 
     def on_share_change(self, now: float, share: float) -> None:
         raise NotImplementedError
+
+    def _load_report(
+        self,
+        now: float,
+        num_queued_tokens: int,
+        num_running: int,
+        num_context_tokens: int,
+        prefill_tokens_per_s: float = 0.0,
+    ) -> LoadReport:
+        """The LoadReport with the fields both roles fill in alike, and the given ones."""
+        return LoadReport(
+            replica_id=self.replica_id,
+            role=self.role,
+            node_id=self.node_id,
+            num_queued_tokens=num_queued_tokens,
+            num_running=num_running,
+            num_waiting=len(self.waiting),
+            num_free_blocks=self.free_blocks,
+            num_total_blocks=self.num_blocks,
+            block_size=self.block_size,
+            max_num_seqs=self.max_num_seqs,
+            timestamp_s=now,
+            num_context_tokens=num_context_tokens,
+            kv_bytes_per_token=self.perf.model.kv_bytes_per_token,
+            prefill_tokens_per_s=prefill_tokens_per_s,
+            arrived_ids=self.arrived.within(now),
+        )
 
 
 @dataclass(slots=True)
@@ -91,7 +143,7 @@ class PrefillTask:
         return self.num_tokens - self.num_computed
 
 
-class PrefillEngine(Engine):
+class PrefillEngine(Engine[PrefillTask]):
     role = "prefill"
 
     def __init__(
@@ -102,18 +154,16 @@ class PrefillEngine(Engine):
         perf: PerfModel,
         num_blocks: int,
         host: Host | None,
+        max_num_seqs: int,
         max_batched_tokens: int,
         quota_s: float | None,
-        max_num_seqs: int,
         cost_model: PrefillCostModel | None = None,
     ):
-        super().__init__(loop, replica_id, node_id, perf, num_blocks, host)
+        super().__init__(loop, replica_id, node_id, perf, num_blocks, host, max_num_seqs)
         self.cost = cost_model or PrefillCostModel()
         self.max_batched_tokens = max_batched_tokens
         self.quota_s = quota_s
-        self.max_num_seqs = max_num_seqs
         self.watermark = max(1, num_blocks // 100)
-        self.waiting: deque[PrefillTask] = deque()
         self.running: list[PrefillTask] = []
         self._step: list[tuple[PrefillTask, int]] = []
         self._work_left = 0.0  # uncontended seconds left in the current step
@@ -122,9 +172,7 @@ class PrefillEngine(Engine):
         self._started = 0.0
 
     def submit(self, task: PrefillTask) -> None:
-        self.waiting.append(task)
-        self.arrived.note(task.record.request_id, self.loop.now)
-        self.dirty = True
+        self._take_in(task)
         if not self._step:
             self._start_step()
 
@@ -160,9 +208,7 @@ class PrefillEngine(Engine):
             room = self.free_blocks - (self.watermark if self.running else 0)
             if len(self.running) >= self.max_num_seqs or (need > room and self.running):
                 break
-            self.waiting.popleft()
-            task.blocks = need
-            self.free_blocks -= need
+            self._admit(task, need)
             self.running.append(task)
             import_s += task.import_s
             load_s += task.load_s
@@ -223,22 +269,12 @@ class PrefillEngine(Engine):
 
     def load_report(self, now: float) -> LoadReport:
         tasks = [*self.waiting, *self.running]
-        return LoadReport(
-            replica_id=self.replica_id,
-            role="prefill",
-            node_id=self.node_id,
+        return self._load_report(
+            now,
             num_queued_tokens=sum(t.remaining for t in tasks),
             num_running=len(self.running),
-            num_waiting=len(self.waiting),
-            num_free_blocks=self.free_blocks,
-            num_total_blocks=self.num_blocks,
-            block_size=self.block_size,
-            max_num_seqs=self.max_num_seqs,
-            timestamp_s=now,
             num_context_tokens=sum(t.num_tokens for t in tasks),
-            kv_bytes_per_token=self.perf.model.kv_bytes_per_token,
             prefill_tokens_per_s=self.tokens_computed / self.busy_s if self.busy_s > 1 else 0.0,
-            arrived_ids=self.arrived.within(now),
         )
 
 
@@ -254,7 +290,7 @@ class DecodeTask:
     seq: int = field(default=0)
 
 
-class DecodeEngine(Engine):
+class DecodeEngine(Engine[DecodeTask]):
     role = "decode"
 
     def __init__(
@@ -267,9 +303,7 @@ class DecodeEngine(Engine):
         host: Host | None,
         max_num_seqs: int,
     ):
-        super().__init__(loop, replica_id, node_id, perf, num_blocks, host)
-        self.max_num_seqs = max_num_seqs
-        self.waiting: deque[DecodeTask] = deque()
+        super().__init__(loop, replica_id, node_id, perf, num_blocks, host, max_num_seqs)
         self.running: dict[int, DecodeTask] = {}
         self._finish: list[tuple[float, int]] = []  # (progress at which it is done, seq)
         self._progress = 0.0  # tokens every running sequence has advanced since start
@@ -281,23 +315,19 @@ class DecodeEngine(Engine):
         self._topk = perf.model.sparse_topk
 
     def submit(self, task: DecodeTask) -> None:
-        self.waiting.append(task)
-        self.arrived.note(task.record.request_id, self.loop.now)
-        self.dirty = True
+        self._take_in(task)
         self._advance(self.loop.now)
-        self._admit()
+        self._admit_waiting()
         self._reschedule()
 
-    def _admit(self) -> None:
+    def _admit_waiting(self) -> None:
         while self.waiting and len(self.running) < self.max_num_seqs:
             task = self.waiting[0]
             need = self.blocks_for(task.context + task.num_steps)
             if need > self.free_blocks and self.running:
                 return
-            self.waiting.popleft()
+            self._admit(task, need)
             task.record.decode_admit_s = self.loop.now
-            task.blocks = need
-            self.free_blocks -= need
             self._seq += 1
             task.seq, task.joined_at = self._seq, self._progress
             task.keys = min(task.context, self._topk) if self._topk else task.context
@@ -350,7 +380,7 @@ class DecodeEngine(Engine):
             self._sum_keys -= task.keys
             done.append(task)
         self.dirty = True
-        self._admit()
+        self._admit_waiting()
         self._reschedule()
         for task in done:
             task.on_done(task)
@@ -359,19 +389,9 @@ class DecodeEngine(Engine):
         waiting_tokens = sum(t.context for t in self.waiting)
         n = len(self.running)
         held = self._sum_ctx0 + n * (self._progress + (now - self._last) * self._rate)
-        return LoadReport(
-            replica_id=self.replica_id,
-            role="decode",
-            node_id=self.node_id,
+        return self._load_report(
+            now,
             num_queued_tokens=waiting_tokens + n,
             num_running=n,
-            num_waiting=len(self.waiting),
-            num_free_blocks=self.free_blocks,
-            num_total_blocks=self.num_blocks,
-            block_size=self.block_size,
-            max_num_seqs=self.max_num_seqs,
-            timestamp_s=now,
             num_context_tokens=int(held) + waiting_tokens,
-            kv_bytes_per_token=self.perf.model.kv_bytes_per_token,
-            arrived_ids=self.arrived.within(now),
         )

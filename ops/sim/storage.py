@@ -9,6 +9,7 @@ BlockKeys    the chain keys of an agent's first n blocks, made on demand: the ke
 CompactIndex the KVIndex contract the policy uses (`longest_prefix`, `apply`) for
              NVMe-tier blocks, stored as one bytearray per agent instead of an entry
              per block; the "exact" index option keeps kvstore.index.KVIndex itself.
+BlockWrites  each agent block's WriteState, so that every block is written once.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import struct
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import overload
 
 from deployments.protocol import ARRIVED_WINDOW_S, NodeReport, RecentIds
@@ -30,6 +32,14 @@ _ON_NVME = IndexEntry(on_nvme=True)  # every stored block of the compact index (
 
 def block_key(agent_id: int, block: int) -> bytes:
     return _KEY.pack(agent_id, block)
+
+
+def _agent_bytes(table: dict[int, bytearray], agent_id: int, num_blocks: int) -> bytearray:
+    """An agent's one byte per block in `table`, grown with zeros to at least `num_blocks`."""
+    per_block = table.setdefault(agent_id, bytearray())
+    if num_blocks > len(per_block):
+        per_block.extend(bytes(num_blocks - len(per_block)))
+    return per_block
 
 
 class BlockKeys(Sequence[bytes]):
@@ -78,18 +88,14 @@ class CompactIndex:
     def apply(self, events: Iterable[IndexEvent], now: float = 0.0) -> None:
         for event in events:
             agent_id, block = _KEY.unpack(event.key)
-            bits = self.stored.setdefault(agent_id, bytearray())
-            if block >= len(bits):
-                bits.extend(b"\0" * (block + 1 - len(bits)))
+            bits = _agent_bytes(self.stored, agent_id, block + 1)
             was = bits[block]
             bits[block] = 1 if event.present else 0
             self.num_blocks += bits[block] - was
 
     def mark_stored(self, agent_id: int, num_blocks: int) -> None:
         """Blocks [0, num_blocks) of an agent are stored (a window's earlier context)."""
-        bits = self.stored.setdefault(agent_id, bytearray())
-        if num_blocks > len(bits):
-            bits.extend(bytes(num_blocks - len(bits)))
+        bits = _agent_bytes(self.stored, agent_id, num_blocks)
         self.num_blocks += num_blocks - bits.count(1, 0, num_blocks)
         bits[:num_blocks] = b"\1" * num_blocks
 
@@ -124,6 +130,38 @@ class CompactIndex:
 
     def stats(self) -> dict[str, int]:
         return {"blocks": self.num_blocks, "nvme_blocks": self.num_blocks, "dram_blocks": 0}
+
+
+class WriteState(IntEnum):
+    UNSTORED = 0
+    PENDING = 1  # its write is queued on (or crossing) a SNIC
+    STORED = 2  # written; the index learns of it at the writing node's next report
+
+
+class BlockWrites:
+    """Each agent block's WriteState: a block is written once, by whichever engine first
+    holds it, however many turns' KV contain it."""
+
+    def __init__(self) -> None:
+        self._states: dict[int, bytearray] = {}
+
+    def mark_stored(self, agent_id: int, num_blocks: int) -> None:
+        """Blocks [0, num_blocks) of an agent are stored already (a window's earlier context)."""
+        self._states[agent_id] = bytearray([WriteState.STORED]) * num_blocks
+
+    def begin(self, agent_id: int, first: int, end: int) -> list[int]:
+        """The blocks in [first, end) neither stored nor being written, now PENDING."""
+        states = _agent_bytes(self._states, agent_id, end)
+        new = [b for b in range(first, end) if states[b] == WriteState.UNSTORED]
+        for b in new:
+            states[b] = WriteState.PENDING
+        return new
+
+    def complete(self, agent_id: int, blocks: list[int]) -> None:
+        """`begin`'s blocks are written."""
+        states = self._states[agent_id]
+        for b in blocks:
+            states[b] = WriteState.STORED
 
 
 @dataclass(slots=True)

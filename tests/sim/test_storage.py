@@ -1,4 +1,4 @@
-"""Storage pieces: the SNIC's dispatch rule and the compact index's contract."""
+"""Storage pieces: the SNIC's dispatch rule, the compact index's contract, write states."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from kvstore.index import IndexEvent, KVIndex
 from ops.sim.events import EventLoop
-from ops.sim.storage import READ, WRITE, BlockKeys, CompactIndex, SimSNIC, block_key
+from ops.sim.storage import READ, WRITE, BlockKeys, BlockWrites, CompactIndex, SimSNIC, block_key
 
 
 def test_reads_go_first_but_writes_keep_their_share() -> None:
@@ -68,3 +68,15 @@ def test_block_keys_are_a_prefix_chain() -> None:
     assert list(BlockKeys(7, 5)[::2]) == [block_key(7, b) for b in (0, 2, 4)]
     assert BlockKeys(7, 5)[-1] == block_key(7, 4)
     assert len({*BlockKeys(1, 4), *BlockKeys(2, 4)}) == 8
+
+
+def test_each_block_is_written_once() -> None:
+    """A block already stored or with its write under way is not written again: the
+    persisted bytes the conservation check counts are each block's once."""
+    writes = BlockWrites()
+    writes.mark_stored(7, 2)  # a window's earlier context
+    assert writes.begin(7, 0, 5) == [2, 3, 4]
+    assert writes.begin(7, 3, 6) == [5]  # 3 and 4 are pending
+    writes.complete(7, [2, 3, 4])
+    assert writes.begin(7, 0, 6) == []
+    assert writes.begin(8, 1, 3) == [1, 2]  # another agent's chain: its own states
