@@ -53,7 +53,7 @@ from tqdm import tqdm
 from engine.config import default_model_dir
 from ops.bench._report import machine_info, write_report
 from ops.bench._serve import deep_merge, deploy, serve_session
-from ops.sim.traces import Agent, make_trace
+from ops.sim.traces import BENCH_TRACE, Agent, make_trace
 
 logger = logging.getLogger(__name__)
 APP = "dualpath-agentic"
@@ -65,8 +65,7 @@ LAYOUT = (  # what _deploy runs, as every report states it
     "store without DRAM cache, NVMe tier in a temp directory"
 )
 KV_COUNTERS = ("read_timeouts", "blocks_from_write_buffer", "corrupt_or_missing", "persist_dropped")
-# The default trace shape (docs/BENCHMARKS.md's table; the sweep's `default` shape).
-DEFAULT_SHAPE = {"agents": 4, "turns": 6, "context": 1024, "append": 128, "gen": 8}
+DEFAULT_SHAPE = BENCH_TRACE  # docs/BENCHMARKS.md's table; the sweep's `default` shape
 DEFAULT_KV_CACHE_MIB = 160
 NIXL_STAGING_MIB = 256  # deployments' default per-engine NIXL pool
 COLUMNS = [

@@ -48,6 +48,7 @@ from typing import Any
 from tqdm import tqdm
 
 from ops.bench._report import RESULTS_DIR, _fmt, machine_info
+from ops.sim.traces import BENCH_TRACE
 
 logger = logging.getLogger(__name__)
 MODEL_CONTEXT = 8192  # SmolLM2-135M's max_position_embeddings
@@ -107,7 +108,7 @@ class Shape:
 SHAPES: dict[str, Shape] = {
     s.name: s
     for s in (
-        Shape("default", agents=4, turns=6, context=1024, append=128, gen=8),
+        Shape("default", **BENCH_TRACE),
         Shape(
             "heavy-append", agents=2, turns=3, context=512, append=1000, gen=16, kv_cache_mib=512
         ),

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deployments.scheduler.policy import PolicyName
+from ops.sim.traces import BENCH_TRACE
 
 DType = Literal["fp32", "bf16", "fp8"]
 
@@ -130,10 +131,10 @@ class TraceConfig(Section):
     warmup_turns: int = Field(default=0, ge=0, description="untimed turns before JCT starts")
     seed: int = 0
     # the one-machine benchmark's make_trace arguments (preset "bench")
-    turns: int = 6
-    context: int = 1024
-    append: int = 128
-    gen: int = 8
+    turns: int = BENCH_TRACE["turns"]
+    context: int = BENCH_TRACE["context"]
+    append: int = BENCH_TRACE["append"]
+    gen: int = BENCH_TRACE["gen"]
 
 
 class OnlineConfig(Section):

@@ -15,7 +15,12 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
+
+# The one-machine benchmark's default trace, as make_trace's arguments: ops/bench/agentic.py's
+# defaults (docs/BENCHMARKS.md's table), its sweep's `default` shape, the simulator's "bench"
+BENCH_TRACE = MappingProxyType({"agents": 4, "turns": 6, "context": 1024, "append": 128, "gen": 8})
 
 
 @dataclass
