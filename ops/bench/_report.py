@@ -18,17 +18,24 @@ from rich.table import Table
 RESULTS_DIR = Path("bench-results")
 
 
-def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or ""
+def cpu_model_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name: the first "model name" line of `cpuinfo` (Linux), else
+    `platform.processor()`, "" where neither knows."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in cpuinfo.read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or ""
+
+
+def machine_info() -> dict[str, Any]:
+    """What a benchmark ran on, for its report's meta: the CPU's model name and the SIMD
+    level torch's CPU kernels dispatch to (`cpu_capability`, e.g. "AVX2"), thread counts,
+    versions, GPU, time and command line."""
     return {
-        "cpu": cpu,
+        "cpu": cpu_model_name(),
         "logical_cpus": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
