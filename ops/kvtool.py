@@ -130,6 +130,12 @@ def read_entry(path: Path) -> Entry | None:
     return Entry(path, st.st_size, st.st_mtime, header)
 
 
+def read_entries(root: Path) -> tuple[list[Entry], list[Entry]]:
+    """The entry of every block file under `root` (bar vanished ones), and the valid ones."""
+    entries = [e for p in block_files(root) if (e := read_entry(p)) is not None]
+    return entries, [e for e in entries if e.header is not None]
+
+
 def check_file(path: Path) -> tuple[str, str, os.stat_result | None]:
     """(status, reason, stat) of one block file, reading it whole: `decode_block` checks the
     header and payload checksums and that the file holds the key its name says. Status is
@@ -166,8 +172,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     root = _root(args)
     if _missing(root):
         return 2
-    entries = [e for p in block_files(root) if (e := read_entry(p)) is not None]
-    good = [e for e in entries if e.header is not None]
+    entries, good = read_entries(root)
     groups: Counter[tuple[str, tuple[int, ...]]] = Counter()
     group_bytes: Counter[tuple[str, tuple[int, ...]]] = Counter()
     for e in good:
@@ -226,8 +231,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     root = _root(args)
     if _missing(root):
         return 2
-    entries = [e for p in block_files(root) if (e := read_entry(p)) is not None]
-    good = [e for e in entries if e.header is not None]
+    entries, good = read_entries(root)
     good.sort(key=(lambda e: e.mtime) if args.sort == "mtime" else (lambda e: e.size))
     good.reverse()  # newest / largest first
     shown = good[: args.limit] if args.limit > 0 else good
