@@ -47,6 +47,8 @@ APP = "dualpath-admission"
 MODEL = "bench-model"
 TIERS = ("priority", "default", "flex")
 KEYS = {"t1": "sk-bench-t1", "t2": "sk-bench-t2"}
+# an answer, or a refusal that fails closed (with Retry-After): anything else is a bug
+FAIL_CLOSED_STATUSES = frozenset({200, 429, 503, 408})
 COLUMNS = [
     "phase",
     "tier",
@@ -205,7 +207,7 @@ def summarise(phase: str, results: list[Result], reference_p99: float | None) ->
                 "pe_p99_s": pct(engine, 0.99),
                 "e2e_p50_s": pct([r.e2e_s for r in mine if r.e2e_s is not None], 0.5),
                 "p99_vs_unloaded": round(p99 / reference_p99, 2) if p99 and reference_p99 else None,
-                "other_status": sorted({r.status for r in mine} - {200, 429, 503, 408}),
+                "other_status": sorted({r.status for r in mine} - FAIL_CLOSED_STATUSES),
             }
         )
     return rows

@@ -51,7 +51,7 @@ from ops.bench.admission import (
 
 logger = logging.getLogger(__name__)
 APP = "dualpath-soak"
-ALLOWED = {200, 429, 503, 408}
+ALLOWED = admission.FAIL_CLOSED_STATUSES
 # the admission benchmark's columns (the same `summarise` rows) less the queue median and PE
 # times, plus the statuses outside ALLOWED
 _UNREPORTED = {"queue_p50_s", "pe_p50_s", "pe_p99_s"}
