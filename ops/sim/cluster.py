@@ -32,7 +32,7 @@ from deployments.scheduler.view import ClusterView
 from engine.cost_model import PrefillCostModel
 from kvstore.index import IndexEvent
 from ops.sim.config import Scenario
-from ops.sim.engines import DecodeEngine, DecodeTask, PrefillEngine, PrefillTask
+from ops.sim.engines import DecodeEngine, DecodeTask, EngineSpec, PrefillEngine, PrefillTask
 from ops.sim.events import EventLoop, Host, Link
 from ops.sim.metrics import NodeTraffic, RunResult, TurnRecord
 from ops.sim.perf import PerfModel, engine_weight_bytes
@@ -107,17 +107,17 @@ class SimCluster:
             tokens = c.pe_kv_tokens or 1 << 40  # layer-wise prefill: one layer's KV at a time
         else:
             tokens = c.de_kv_tokens or perf.kv_tokens_capacity()
-        num_blocks = tokens // self.block_size
-        common = (self.loop, replica_id, node_id, perf, num_blocks, self.host, c.max_num_seqs)
+        blocks = tokens // self.block_size
+        spec = EngineSpec(self.loop, replica_id, node_id, perf, blocks, self.host, c.max_num_seqs)
         if role == "prefill":
             # the engine's own defaults on this CPU (as the app runs), a profiled prior on
             # GPUs; either way refitted online to the steps' durations
             cost = PrefillCostModel() if self.copy_rate else PrefillCostModel(*perf.cost_prior())
             self.prefill[replica_id] = PrefillEngine(
-                *common, c.max_batched_tokens, c.prefill_quota_s, cost
+                spec, c.max_batched_tokens, c.prefill_quota_s, cost
             )
         else:
-            self.decode[replica_id] = DecodeEngine(*common)
+            self.decode[replica_id] = DecodeEngine(spec)
         self.cnic[replica_id] = Link(replica_id, c.cnic_bytes_per_s)
 
     # ------------------------------------------------------------------ reports

@@ -45,31 +45,35 @@ class Task(Protocol):
 T = TypeVar("T", bound=Task)
 
 
+@dataclass(frozen=True, slots=True)
+class EngineSpec:
+    """What an engine of either role is built with: where it runs and what it holds."""
+
+    loop: EventLoop
+    replica_id: str
+    node_id: str
+    perf: PerfModel
+    num_blocks: int  # its KV pool
+    host: Host | None  # the CPU cores it shares (CPU devices), None on a GPU
+    max_num_seqs: int
+
+
 class Engine(Generic[T]):
     """What both roles share: identity, the host share, the waiting queue, the KV blocks
     tasks hold while admitted, and reports (dirty flag, arrived ids, the common fields)."""
 
     role: Role = "prefill"
 
-    def __init__(
-        self,
-        loop: EventLoop,
-        replica_id: str,
-        node_id: str,
-        perf: PerfModel,
-        num_blocks: int,
-        host: Host | None,
-        max_num_seqs: int,
-    ):
-        self.loop = loop
-        self.replica_id = replica_id
-        self.node_id = node_id
-        self.perf = perf
-        self.block_size = perf.model.block_size
-        self.num_blocks = num_blocks
-        self.free_blocks = num_blocks
-        self.host = host
-        self.max_num_seqs = max_num_seqs
+    def __init__(self, spec: EngineSpec):
+        self.loop = spec.loop
+        self.replica_id = spec.replica_id
+        self.node_id = spec.node_id
+        self.perf = spec.perf
+        self.block_size = spec.perf.model.block_size
+        self.num_blocks = spec.num_blocks
+        self.free_blocks = spec.num_blocks
+        self.host = spec.host
+        self.max_num_seqs = spec.max_num_seqs
         self.share = 1.0
         self.dirty = True  # changed since its last report
         self.busy_s = 0.0
@@ -148,22 +152,16 @@ class PrefillEngine(Engine[PrefillTask]):
 
     def __init__(
         self,
-        loop: EventLoop,
-        replica_id: str,
-        node_id: str,
-        perf: PerfModel,
-        num_blocks: int,
-        host: Host | None,
-        max_num_seqs: int,
+        spec: EngineSpec,
         max_batched_tokens: int,
         quota_s: float | None,
         cost_model: PrefillCostModel | None = None,
     ):
-        super().__init__(loop, replica_id, node_id, perf, num_blocks, host, max_num_seqs)
+        super().__init__(spec)
         self.cost = cost_model or PrefillCostModel()
         self.max_batched_tokens = max_batched_tokens
         self.quota_s = quota_s
-        self.watermark = max(1, num_blocks // 100)
+        self.watermark = max(1, spec.num_blocks // 100)
         self.running: list[PrefillTask] = []
         self._step: list[tuple[PrefillTask, int]] = []
         self._work_left = 0.0  # uncontended seconds left in the current step
@@ -293,17 +291,8 @@ class DecodeTask:
 class DecodeEngine(Engine[DecodeTask]):
     role = "decode"
 
-    def __init__(
-        self,
-        loop: EventLoop,
-        replica_id: str,
-        node_id: str,
-        perf: PerfModel,
-        num_blocks: int,
-        host: Host | None,
-        max_num_seqs: int,
-    ):
-        super().__init__(loop, replica_id, node_id, perf, num_blocks, host, max_num_seqs)
+    def __init__(self, spec: EngineSpec):
+        super().__init__(spec)
         self.running: dict[int, DecodeTask] = {}
         self._finish: list[tuple[float, int]] = []  # (progress at which it is done, seq)
         self._progress = 0.0  # tokens every running sequence has advanced since start
@@ -312,7 +301,7 @@ class DecodeEngine(Engine[DecodeTask]):
         self._sum_ctx0 = 0.0  # sum of (context at admission - progress at admission)
         self._sum_keys = 0.0
         self._seq = 0
-        self._topk = perf.model.sparse_topk
+        self._topk = spec.perf.model.sparse_topk
 
     def submit(self, task: DecodeTask) -> None:
         self._take_in(task)
