@@ -5,11 +5,25 @@ cluster simulator."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import uuid
 from pathlib import Path
 
 from ops.logging import setup_logging
+
+# `python -m ops bench <name>` runs ops/bench/<name, - as _>.py's main(argv)
+BENCHMARKS = (
+    "engine",
+    "serve",
+    "agentic",
+    "kv-hit",
+    "admission",
+    "tracing",
+    "soak",
+    "sparse-attention",
+    "kernels",
+)
 
 
 def _cmd_model_fetch(args: argparse.Namespace) -> int:
@@ -77,43 +91,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    if args.which == "engine":
-        from ops.bench.engine import main as bench_main
-
-        return bench_main(args.rest)
-    if args.which == "serve":
-        from ops.bench.serve import main as serve_main
-
-        return serve_main(args.rest)
-    if args.which == "kv-hit":
-        from ops.bench.kv_hit import main as kv_hit_main
-
-        return kv_hit_main(args.rest)
-    if args.which == "agentic":
-        from ops.bench.agentic import main as agentic_main
-
-        return agentic_main(args.rest)
-    if args.which == "admission":
-        from ops.bench.admission import main as admission_main
-
-        return admission_main(args.rest)
-    if args.which == "soak":
-        from ops.bench.soak import main as soak_main
-
-        return soak_main(args.rest)
-    if args.which == "kernels":
-        from ops.bench.kernels import main as kernels_main
-
-        return kernels_main(args.rest)
-    if args.which == "sparse-attention":
-        from ops.bench.sparse_attention import main as sparse_attention_main
-
-        return sparse_attention_main(args.rest)
-    if args.which == "tracing":
-        from ops.bench.tracing import main as tracing_main
-
-        return tracing_main(args.rest)
-    raise SystemExit(f"unknown benchmark {args.which!r}")
+    module = importlib.import_module(f"ops.bench.{args.which.replace('-', '_')}")
+    return module.main(args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,20 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=_cmd_chat)
 
     bench = sub.add_parser("bench", help="run a benchmark (ops/bench/<name>.py)")
-    bench.add_argument(
-        "which",
-        choices=[
-            "engine",
-            "serve",
-            "agentic",
-            "kv-hit",
-            "admission",
-            "tracing",
-            "soak",
-            "sparse-attention",
-            "kernels",
-        ],
-    )
+    bench.add_argument("which", choices=BENCHMARKS)
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     bench.set_defaults(func=_cmd_bench)
 
