@@ -13,12 +13,14 @@ from engine.config import EngineConfig, ModelConfig
 from engine.core import EngineCore
 from engine.errors import InvalidRequestError
 from engine.output import RequestOutput, SequenceKV
+from engine.request import EngineRequest
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 
 __all__ = [
     "EngineConfig",
     "EngineCore",
+    "EngineRequest",
     "InvalidRequestError",
     "ModelConfig",
     "RequestOutput",

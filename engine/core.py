@@ -17,10 +17,11 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
 from engine.cost_model import attention_work
 from engine.errors import InvalidRequestError
-from engine.kv_handoff import KVHandoffMixin
-from engine.kv_import import ImportStats, PrefixKV
+from engine.kv_import import ImportStats
+from engine.kv_port import KVPort
 from engine.loader import generation_eos_ids, model_fingerprint
 from engine.output import OutputState, RequestOutput, SequenceKV
+from engine.request import EngineRequest
 from engine.runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob
@@ -34,7 +35,7 @@ def plan_ids(plan: StepPlan) -> list[str]:
     return [chunk.seq.request_id for chunk in plan.chunks]
 
 
-class EngineCore(KVHandoffMixin):
+class EngineCore:
     def __init__(self, config: EngineConfig, tokenizer: Tokenizer | None = None):
         self.config = config
         if config.num_threads is not None:
@@ -59,9 +60,9 @@ class EngineCore(KVHandoffMixin):
             *generation_eos_ids(config.model),
         }
         self.runner = ModelRunner(config, self.model_config, num_blocks, sorted(self.eos_token_ids))
+        self.kv_port = KVPort(self.block_manager, self.runner.kv_cache)
         self.seqs: dict[str, Sequence] = {}
         self.states: dict[str, OutputState] = {}
-        self.persist_out: list[tuple[bytes, torch.Tensor]] = []
         self.num_computed_total = 0  # tokens run through the model so far
         self.last_plan: StepPlan | None = None  # the latest step's chunks (for tracing)
         self.import_totals = ImportStats()  # stored-KV imports so far (layer-wise overlap)
@@ -78,118 +79,64 @@ class EngineCore(KVHandoffMixin):
         )
 
     # ------------------------------------------------------------------ requests
-    def add_request(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams | None = None,
-        tenant_salt: bytes = b"",
-        kv: SequenceKV | None = None,
-        prefix: PrefixKV | None = None,
-        persist_from_block: int | None = None,
-    ) -> None:
-        """Queue a request.
-
-        Args:
-            request_id: unique among unfinished requests.
-            prompt_token_ids: the full prompt (already templated and tokenised).
-            params: sampling parameters (defaults: temperature 1, max_tokens 256).
-            tenant_salt: enters every block key, so tenants never share cached KV.
-            kv: KV already computed elsewhere for a prefix of the prompt (PD handoff); its
-                blocks before `kv.num_de_blocks` come from `prefix`. `kv.data` None (transfer
-                failed): resume from its tokens, recomputing the KV.
-            prefix: stored KV of the prompt's leading full blocks (those blocks are not
-                computed).
-            persist_from_block: hand every full block from this index on to
-                `drain_persist()` as it fills (None: never); earlier blocks are stored already.
+    def add_request(self, request: EngineRequest) -> None:
+        """Queue a request (one engine, or the DE side of a PD request with `request.kv`).
 
         Raises:
             InvalidRequestError: empty/too-long prompt, unknown token ids, duplicate id,
                 KV that does not belong to this prompt.
+            ValueError: `request.num_de_blocks` set (it is the PE's).
         """
-        self._add(
-            request_id,
-            prompt_token_ids,
-            params,
-            tenant_salt,
-            kv,
-            prefill_only=False,
-            prefix=prefix,
-            persist_from_block=persist_from_block,
-        )
+        if request.num_de_blocks:
+            raise ValueError("num_de_blocks is the PE's (add_prefill)")
+        self._add(request, prefill_only=False)
 
-    def add_prefill(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams | None = None,
-        tenant_salt: bytes = b"",
-        prefix: PrefixKV | None = None,
-        num_de_blocks: int = 0,
-        priority: int = 0,
-    ) -> None:
+    def add_prefill(self, request: EngineRequest) -> None:
         """Queue the PE side of a PD request: prefill the prompt, sample the first token with
         the request's own params, then stop. That output carries `kv` (the prompt's KV from
-        block `num_de_blocks` on and the first token) unless
-        the request already finished; `add_request(..., kv=...)` on the decode engine
-        continues exactly as one engine. `prefix`: stored KV of leading blocks (not computed).
-        `priority`: lower values are prefilled first (the ingress's service tiers).
-        """
-        self._add(
-            request_id,
-            prompt_token_ids,
-            params,
-            tenant_salt,
-            None,
-            prefill_only=True,
-            prefix=prefix,
-            num_de_blocks=num_de_blocks,
-            priority=priority,
-        )
+        block `request.num_de_blocks` on and the first token) unless the request already
+        finished; `add_request` with that `kv` on the decode engine continues exactly as one
+        engine.
 
-    def _add(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams | None,
-        tenant_salt: bytes,
-        kv: SequenceKV | None,
-        prefill_only: bool,
-        prefix: PrefixKV | None = None,
-        num_de_blocks: int = 0,
-        persist_from_block: int | None = None,
-        priority: int = 0,
-    ) -> None:
-        params = params or SamplingParams()
-        self._validate(request_id, prompt_token_ids, params, kv)
+        Raises:
+            InvalidRequestError: as `add_request`.
+            ValueError: `request.kv` or `request.persist_from_block` set (they are the DE's).
+        """
+        if request.kv is not None or request.persist_from_block is not None:
+            raise ValueError("kv and persist_from_block are the DE's (add_request)")
+        self._add(request, prefill_only=True)
+
+    def _add(self, request: EngineRequest, prefill_only: bool) -> None:
+        params, kv, prefix = request.params, request.kv, request.prefix
+        self._validate(request.request_id, request.prompt_token_ids, params, kv)
         seq = Sequence(
-            request_id=request_id,
-            token_ids=list(prompt_token_ids),
+            request_id=request.request_id,
+            token_ids=list(request.prompt_token_ids),
             params=params,
-            root_key=root_key(self.model_id, tenant_salt),
+            root_key=root_key(self.model_id, request.tenant_salt),
             prefill_only=prefill_only,
-            num_de_blocks=num_de_blocks,
-            persist_from_block=persist_from_block,
-            priority=priority,
+            num_de_blocks=request.num_de_blocks,
+            persist_from_block=request.persist_from_block,
+            priority=request.priority,
         )
         if prefix is not None and prefix.num_blocks:
-            self._check_prefix(seq, prefix)
+            self.kv_port.check_prefix(seq, prefix)
             if kv is None:
                 seq.prefix_kv = prefix
         state = OutputState(self.tokenizer, params)
         imported = kv is not None and kv.data is not None
         if kv is not None:
-            self._resume(seq, kv)
+            seq.token_ids.extend(kv.output_token_ids)  # resume after the PE's first token
             if imported:
-                self._import_kv(seq, kv, prefix)
-                self._collect_persist(seq)
+                self.kv_port.import_kv(seq, kv, prefix)
+                self.kv_port.collect_persist(seq)
             elif prefix is not None and prefix.num_blocks:
                 seq.prefix_kv = prefix  # resumed without KV: recompute what is not stored
             if kv.output_token_ids:
                 # replay what the PE already emitted: stop strings and deltas continue from it
                 state.update(list(kv.output_token_ids), finishing=False, check_stop=False)
-        self.seqs[request_id] = seq
-        self.states[request_id] = state
+        self.seqs[seq.request_id] = seq
+        self.states[seq.request_id] = state
         if imported:
             seq.status = SequenceStatus.RUNNING
             self.scheduler.running.append(seq)
@@ -221,6 +168,22 @@ class EngineCore(KVHandoffMixin):
     def has_unfinished(self) -> bool:
         return bool(self.seqs)
 
+    def export_kv(self, request_id: str, num_de_blocks: int = 0) -> SequenceKV:
+        """Copy out the computed KV of an unfinished request as Full Blocks, from
+        `num_de_blocks` on (the receiver holds the blocks before it).
+
+        Raises:
+            InvalidRequestError: the request is unknown or already finished.
+        """
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            raise InvalidRequestError(f"no unfinished request {request_id!r} to export")
+        return self.kv_port.export(seq, num_de_blocks)
+
+    def drain_persist(self) -> list[tuple[bytes, torch.Tensor]]:
+        """Full blocks that filled since the last call, as (key, Full Block copy)."""
+        return self.kv_port.drain_persist()
+
     # ------------------------------------------------------------------ step
     def step(self) -> list[RequestOutput]:
         """Run one batch step; return what each sampled request produced."""
@@ -243,7 +206,7 @@ class EngineCore(KVHandoffMixin):
             chunk.seq.num_computed_tokens = chunk.start + chunk.num_tokens
             chunk.seq.prefix_kv = None  # imported (or cached locally): release the source
             self.block_manager.cache_full_blocks(chunk.seq)
-            self._collect_persist(chunk.seq)
+            self.kv_port.collect_persist(chunk.seq)
         if result is None:
             return []
         outputs = []
@@ -290,7 +253,7 @@ class EngineCore(KVHandoffMixin):
 
     def _hand_off(self, seq: Sequence) -> SequenceKV:
         """Export the prompt's KV and the first token, then drop the sequence (PE side)."""
-        kv = self.export_kv(seq.request_id, seq.num_de_blocks)
+        kv = self.kv_port.export(seq, seq.num_de_blocks)
         kv.output_token_ids = list(seq.output_token_ids)
         self._finish(seq, FinishReason.STOP)
         return kv
@@ -341,7 +304,7 @@ class EngineCore(KVHandoffMixin):
         ids = [f"gen-{next(self._arrivals)}" for _ in prompts]
         try:
             for rid, prompt, p in zip(ids, prompts, params_list, strict=True):
-                self.add_request(rid, prompt, p)
+                self.add_request(EngineRequest(rid, prompt, p or SamplingParams()))
         except Exception:
             for rid in ids:
                 self.abort(rid)

@@ -43,7 +43,7 @@ def _cmd_model_fetch(args: argparse.Namespace) -> int:
 def _cmd_chat(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from engine import EngineConfig, EngineCore, SamplingParams
+    from engine import EngineConfig, EngineCore, EngineRequest, SamplingParams
     from engine.config import default_model_dir
 
     console = Console()
@@ -73,7 +73,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "user", "content": user})
         rid = uuid.uuid4().hex
         try:
-            engine.add_request(rid, engine.tokenizer.encode_chat(messages), params)
+            engine.add_request(EngineRequest(rid, engine.tokenizer.encode_chat(messages), params))
         except ValueError as e:  # InvalidRequestError, ChatTemplateError
             console.print(f"[red]error:[/] {e} (/reset clears the history)")
             messages.pop()

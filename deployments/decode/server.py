@@ -26,6 +26,7 @@ from deployments.protocol import DecodeJob
 from engine.core import EngineCore
 from engine.kv_import import PrefixKV
 from engine.output import RequestOutput, SequenceKV
+from engine.request import EngineRequest
 
 logger = logging.getLogger(__name__)
 
@@ -49,16 +50,18 @@ class DecodeServer(EngineServer):
             num_tokens = len(job.prompt_token_ids) + (len(kv.output_token_ids) if kv else 0)
             persist_from = job.num_stored_blocks if self.persist is not None else None
 
+            request = EngineRequest(
+                job.request_id,
+                job.prompt_token_ids,
+                job.params,
+                job.tenant_salt,
+                prefix=prefix,
+                kv=kv,
+                persist_from_block=persist_from,
+            )
+
             def add(engine: EngineCore) -> None:
-                engine.add_request(
-                    job.request_id,
-                    job.prompt_token_ids,
-                    job.params,
-                    job.tenant_salt,
-                    kv=kv,
-                    prefix=prefix,
-                    persist_from_block=persist_from,
-                )
+                engine.add_request(request)
 
             def ready(engine: EngineCore) -> bool:
                 return engine.can_import(num_tokens)

@@ -26,6 +26,7 @@ from deployments.protocol import KVHandoff, PrefillJob
 from engine.core import EngineCore
 from engine.kv_import import PrefixKV
 from engine.output import RequestOutput
+from engine.request import EngineRequest
 
 logger = logging.getLogger(__name__)
 
@@ -86,16 +87,18 @@ class PrefillServer(EngineServer):
                     tracing.fail(span, exc)
                     num_de_blocks = 0  # the DE's own copies may be lost too: send it all
 
+        request = EngineRequest(
+            job.request_id,
+            job.prompt_token_ids,
+            job.params,
+            job.tenant_salt,
+            prefix=prefix,
+            priority=job.priority,
+            num_de_blocks=num_de_blocks,
+        )
+
         def add(engine: EngineCore) -> None:
-            engine.add_prefill(
-                job.request_id,
-                job.prompt_token_ids,
-                job.params,
-                job.tenant_salt,
-                prefix=prefix,
-                num_de_blocks=num_de_blocks,
-                priority=job.priority,
-            )
+            engine.add_prefill(request)
 
         hits = len(job.prefix_blocks) * self.engine.config.block_size
         stream = self.loop.submit(

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from engine import EngineConfig, EngineCore, SamplingParams
+from engine import EngineConfig, EngineCore, EngineRequest, SamplingParams
 from ops.bench._report import machine_info, measure_copy_bandwidth_gbps, write_report
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def _corpus_tokens(engine: EngineCore) -> list[list[int]]:
 def _ours_decode(engine: EngineCore, prompts: list[list[int]], n: int) -> tuple[float, int]:
     params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
     for i, p in enumerate(prompts):
-        engine.add_request(f"bench-{i}", p, params)
+        engine.add_request(EngineRequest(f"bench-{i}", p, params))
     started: set[str] = set()
     while len(started) < len(prompts):  # prefill (not timed)
         started |= {o.request_id for o in engine.step()}
@@ -82,7 +82,9 @@ def _ours_prefill_s(engine: EngineCore, prompt: list[int], budget: int) -> float
     engine.scheduler.max_num_batched_tokens = budget
     try:
         t0 = time.perf_counter()
-        engine.add_request("prefill", prompt, SamplingParams(temperature=0, max_tokens=1))
+        engine.add_request(
+            EngineRequest("prefill", prompt, SamplingParams(temperature=0, max_tokens=1))
+        )
         while engine.has_unfinished():
             engine.step()
         return time.perf_counter() - t0

@@ -25,7 +25,7 @@ def kv_hit_ttft(model: Path, hit_context: int) -> dict[str, Any]:
     (one engine, real block files, no SNIC cap), plus the layer-wise import overlap."""
     from pydoc_data.topics import topics
 
-    from engine import EngineConfig, EngineCore, SamplingParams
+    from engine import EngineConfig, EngineCore, EngineRequest, SamplingParams
     from engine.kv_import import ImportStats, PrefixKV
     from kvstore.snic import StorageNIC
     from kvstore.store import TieredStore
@@ -44,13 +44,13 @@ def kv_hit_ttft(model: Path, hit_context: int) -> dict[str, Any]:
 
     def ttft(rid: str, prompt: list[int], prefix: PrefixKV | None = None) -> float:
         start = time.perf_counter()
-        engine.add_request(rid, prompt, one, prefix=prefix)
+        engine.add_request(EngineRequest(rid, prompt, one, prefix=prefix))
         while engine.has_unfinished():
             engine.step()
         return time.perf_counter() - start
 
     recompute_s = ttft("recompute", context + append)
-    engine.add_prefill("store", context, SamplingParams(temperature=0, max_tokens=2))
+    engine.add_prefill(EngineRequest("store", context, SamplingParams(temperature=0, max_tokens=2)))
     kv = None
     while engine.has_unfinished():
         for out in engine.step():

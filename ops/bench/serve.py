@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
-from engine import EngineConfig, EngineCore, SamplingParams
+from engine import EngineConfig, EngineCore, EngineRequest, SamplingParams
 from engine.config import default_model_dir
 from ops.bench._report import machine_info, write_report
 from ops.bench._serve import deploy, serve_session
@@ -124,7 +124,7 @@ async def _run_clients(url: str, prompts: list[list[int]], clients: int, max_tok
 
 def _engine_ttft(engine: EngineCore, prompt: list[int]) -> float:
     start = time.perf_counter()
-    engine.add_request("ttft", prompt, SamplingParams(temperature=0, max_tokens=1))
+    engine.add_request(EngineRequest("ttft", prompt, SamplingParams(temperature=0, max_tokens=1)))
     while engine.has_unfinished():
         engine.step()
     return time.perf_counter() - start

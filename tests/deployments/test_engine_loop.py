@@ -8,6 +8,7 @@ import pytest
 
 from deployments.engine_loop import EngineLoop, RequestAborted
 from engine.errors import InvalidRequestError
+from engine.request import EngineRequest
 from engine.sampling_params import SamplingParams
 from tests.helpers import chat
 
@@ -33,7 +34,9 @@ def test_concurrent_requests_stream_the_same_tokens_as_generate(engine, loop):
 
     async def main():
         streams = [
-            loop.submit(f"r{i}", lambda e, i=i, p=p: e.add_request(f"r{i}", p, params))
+            loop.submit(
+                f"r{i}", lambda e, i=i, p=p: e.add_request(EngineRequest(f"r{i}", p, params))
+            )
             for i, p in enumerate(prompts)
         ]
         return await asyncio.gather(*(collect(s) for s in streams))
@@ -48,7 +51,9 @@ def test_add_errors_come_out_of_the_stream(engine, loop):
     loop.start()
 
     async def main():
-        stream = loop.submit("bad", lambda e: e.add_request("bad", [], SamplingParams()))
+        stream = loop.submit(
+            "bad", lambda e: e.add_request(EngineRequest("bad", [], SamplingParams()))
+        )
         return await collect(stream)
 
     with pytest.raises(InvalidRequestError, match="empty"):
@@ -61,7 +66,7 @@ def test_leaving_the_stream_early_aborts_and_frees_blocks(engine, loop):
     loop.start()
 
     async def main():
-        stream = loop.submit("gone", lambda e: e.add_request("gone", prompt, params))
+        stream = loop.submit("gone", lambda e: e.add_request(EngineRequest("gone", prompt, params)))
         async for out in stream:
             if out.num_output_tokens >= 3:
                 break  # the consumer leaves (client disconnect)
@@ -87,13 +92,19 @@ def test_ready_gate_holds_admission_until_capacity(engine, loop):
             loop.submit(
                 "blocker",
                 lambda e: e.add_request(
-                    "blocker", prompt, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+                    EngineRequest(
+                        "blocker",
+                        prompt,
+                        SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+                    )
                 ),
             )
         )
         first = await anext(blocker)  # something runs, so a closed gate holds
         stream = loop.submit(
-            "gated", lambda e: e.add_request("gated", prompt, params), ready=lambda e: gate["open"]
+            "gated",
+            lambda e: e.add_request(EngineRequest("gated", prompt, params)),
+            ready=lambda e: gate["open"],
         )
         await asyncio.sleep(0.3)
         held = loop.load["num_waiting"]  # "gated" is still outside the engine
@@ -113,7 +124,9 @@ def test_abort_from_outside_ends_the_stream(engine, loop):
     loop.start()
 
     async def main():
-        stream = aiter(loop.submit("ext", lambda e: e.add_request("ext", prompt, params)))
+        stream = aiter(
+            loop.submit("ext", lambda e: e.add_request(EngineRequest("ext", prompt, params)))
+        )
         await anext(stream)
         loop.abort("ext")  # e.g. an operator drain: the consumer must not hang
         with pytest.raises(RequestAborted):
@@ -140,11 +153,15 @@ def test_failing_step_fails_every_admitted_stream_and_the_loop_survives(engine, 
 
     async def main():
         streams = [
-            loop.submit(f"f{i}", lambda e, i=i: e.add_request(f"f{i}", prompt, params))
+            loop.submit(
+                f"f{i}", lambda e, i=i: e.add_request(EngineRequest(f"f{i}", prompt, params))
+            )
             for i in range(2)
         ]
         results = await asyncio.gather(*(collect(s) for s in streams), return_exceptions=True)
-        after = await collect(loop.submit("ok", lambda e: e.add_request("ok", prompt, params)))
+        after = await collect(
+            loop.submit("ok", lambda e: e.add_request(EngineRequest("ok", prompt, params)))
+        )
         return results, after
 
     results, after = asyncio.run(asyncio.wait_for(main(), timeout=60))

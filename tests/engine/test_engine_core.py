@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine import EngineCore, InvalidRequestError, SamplingParams
+from engine import EngineCore, EngineRequest, InvalidRequestError, SamplingParams
 from tests.helpers import GREEDY, chat
 
 SYSTEM = (
@@ -16,7 +16,7 @@ SYSTEM = (
 def _run(
     engine: EngineCore, rid: str, ids: list[int], params: SamplingParams = GREEDY, salt: bytes = b""
 ):
-    engine.add_request(rid, ids, params, tenant_salt=salt)
+    engine.add_request(EngineRequest(rid, ids, params, tenant_salt=salt))
     outs = []
     while engine.has_unfinished():
         outs += [o for o in engine.step() if o.request_id == rid]
@@ -85,9 +85,11 @@ def test_abort_frees_blocks(engine):
     bm = engine.block_manager
     free_before = bm.num_free_blocks
     engine.add_request(
-        "to-abort",
-        chat(engine, "Tell me a long story.", system=SYSTEM),
-        SamplingParams(max_tokens=200),
+        EngineRequest(
+            "to-abort",
+            chat(engine, "Tell me a long story.", system=SYSTEM),
+            SamplingParams(max_tokens=200),
+        )
     )
     engine.step()
     engine.step()
@@ -139,14 +141,14 @@ def test_max_tokens_and_logprobs(engine):
 )
 def test_bad_requests_raise_clear_errors(engine, prompt, params, match):
     with pytest.raises(InvalidRequestError, match=match):
-        engine.add_request("bad", prompt, params)
+        engine.add_request(EngineRequest("bad", prompt, params))
     assert not engine.has_unfinished()
 
 
 def test_duplicate_request_id_is_rejected(engine):
-    engine.add_request("dup", [1, 2, 3], SamplingParams(max_tokens=2))
+    engine.add_request(EngineRequest("dup", [1, 2, 3], SamplingParams(max_tokens=2)))
     with pytest.raises(InvalidRequestError, match="already running"):
-        engine.add_request("dup", [1, 2, 3])
+        engine.add_request(EngineRequest("dup", [1, 2, 3]))
     engine.abort("dup")
 
 
@@ -156,7 +158,7 @@ def test_kv_export_import_continues_identically(engine):
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     expected = engine.generate([ids], params)[0].new_token_ids
 
-    engine.add_request("prefill", ids, params, tenant_salt=b"pd")
+    engine.add_request(EngineRequest("prefill", ids, params, tenant_salt=b"pd"))
     first = engine.step()[0]
     kv = engine.export_kv("prefill")
     engine.abort("prefill")
@@ -164,8 +166,12 @@ def test_kv_export_import_continues_identically(engine):
 
     rest = SamplingParams(temperature=0, max_tokens=29, ignore_eos=True)
     with pytest.raises(InvalidRequestError, match="keys"):
-        engine.add_request("decode", ids + first.new_token_ids, rest, tenant_salt=b"x", kv=kv)
-    engine.add_request("decode", ids + first.new_token_ids, rest, tenant_salt=b"pd", kv=kv)
+        engine.add_request(
+            EngineRequest("decode", ids + first.new_token_ids, rest, tenant_salt=b"x", kv=kv)
+        )
+    engine.add_request(
+        EngineRequest("decode", ids + first.new_token_ids, rest, tenant_salt=b"pd", kv=kv)
+    )
     tokens = []
     while engine.has_unfinished():
         tokens += [t for o in engine.step() for t in o.new_token_ids]
@@ -190,7 +196,7 @@ def test_min_tokens_defers_stop_strings(engine):
 def test_failing_step_ends_its_requests_and_engine_recovers(engine, monkeypatch):
     """A step that raises must not wedge the engine: its requests end with "error"."""
     ids = chat(engine, "Name a colour.")
-    engine.add_request("doomed", ids, GREEDY)
+    engine.add_request(EngineRequest("doomed", ids, GREEDY))
 
     def boom(plan):
         raise RuntimeError("injected runner failure")
@@ -208,14 +214,14 @@ def test_failing_step_ends_its_requests_and_engine_recovers(engine, monkeypatch)
 
 def test_import_with_wrong_kv_shape_is_rejected_without_leaking(engine):
     ids = chat(engine, "Which command lists open ports?", system=SYSTEM)
-    engine.add_request("src", ids, SamplingParams(temperature=0, max_tokens=5))
+    engine.add_request(EngineRequest("src", ids, SamplingParams(temperature=0, max_tokens=5)))
     engine.step()
     kv = engine.export_kv("src")
     engine.abort("src")
     kv.data = kv.data[:, :-1]  # one layer short
     free = engine.block_manager.num_free_blocks
     with pytest.raises(InvalidRequestError, match="shape"):
-        engine.add_request("dst", [*ids, 42], GREEDY, kv=kv)
+        engine.add_request(EngineRequest("dst", [*ids, 42], GREEDY, kv=kv))
     assert engine.block_manager.num_free_blocks == free
     with pytest.raises(InvalidRequestError, match="no unfinished request"):
         engine.export_kv("src")

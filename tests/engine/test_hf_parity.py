@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from engine.batch_scheduler import ScheduledChunk, StepPlan
+from engine.request import EngineRequest
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 from kvstore.keys import root_key
@@ -82,7 +83,9 @@ def test_decode_logprobs_match_transformers_teacher_forced(engine, hf_model):
 
 def _collect_logprobs(engine, ids: list[int], n: int):
     engine.add_request(
-        "lp", ids, SamplingParams(temperature=0, max_tokens=n, logprobs=5, ignore_eos=True)
+        EngineRequest(
+            "lp", ids, SamplingParams(temperature=0, max_tokens=n, logprobs=5, ignore_eos=True)
+        )
     )
     logprobs = []
     while engine.has_unfinished():

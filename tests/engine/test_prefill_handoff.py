@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from engine.errors import InvalidRequestError
+from engine.request import EngineRequest
 from engine.sampling_params import SamplingParams
 from tests.helpers import chat
 
@@ -22,7 +23,7 @@ LONG_SYSTEM = (
 
 def run_pd(engine, prompt, params, rid):
     """PE: add_prefill (first token + KV); DE: add_request(kv=...) for the rest."""
-    engine.add_prefill(f"{rid}-p", prompt, params)
+    engine.add_prefill(EngineRequest(f"{rid}-p", prompt, params))
     outputs = []
     while engine.has_unfinished():
         outputs.extend(engine.step())
@@ -33,7 +34,7 @@ def run_pd(engine, prompt, params, rid):
     kv = first.kv
     assert kv is not None and kv.num_tokens == len(prompt)
     assert kv.output_token_ids == first.new_token_ids
-    engine.add_request(rid, prompt, params, kv=kv)
+    engine.add_request(EngineRequest(rid, prompt, params, kv=kv))
     tokens, text = list(first.new_token_ids), first.new_text
     while engine.has_unfinished():
         for out in engine.step():
@@ -70,10 +71,10 @@ def test_prefill_request_frees_its_blocks_and_can_be_aborted(engine):
     prompt = chat(engine, "Tell me about the ocean.")
     total = engine.block_manager.num_blocks
     params = SamplingParams(temperature=0, max_tokens=50)
-    engine.add_prefill("p-abort", prompt, params)
+    engine.add_prefill(EngineRequest("p-abort", prompt, params))
     assert engine.abort("p-abort")
     assert not engine.has_unfinished()
-    engine.add_prefill("p-done", prompt, params)
+    engine.add_prefill(EngineRequest("p-done", prompt, params))
     outputs = []
     while engine.has_unfinished():
         outputs += engine.step()
@@ -83,12 +84,25 @@ def test_prefill_request_frees_its_blocks_and_can_be_aborted(engine):
 
 def test_kv_that_leaves_nothing_to_compute_is_rejected(engine):
     prompt = chat(engine, "Hello there.")
-    engine.add_prefill("p", prompt, SamplingParams(temperature=0, max_tokens=5))
+    engine.add_prefill(EngineRequest("p", prompt, SamplingParams(temperature=0, max_tokens=5)))
     (out,) = engine.step()
     kv = out.kv
     kv.output_token_ids = []  # the prompt's KV alone: the DE would have nothing to sample from
     with pytest.raises(InvalidRequestError, match="leave a token"):
-        engine.add_request("d", prompt, SamplingParams(temperature=0, max_tokens=5), kv=kv)
+        engine.add_request(
+            EngineRequest("d", prompt, SamplingParams(temperature=0, max_tokens=5), kv=kv)
+        )
+    assert not engine.has_unfinished()
+
+
+def test_each_side_rejects_the_other_sides_fields(engine):
+    """`kv`/`persist_from_block` are the DE's and `num_de_blocks` the PE's: a request that
+    mixes them up is refused before it is queued, instead of being silently ignored."""
+    prompt = chat(engine, "Hello there.")
+    with pytest.raises(ValueError, match="num_de_blocks"):
+        engine.add_request(EngineRequest("d", prompt, num_de_blocks=1))
+    with pytest.raises(ValueError, match="persist_from_block"):
+        engine.add_prefill(EngineRequest("p", prompt, persist_from_block=0))
     assert not engine.has_unfinished()
 
 

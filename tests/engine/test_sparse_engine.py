@@ -7,7 +7,7 @@ from pydoc_data.topics import topics
 import pytest
 import torch
 
-from engine import EngineConfig, EngineCore, SamplingParams
+from engine import EngineConfig, EngineCore, EngineRequest, SamplingParams
 from engine.config import SparseAttentionConfig
 from engine.kernels.sparse_attention import budget_tokens
 from engine.kv_import import PrefixKV
@@ -86,14 +86,14 @@ def test_sparse_decode_after_kv_import_matches_local(model_dir, text_ids):
     sparse = _sparse_engine(model_dir, shallow_fraction=0.35, deep_fraction=0.35)
     prompt = text_ids[40_000:40_250]  # 16 blocks: 42 forced tokens, 2 of 13 blocks by top-k
     local = sparse.generate([prompt], GREEDY)[0].new_token_ids
-    sparse.add_prefill("pe", prompt, GREEDY)
+    sparse.add_prefill(EngineRequest("pe", prompt, GREEDY))
     kv = None
     while sparse.has_unfinished():
         for o in sparse.step():
             kv = o.kv or kv
     assert kv is not None
     de = _sparse_engine(model_dir, False, shallow_fraction=0.35, deep_fraction=0.35)
-    de.add_request("de", prompt, GREEDY, kv=kv)
+    de.add_request(EngineRequest("de", prompt, GREEDY, kv=kv))
     tokens = list(kv.output_token_ids)
     while de.has_unfinished():
         for o in de.step():
@@ -102,7 +102,7 @@ def test_sparse_decode_after_kv_import_matches_local(model_dir, text_ids):
     num_full = len(prompt) // 16
     de.runner.kv_cache.summaries.zero_()  # as fresh: nothing left from the import above
     prefix = PrefixKV(kv.block_keys[:num_full], list(kv.data[:num_full].unbind(0)))
-    de.add_request("prefix", prompt, GREEDY, prefix=prefix)
+    de.add_request(EngineRequest("prefix", prompt, GREEDY, prefix=prefix))
     tokens = []
     while de.has_unfinished():
         for o in de.step():

@@ -12,6 +12,7 @@ import torch
 from engine import EngineConfig, EngineCore
 from engine.errors import InvalidRequestError
 from engine.kv_import import PrefixKV
+from engine.request import EngineRequest
 from engine.sampling_params import SamplingParams
 from tests.helpers import chat
 
@@ -35,7 +36,7 @@ def receiver(model_dir):
 
 
 def run(engine, rid, prompt, params=GREEDY, **kwargs):
-    engine.add_request(rid, prompt, params, **kwargs)
+    engine.add_request(EngineRequest(rid, prompt, params, **kwargs))
     tokens, final = [], None
     while engine.has_unfinished():
         for out in engine.step():
@@ -47,7 +48,9 @@ def run(engine, rid, prompt, params=GREEDY, **kwargs):
 
 def stored_blocks(engine, prompt):
     """The prompt's Full Blocks and keys, as the KV store would hold them."""
-    engine.add_prefill("store-src", prompt, SamplingParams(temperature=0, max_tokens=2))
+    engine.add_prefill(
+        EngineRequest("store-src", prompt, SamplingParams(temperature=0, max_tokens=2))
+    )
     outs = []
     while engine.has_unfinished():
         outs.extend(engine.step())
@@ -93,7 +96,9 @@ def test_pd_with_stored_prefix_sends_only_what_the_de_lacks(engine, receiver, nu
     expected, _ = run(receiver, "single", prompt)
 
     receiver.add_prefill(
-        "pe", prompt, GREEDY, prefix=PrefixKV(keys[:hits], blocks[:hits]), num_de_blocks=s
+        EngineRequest(
+            "pe", prompt, GREEDY, prefix=PrefixKV(keys[:hits], blocks[:hits]), num_de_blocks=s
+        )
     )
     outs = []
     while receiver.has_unfinished():
@@ -136,11 +141,17 @@ def test_prefix_with_wrong_keys_or_shape_is_refused(engine, receiver):
     prompt = chat(engine, TEXT)
     keys, blocks = stored_blocks(engine, prompt)
     with pytest.raises(InvalidRequestError, match="keys"):
-        receiver.add_request("bad", prompt, GREEDY, prefix=PrefixKV([b"x" * 16], blocks[:1]))
+        receiver.add_request(
+            EngineRequest("bad", prompt, GREEDY, prefix=PrefixKV([b"x" * 16], blocks[:1]))
+        )
     with pytest.raises(InvalidRequestError, match="bfloat16"):
         receiver.add_request(
-            "bad", prompt, GREEDY, prefix=PrefixKV(keys[:1], [blocks[0].to(torch.bfloat16)])
+            EngineRequest(
+                "bad", prompt, GREEDY, prefix=PrefixKV(keys[:1], [blocks[0].to(torch.bfloat16)])
+            )
         )
     with pytest.raises(InvalidRequestError, match="shape"):
-        receiver.add_request("bad", prompt, GREEDY, prefix=PrefixKV(keys[:1], [blocks[0][:3]]))
+        receiver.add_request(
+            EngineRequest("bad", prompt, GREEDY, prefix=PrefixKV(keys[:1], [blocks[0][:3]]))
+        )
     assert not receiver.has_unfinished()
