@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -66,3 +69,70 @@ def test_files_stay_small():
         if (n := len(f.read_text().splitlines())) > MAX_LINES
     }
     assert not big
+
+
+# Policy modules: decisions as plain functions and data, so ops/sim and unit tests run them
+# as they are. Not listed, though their own code is pure: app/admission/{queues,ratelimit,
+# section}.py and app/pricing.py, whose config sections reach torch through
+# deployments.options -> engine.config.
+PURE_MODULES = [
+    "app/admission/fair.py",
+    "app/admission/capacity.py",
+    "deployments/scheduler/policy.py",
+    "deployments/scheduler/view.py",
+]
+
+
+@pytest.mark.parametrize("path", PURE_MODULES)
+def test_pure_policy_modules_import_neither_ray_nor_torch(path):
+    """Checked in a fresh interpreter, so what the module imports indirectly counts too."""
+    module = path.removesuffix(".py").replace("/", ".")
+    probe = f"import sys, {module}; print(sorted({{'ray', 'torch'}} & set(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]", f"{path} imports {out.stdout.strip()}"
+
+
+# Serve shells: a deployment class that wraps a plain class (STYLE.md rule 3).
+MAX_SHELL_LINES = 150
+SHELLS = sorted(ROOT.glob("deployments/*/deployment.py")) + [ROOT / "app" / "ingress.py"]
+
+
+@pytest.mark.parametrize("path", SHELLS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_serve_shells_stay_thin(path):
+    assert len(path.read_text().splitlines()) <= MAX_SHELL_LINES
+
+
+KERNELS = ROOT / "engine" / "kernels"
+# A .cu file's ops are its launchers: `cudaError_t <op>(DType dtype, ...)`.
+_CUDA_OP = re.compile(r"^cudaError_t (\w+)\(DType dtype", re.MULTILINE)
+CUDA_OPS = [
+    (cu.stem, op)
+    for cu in sorted((KERNELS / "csrc").glob("*.cu"))
+    for op in _CUDA_OP.findall(cu.read_text())
+]
+
+
+def test_cuda_sources_define_ops():
+    assert CUDA_OPS  # the op pattern still matches the sources
+
+
+@pytest.mark.parametrize(("source", "op"), CUDA_OPS, ids=[op for _, op in CUDA_OPS])
+def test_every_cuda_op_has_a_torch_reference_and_a_test(source, op):
+    """The torch reference lives next to the .cu file, in the module of the same name, and
+    some test names the op."""
+    reference = KERNELS / f"{source}.py"
+    functions = {
+        node.name
+        for node in ast.parse(reference.read_text()).body
+        if isinstance(node, ast.FunctionDef)
+    }
+    assert op in functions, f"{reference.relative_to(ROOT)} has no reference {op}()"
+    word = re.compile(rf"\b{op}\b")
+    tests = [
+        f
+        for f in sorted((ROOT / "tests").rglob("test_*.py"))
+        if f.name != "test_architecture.py" and word.search(f.read_text())
+    ]
+    assert tests, f"no test mentions {op}"
