@@ -32,7 +32,7 @@ import torch
 
 from kvstore.index import IndexEvent
 from kvstore.snic import IOClass, StorageNIC
-from kvstore.tiers.dram import DRAMTier, Evicted
+from kvstore.tiers.base import Evicted, Tier
 from kvstore.tiers.nvme import NVMeTier
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class TieredStore(Generic[V]):
     def __init__(
         self,
         node_id: str,
-        dram: DRAMTier[V],
+        dram: Tier[V],
         nvme: NVMeTier | None,
         snic: StorageNIC,
         *,
@@ -115,7 +115,7 @@ class TieredStore(Generic[V]):
                     reads[i] = self.snic.submit(
                         IOClass.READ,
                         self.block_nbytes,
-                        partial(self.nvme.read, key),
+                        partial(self.nvme.get, key),
                         num_tokens=self.block_size,
                     )
                 handles.append(handle)
@@ -152,7 +152,7 @@ class TieredStore(Generic[V]):
         """Store a Full Block: DRAM now, NVMe in the background. False if already stored,
         or dropped because `max_pending_writes` blocks already wait for the SNIC."""
         with self._lock:
-            if key in self.dram or key in self._pending_writes or self._on_disk(key):
+            if self.dram.contains(key) or key in self._pending_writes or self._on_disk(key):
                 self.counters["persist_skipped"] += 1
                 return False
             if len(self._pending_writes) >= self.max_pending_writes:
@@ -160,7 +160,7 @@ class TieredStore(Generic[V]):
                 return False
         handle = self.wrap(block)  # NOTE: outside the lock: on-path loads do not wait for it
         with self._lock:
-            if key in self.dram or key in self._pending_writes:
+            if self.dram.contains(key) or key in self._pending_writes:
                 return False  # persisted concurrently
             self.counters["persisted"] += 1
             # NOTE: queue the write before caching: a block that leaves DRAM at once (a small
@@ -187,7 +187,7 @@ class TieredStore(Generic[V]):
         with self._lock:
             events = [
                 IndexEvent(k, "dram", True, self.node_id, self.block_nbytes)
-                for k in [*self.dram.lru_order(), *self._buffered]
+                for k in [*self.dram.keys(), *self._buffered]
             ]
             if self.nvme is not None:
                 stored = self.nvme.keys()
@@ -207,10 +207,9 @@ class TieredStore(Generic[V]):
 
     # ------------------------------------------------------------------ internals (lock held)
     def _cache(self, key: bytes, handle: V, nbytes: int) -> None:
-        evicted = self.dram.put(key, handle, nbytes)
-        if key in self.dram:
+        if self.dram.put(key, handle):
             self._events.append(IndexEvent(key, "dram", True, self.node_id, nbytes))
-        for item in evicted:
+        for item in self.dram.drain_evicted():
             self._spill(item)
             if item.key != key and item.key not in self._buffered:  # no longer held here
                 self._events.append(IndexEvent(item.key, "dram", False, self.node_id))
@@ -218,6 +217,7 @@ class TieredStore(Generic[V]):
     def _spill(self, item: Evicted[V]) -> None:
         if self.nvme is None or item.key in self._pending_writes or self._on_disk(item.key):
             return
+        assert item.value is not None  # NOTE: DRAM hands its evicted handles back
         self.counters["spilled"] += 1
         self._write_behind(item.key, self.unwrap(item.value), item.value)
 
@@ -234,7 +234,7 @@ class TieredStore(Generic[V]):
     def _write(self, key: bytes, block: torch.Tensor) -> None:
         assert self.nvme is not None
         try:
-            stored = self.nvme.write(key, block)
+            stored = self.nvme.put(key, block)
         except Exception:
             logger.warning("KV block write failed", exc_info=True, extra={"node": self.node_id})
             stored = False
@@ -242,10 +242,10 @@ class TieredStore(Generic[V]):
             self._pending_writes.pop(key, None)
             if stored:
                 self._events.append(IndexEvent(key, "nvme", True, "", self.block_nbytes))
-            if self._buffered.pop(key, None) is not None and key not in self.dram:
+            if self._buffered.pop(key, None) is not None and not self.dram.contains(key):
                 self._events.append(IndexEvent(key, "dram", False, self.node_id))
             for gone in self.nvme.drain_evicted():
-                self._events.append(IndexEvent(gone, "nvme", False))
+                self._events.append(IndexEvent(gone.key, "nvme", False))
 
     def _on_disk(self, key: bytes) -> bool:
         """On NVMe, including files other nodes wrote to a shared directory (a stat)."""

@@ -42,9 +42,12 @@ class TrafficManager:
         store = None
         if kvstore.enabled:
             block_size = engine.engine.block_size
+            block_nbytes = engine.engine.engine_config(engine.model, None).kv_bytes_per_block(
+                ModelConfig.from_dir(engine.model.path.expanduser())
+            )
             store = TieredStore(
                 node,
-                DRAMTier(kvstore.dram_bytes),
+                DRAMTier(kvstore.dram_bytes, block_nbytes),
                 NVMeTier(kvstore.path.expanduser(), kvstore.nvme_bytes, fsync=kvstore.fsync),
                 StorageNIC(
                     node,
@@ -56,9 +59,7 @@ class TrafficManager:
                 unwrap=get_block,
                 block_size=block_size,
                 read_timeout_s=kvstore.read_timeout_s,
-                block_nbytes=engine.engine.engine_config(engine.model, None).kv_bytes_per_block(
-                    ModelConfig.from_dir(engine.model.path.expanduser())
-                ),
+                block_nbytes=block_nbytes,
             )
         self.node_store = NodeKVStore(node, store)
         self.node = node

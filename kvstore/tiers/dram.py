@@ -3,75 +3,79 @@
 The values are whatever the owner stores: Ray ObjectRefs in the TrafficManager (the objects
 live in the node's object store and are owned by that long-lived actor, so they outlive the
 engine that wrote them; a reader on the same node gets them zero-copy), plain tensors in
-tests. Pure: no Ray, no I/O. Eviction hands the evicted entries back so the owner can spill
-them to NVMe and update the index.
+tests. Pure: no Ray, no I/O. Evicted entries keep their values (`drain_evicted`) so the
+owner can spill them to NVMe and update the index. A `kvstore.tiers.base.Tier`.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+from kvstore.tiers.base import Evicted
 
 V = TypeVar("V")
 
 
-@dataclass(frozen=True, slots=True)
-class Evicted(Generic[V]):
-    key: bytes
-    value: V
-    nbytes: int
-
-
 class DRAMTier(Generic[V]):
-    """LRU by last `put`/`get`; `capacity_bytes=0` keeps nothing (a pure staging buffer)."""
+    """LRU by last `put`/`get`; `capacity_bytes=0` keeps nothing (a pure staging buffer).
+    Every block counts `block_nbytes` (the values are handles: their size is the block's)."""
 
-    def __init__(self, capacity_bytes: int):
+    def __init__(self, capacity_bytes: int, block_nbytes: int):
         self.capacity_bytes = capacity_bytes
+        self.block_nbytes = block_nbytes
         self.usage_bytes = 0
-        self._blocks: OrderedDict[bytes, tuple[V, int]] = OrderedDict()
+        self._blocks: OrderedDict[bytes, V] = OrderedDict()
+        self._evicted: list[Evicted[V]] = []
         self.hits = 0
         self.misses = 0
         self.evictions = 0
 
-    def __len__(self) -> int:
-        return len(self._blocks)
-
-    def __contains__(self, key: bytes) -> bool:
+    def contains(self, key: bytes) -> bool:
         return key in self._blocks
 
-    def lru_order(self) -> list[bytes]:
+    def keys(self) -> list[bytes]:
         """Least recently used first."""
         return list(self._blocks)
 
     def get(self, key: bytes) -> V | None:
-        item = self._blocks.get(key)
-        if item is None:
+        if key not in self._blocks:
             self.misses += 1
             return None
         self._blocks.move_to_end(key)
         self.hits += 1
-        return item[0]
+        return self._blocks[key]
 
-    def put(self, key: bytes, value: V, nbytes: int) -> list[Evicted[V]]:
-        """Store (or refresh) a block; returns what had to leave, least recent first.
-
-        A block larger than the whole capacity is not kept (it is returned as evicted).
-        """
-        old = self._blocks.pop(key, None)
-        if old is not None:
-            self.usage_bytes -= old[1]
+    def put(self, key: bytes, value: V) -> bool:
+        """Store (or refresh) a block; what had to leave goes to `drain_evicted`, least
+        recent first. A block larger than the whole capacity is not kept (False): it is
+        listed as evicted, so the owner spills it too."""
+        nbytes = self.block_nbytes
+        if key in self._blocks:
+            del self._blocks[key]
+            self.usage_bytes -= nbytes
         if nbytes > self.capacity_bytes:
-            return [Evicted(key, value, nbytes)]
-        self._blocks[key] = (value, nbytes)
+            self._evicted.append(Evicted(key, value, nbytes))
+            return False
+        self._blocks[key] = value
         self.usage_bytes += nbytes
-        evicted: list[Evicted[V]] = []
         while self.usage_bytes > self.capacity_bytes:
-            old_key, (old_value, old_bytes) = self._blocks.popitem(last=False)
-            self.usage_bytes -= old_bytes
+            old_key, old_value = self._blocks.popitem(last=False)
+            self.usage_bytes -= nbytes
             self.evictions += 1
-            evicted.append(Evicted(old_key, old_value, old_bytes))
-        return evicted
+            self._evicted.append(Evicted(old_key, old_value, nbytes))
+        return True
+
+    def delete(self, key: bytes) -> bool:
+        if key not in self._blocks:
+            return False
+        del self._blocks[key]
+        self.usage_bytes -= self.block_nbytes
+        return True
+
+    def drain_evicted(self) -> list[Evicted[V]]:
+        out, self._evicted = self._evicted, []
+        return out
 
     def stats(self) -> dict[str, int]:
         return {

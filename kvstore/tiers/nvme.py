@@ -28,6 +28,7 @@ import torch
 
 from kvstore.block import CorruptBlockError, decode_block, encode_block, read_header
 from kvstore.keys import KEY_BYTES
+from kvstore.tiers.base import Evicted
 
 logger = logging.getLogger(__name__)
 
@@ -77,9 +78,10 @@ def _fsync_dir(path: Path) -> None:
 class NVMeTier:
     """A directory of block files with an LRU index, a capacity and disk-full degradation.
 
-    `write(key, block)` -> stored?; `read(key)` -> block or None (a miss, never wrong KV);
-    `drain_evicted()` -> keys to drop from the owner's global index. Thread safe: one lock
-    guards the index and counters, and is never held across file I/O.
+    A `kvstore.tiers.base.Tier`: `put(key, block)` -> stored?; `get(key)` -> block or None
+    (a miss, never wrong KV); `drain_evicted()` -> what to drop from the owner's global index
+    (values None: the files are gone). Thread safe: one lock guards the index and counters,
+    and is never held across file I/O.
     """
 
     def __init__(
@@ -116,7 +118,7 @@ class NVMeTier:
         self._usage = 0
         self._reserved = 0  # bytes of writes in flight, counted against the capacity
         self._tick = 0
-        self._evicted: list[bytes] = []
+        self._evicted: list[Evicted[torch.Tensor]] = []
         self._stats = dict.fromkeys(_STATS, 0)
         self.root.mkdir(parents=True, exist_ok=True)
         self._remove_orphans()
@@ -129,7 +131,7 @@ class NVMeTier:
         h = key.hex()
         return self.root / h[:2] / f"{h}{BLOCK_SUFFIX}"
 
-    def read(self, key: bytes) -> torch.Tensor | None:
+    def get(self, key: bytes) -> torch.Tensor | None:
         """The stored block of `key`, or None (absent, unreadable, or corrupt and removed).
 
         Args:
@@ -189,7 +191,7 @@ class NVMeTier:
             more = {"num_blocks": len(self._index), "bytes": self._usage}
             return {**self._stats, **more, "persistence_enabled": self.persistence_enabled}
 
-    def write(self, key: bytes, block: torch.Tensor) -> bool:
+    def put(self, key: bytes, block: torch.Tensor) -> bool:
         """Store `block` under `key` atomically. True when stored or already present (not
         rewritten); False while persistence is disabled (disk full) or if the block alone
         exceeds the capacity. Never raises on a full disk.
@@ -278,7 +280,7 @@ class NVMeTier:
                     victim, meta = self._index.popitem(last=False)
                     self._usage -= meta.nbytes
                     victims.append(victim)
-                self._evicted.extend(victims)
+                    self._evicted.append(Evicted(victim, None, meta.nbytes))
                 self._stats["evictions"] += len(victims)
             self._reserved += nbytes
             return victims
@@ -305,8 +307,8 @@ class NVMeTier:
             return True
         return known
 
-    def drain_evicted(self) -> list[bytes]:
-        """Keys evicted for capacity since the last call (for the owner's global index)."""
+    def drain_evicted(self) -> list[Evicted[torch.Tensor]]:
+        """Blocks evicted for capacity since the last call (for the owner's global index)."""
         with self._lock:
             out, self._evicted = self._evicted, []
             return out

@@ -62,7 +62,7 @@ def kv_hit_ttft(model: Path, hit_context: int) -> dict[str, Any]:
         block_nbytes = kv.data[0].numel() * kv.data.element_size()
         store = TieredStore(
             "n0",
-            DRAMTier(0),
+            DRAMTier(0, block_nbytes),
             NVMeTier(root, fsync=False),
             StorageNIC("n0", num_workers=2),
             wrap=lambda t: t,

@@ -103,7 +103,7 @@ def node_store(name: str, root) -> NodeKVStore:
         name,
         TieredStore(
             name,
-            DRAMTier(0),  # no DRAM cache: every hit is read from NVMe through the SNIC
+            DRAMTier(0, 0),  # no DRAM cache: every hit is read from NVMe through the SNIC
             NVMeTier(root, fsync=False),
             StorageNIC(name),
             wrap=lambda t: t,
@@ -137,7 +137,7 @@ async def scenario(model_dir, tmp_path, engine_alone):
     prefill, decode = servers
     block_nbytes = prefill.load_report().kv_bytes_per_token * 64
     for tm in nodes.values():
-        tm.store.block_nbytes = block_nbytes
+        tm.store.block_nbytes = tm.store.dram.block_nbytes = block_nbytes
     for server in servers:
         await server.start()
     backend = ClusterBackend(prefill, decode, nodes)

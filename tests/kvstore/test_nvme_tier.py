@@ -28,6 +28,7 @@ from kvstore.block import (
     encode_block,
 )
 from kvstore.tiers import nvme
+from kvstore.tiers.base import Evicted
 from kvstore.tiers.nvme import NVMeTier, temp_file_name
 
 REPO = Path(__file__).resolve().parents[2]
@@ -80,9 +81,9 @@ def test_round_trip_is_bit_exact(tmp_path: Path, dtype: torch.dtype):
     back.add_(1)  # owns writable memory
 
     tier = NVMeTier(tmp_path)
-    assert tier.write(key_of(1), block)
+    assert tier.put(key_of(1), block)
     assert tier.contains(key_of(1))
-    assert same_bits(tier.read(key_of(1)), block)
+    assert same_bits(tier.get(key_of(1)), block)
     meta_path = tier.path_of(key_of(1))
     assert meta_path == tmp_path / key_of(1).hex()[:2] / f"{key_of(1).hex()}.kvb"
     assert tier.usage_bytes == meta_path.stat().st_size == len(header) + len(payload)
@@ -119,10 +120,10 @@ def test_decode_rejects_wrong_key_truncation_and_payload_flip():
 
 def test_flipped_payload_byte_is_a_miss_and_the_file_is_removed(tmp_path: Path):
     tier = NVMeTier(tmp_path)
-    tier.write(key_of(5), make_block(5))
+    tier.put(key_of(5), make_block(5))
     path = tier.path_of(key_of(5))
     flip_byte(path, path.stat().st_size - 10)
-    assert tier.read(key_of(5)) is None
+    assert tier.get(key_of(5)) is None
     assert not path.exists() and not tier.contains(key_of(5))
     assert tier.stats()["corrupt"] == 1 and tier.usage_bytes == 0
 
@@ -130,10 +131,10 @@ def test_flipped_payload_byte_is_a_miss_and_the_file_is_removed(tmp_path: Path):
 def test_truncated_file_is_a_miss(tmp_path: Path):
     tier = NVMeTier(tmp_path)
     for i in (6, 7):
-        tier.write(key_of(i), make_block(i))
+        tier.put(key_of(i), make_block(i))
     full = tier.path_of(key_of(6))
     os.truncate(full, full.stat().st_size // 2)
-    assert tier.read(key_of(6)) is None and not full.exists()
+    assert tier.get(key_of(6)) is None and not full.exists()
     os.truncate(tier.path_of(key_of(7)), 20)  # cut inside the header: found by the scan
     assert NVMeTier(tmp_path).keys() == []
     assert not tier.path_of(key_of(7)).exists()
@@ -141,23 +142,23 @@ def test_truncated_file_is_a_miss(tmp_path: Path):
 
 def test_block_under_another_keys_name_is_a_miss(tmp_path: Path):
     tier = NVMeTier(tmp_path)
-    tier.write(key_of(8), make_block(8))
+    tier.put(key_of(8), make_block(8))
     wrong = tier.path_of(key_of(9))
     wrong.parent.mkdir(exist_ok=True)
     tier.path_of(key_of(8)).rename(wrong)
-    assert tier.read(key_of(9)) is None and not wrong.exists()
+    assert tier.get(key_of(9)) is None and not wrong.exists()
     assert tier.contains(key_of(8))  # the index is a cache of the directory ...
     tier.rescan()  # ... rebuilt from it on demand
     assert tier.keys() == []
 
-    tier.write(key_of(8), make_block(8))
+    tier.put(key_of(8), make_block(8))
     wrong.write_bytes(tier.path_of(key_of(8)).read_bytes())  # a copy: found by the scan
     assert NVMeTier(tmp_path).keys() == [key_of(8)] and not wrong.exists()
 
 
 def test_missing_block_is_a_miss(tmp_path: Path):
     tier = NVMeTier(tmp_path)
-    assert tier.read(key_of(10)) is None
+    assert tier.get(key_of(10)) is None
     assert not tier.contains(key_of(10)) and not tier.delete(key_of(10))
     stats = tier.stats()
     assert (stats["reads"], stats["read_misses"], stats["read_hits"]) == (1, 1, 0)
@@ -169,22 +170,22 @@ def test_restart_sees_the_same_blocks(tmp_path: Path):
     blocks = {key_of(i): make_block(i, DTYPES[i % 3]) for i in range(9)}
     tier = NVMeTier(tmp_path)
     for key, block in blocks.items():
-        assert tier.write(key, block)
-    assert tier.write(key_of(0), blocks[key_of(0)])  # idempotent
+        assert tier.put(key, block)
+    assert tier.put(key_of(0), blocks[key_of(0)])  # idempotent
     assert tier.stats()["writes"] == len(blocks)
 
     again = NVMeTier(tmp_path)
     assert sorted(again.keys()) == sorted(blocks)
     assert again.usage_bytes == tier.usage_bytes
     for key, block in blocks.items():
-        assert same_bits(again.read(key), block)
+        assert same_bits(again.get(key), block)
     assert again.verify_all() == (len(blocks), [])
 
 
 def test_delete_and_verify_all_report_corrupt_blocks(tmp_path: Path):
     tier = NVMeTier(tmp_path)
     for i in range(3):
-        tier.write(key_of(i), make_block(i, shape=SMALL))
+        tier.put(key_of(i), make_block(i, shape=SMALL))
     assert tier.delete(key_of(0)) and not tier.path_of(key_of(0)).exists()
     flip_byte(tier.path_of(key_of(1)), -1)
     assert tier.verify_all() == (1, [key_of(1)])
@@ -212,7 +213,7 @@ for line in sys.stdin:
         base = torch.arange(torch.Size(shape).numel(), dtype=torch.float32).reshape(shape)
         i = int(arg)
         while True:
-            tier.write(key_of(i), base + i)
+            tier.put(key_of(i), base + i)
             i += 1
     print(pid, flush=True)
 """
@@ -296,7 +297,7 @@ class FakeClock:
 def test_disk_full_disables_persistence_then_retries(tmp_path, monkeypatch, caplog, fail_at):
     clock = FakeClock()
     tier = NVMeTier(tmp_path, retry_after_s=30.0, clock=clock)
-    tier.write(key_of(0), make_block(0, shape=SMALL))
+    tier.put(key_of(0), make_block(0, shape=SMALL))
     disk_full = True
     calls = 0
 
@@ -334,13 +335,13 @@ def test_disk_full_disables_persistence_then_retries(tmp_path, monkeypatch, capl
     else:
         monkeypatch.setattr(nvme.os, "fsync", fake_fsync)
 
-    assert tier.write(key_of(1), make_block(1, shape=SMALL)) is False
+    assert tier.put(key_of(1), make_block(1, shape=SMALL)) is False
     assert not tier.persistence_enabled and "No space" in (tier.last_error or "")
     assert tmp_files(tmp_path) == [] and not tier.path_of(key_of(1)).exists()
-    assert same_bits(tier.read(key_of(0)), make_block(0, shape=SMALL))  # reads still work
+    assert same_bits(tier.get(key_of(0)), make_block(0, shape=SMALL))  # reads still work
 
     clock.now += 29.0
-    assert tier.write(key_of(2), make_block(2, shape=SMALL)) is False
+    assert tier.put(key_of(2), make_block(2, shape=SMALL)) is False
     assert calls == 1  # refused without touching the disk
     assert [r.message for r in caplog.records if r.levelname == "WARNING"] == [
         "disk full: block persistence disabled"
@@ -348,8 +349,8 @@ def test_disk_full_disables_persistence_then_retries(tmp_path, monkeypatch, capl
     disk_full = False
     clock.now += 2.0
     assert tier.accepting_writes()
-    assert tier.write(key_of(1), make_block(1, shape=SMALL))
-    assert same_bits(tier.read(key_of(1)), make_block(1, shape=SMALL))
+    assert tier.put(key_of(1), make_block(1, shape=SMALL))
+    assert same_bits(tier.get(key_of(1)), make_block(1, shape=SMALL))
     assert tier.stats()["persistence_enabled"] is True
 
 
@@ -361,28 +362,29 @@ def test_other_os_errors_raise_and_leave_no_temp_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(nvme.os, "fsync", eio)
     with pytest.raises(OSError, match="I/O error"):
-        tier.write(key_of(1), make_block(1, shape=SMALL))
+        tier.put(key_of(1), make_block(1, shape=SMALL))
     assert tmp_files(tmp_path) == [] and tier.persistence_enabled and tier.keys() == []
 
 
 def test_capacity_evicts_least_recently_used(tmp_path: Path):
     blocks = [make_block(i, shape=SMALL) for i in range(4)]
     probe = NVMeTier(tmp_path / "probe")
-    probe.write(key_of(0), blocks[0])
+    probe.put(key_of(0), blocks[0])
     size = probe.usage_bytes
     tier = NVMeTier(tmp_path / "lru", capacity_bytes=3 * size + size // 2)
     for i in range(3):
-        assert tier.write(key_of(i), blocks[i])
+        assert tier.put(key_of(i), blocks[i])
     assert tier.drain_evicted() == []
-    assert tier.read(key_of(0)) is not None  # 0 is now more recent than 1
-    assert tier.write(key_of(3), blocks[3])
-    assert tier.drain_evicted() == [key_of(1)] and tier.drain_evicted() == []
-    assert not tier.path_of(key_of(1)).exists() and tier.read(key_of(1)) is None
+    assert tier.get(key_of(0)) is not None  # 0 is now more recent than 1
+    assert tier.put(key_of(3), blocks[3])
+    assert tier.drain_evicted() == [Evicted(key_of(1), None, size)]  # its file is gone
+    assert tier.drain_evicted() == []
+    assert not tier.path_of(key_of(1)).exists() and tier.get(key_of(1)) is None
     assert sorted(tier.keys()) == sorted([key_of(0), key_of(2), key_of(3)])
     assert tier.usage_bytes <= tier.capacity_bytes and tier.stats()["evictions"] == 1
 
     tiny = NVMeTier(tmp_path / "tiny", capacity_bytes=size - 1)
-    assert tiny.write(key_of(0), blocks[0]) is False and tiny.keys() == []
+    assert tiny.put(key_of(0), blocks[0]) is False and tiny.keys() == []
 
 
 def test_threads_share_one_tier(tmp_path: Path):
@@ -394,10 +396,10 @@ def test_threads_share_one_tier(tmp_path: Path):
         try:
             own = {key_of(10 * t + i): make_block(10 * t + i, shape=SMALL) for i in range(6)}
             for key, block in [*own.items(), *shared.items()]:
-                assert tier.write(key, block)
-                assert same_bits(tier.read(key), block)
+                assert tier.put(key, block)
+                assert same_bits(tier.get(key), block)
             for key, block in [*own.items(), *shared.items()]:
-                assert same_bits(tier.read(key), block)
+                assert same_bits(tier.get(key), block)
         except BaseException as e:  # reported below, from the main thread
             errors.append(e)
 

@@ -32,7 +32,7 @@ def make_store(tmp_path):
     def make(dram_blocks: int = 2, node: str = "n0", root=None) -> TieredStore:
         store = TieredStore(
             node,
-            DRAMTier(dram_blocks * NBYTES),
+            DRAMTier(dram_blocks * NBYTES, NBYTES),
             NVMeTier(root or tmp_path / "nvme", fsync=False),
             StorageNIC(node),
             wrap=lambda t: t.clone(),
@@ -113,7 +113,7 @@ def test_dram_eviction_is_lru_and_spills_to_nvme(make_store):
     store.flush()
     store.load([key(0)])  # touch 0: block 1 is now least recently used
     store.persist(key(2), block(2))
-    assert store.dram.lru_order() == [key(0), key(2)]
+    assert store.dram.keys() == [key(0), key(2)]
     events = store.drain_events()
     assert IndexEvent(key(1), "dram", False, "n0") in events
     assert store.nvme.contains(key(1))  # it had been persisted: still loadable
@@ -275,7 +275,7 @@ def test_a_cancelled_load_stops_and_drops_its_queued_snic_reads(tmp_path):
     rate = 20 * NBYTES  # 20 blocks/s: 40 blocks would take 2 s
     writer = TieredStore(
         "n0",
-        DRAMTier(0),
+        DRAMTier(0, NBYTES),
         NVMeTier(tmp_path / "nvme", fsync=False),
         StorageNIC("n0"),
         wrap=lambda t: t.clone(),
@@ -288,7 +288,7 @@ def test_a_cancelled_load_stops_and_drops_its_queued_snic_reads(tmp_path):
     writer.snic.close()  # waits for the writes
     reader = TieredStore(
         "n0",
-        DRAMTier(0),
+        DRAMTier(0, NBYTES),
         NVMeTier(tmp_path / "nvme", fsync=False),
         StorageNIC("n0", bandwidth_bytes_per_s=rate),
         wrap=lambda t: t.clone(),
@@ -323,14 +323,14 @@ def test_a_stalled_disk_read_ends_the_prefix_at_the_deadline(make_store, monkeyp
         store.persist(key(i), block(i))
     store.flush()
     stuck = threading.Event()
-    read = store.nvme.read
+    read = store.nvme.get
 
     def slow_read(k):
         if k == key(3):
             stuck.wait(5)  # stalled until the test ends
         return read(k)
 
-    monkeypatch.setattr(store.nvme, "read", slow_read)
+    monkeypatch.setattr(store.nvme, "get", slow_read)
     store.read_timeout_s = 0.4
     start = time.monotonic()
     got = store.load([key(i) for i in range(6)])

@@ -21,7 +21,7 @@ def stalled_store(tmp_path, dram_blocks: int = 0) -> tuple[TieredStore, threadin
     write queues (as behind a stream of on-path reads)."""
     store = TieredStore(
         "dnode",
-        DRAMTier(dram_blocks * NBYTES),
+        DRAMTier(dram_blocks * NBYTES, NBYTES),
         NVMeTier(tmp_path / "nvme", fsync=False),
         StorageNIC("dnode", num_workers=1),
         wrap=lambda t: t.clone(),

@@ -34,7 +34,7 @@ def tier(tmp_path: Path) -> tuple[Path, NVMeTier, list[bytes]]:
     keys = [bytes([i]) * 16 for i in range(5)]
     for i, key in enumerate(keys):
         shape, dtype = (F32, torch.float32) if i < 3 else (BF16, torch.bfloat16)
-        assert nvme.write(key, torch.randn(shape).to(dtype))
+        assert nvme.put(key, torch.randn(shape).to(dtype))
     return root, nvme, keys
 
 
