@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from deployments.engine_loop import EngineLoop
+from deployments.options import KVFailurePolicy
 from deployments.protocol import LoadReport, Role, TransferStats
 from deployments.traffic.mover import KVMover
 from engine.core import EngineCore
@@ -50,7 +51,7 @@ class EngineServer:
         report_interval_s: float = 0.25,
         fetch_blocks: BlockFetcher = local_blocks,
         persist: PersistSink | None = None,
-        on_transfer_failure: str = "recompute",
+        on_transfer_failure: KVFailurePolicy = KVFailurePolicy.RECOMPUTE,
     ):
         self.engine = engine
         self.mover = mover
@@ -58,7 +59,7 @@ class EngineServer:
         self.node_id = node_id
         self.fetch_blocks = fetch_blocks
         self.persist = persist
-        self.on_transfer_failure = on_transfer_failure  # the DE's: "recompute" | "fail"
+        self.on_transfer_failure = on_transfer_failure  # the DE's
         self.num_transfer_failures = 0
         self.loop = EngineLoop(
             engine,

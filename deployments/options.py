@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -37,6 +38,14 @@ def default_kvstore_dir() -> Path:
     """`$DUALPATH_KV_DIR`, else ~/.cache/dualpath-serve/kvstore."""
     env = os.environ.get("DUALPATH_KV_DIR")
     return Path(env) if env else Path.home() / ".cache" / "dualpath-serve" / "kvstore"
+
+
+class KVFailurePolicy(StrEnum):
+    """What a request does when KV it was planned to get cannot be had (a failed PE→DE
+    transfer, a stored-KV read that fails or comes back short). Never partial KV."""
+
+    RECOMPUTE = "recompute"  # compute the missing KV again, from the first bad block
+    FAIL = "fail"  # fail the request
 
 
 class Section(BaseModel):
@@ -110,8 +119,8 @@ class TransferSection(Section):
         description="a PE holds KV staged for a DE this long after the DE's last renewal "
         "(the DE renews while it waits to read); then frees it and the DE recomputes",
     )
-    on_failure: Literal["recompute", "fail"] = Field(
-        default="recompute",
+    on_failure: KVFailurePolicy = Field(
+        default=KVFailurePolicy.RECOMPUTE,
         description="a PE→DE KV transfer that fails: the DE recomputes the KV (continuing "
         "from the PE's first token), or the request fails",
     )
@@ -142,8 +151,8 @@ class KVStoreSection(Section):
         description="a stored-KV load waits this long at most (a stalled or slow disk); the "
         "blocks not read by then are recomputed (None: wait)",
     )
-    load_failure: Literal["recompute", "fail"] = Field(
-        default="recompute",
+    load_failure: KVFailurePolicy = Field(
+        default=KVFailurePolicy.RECOMPUTE,
         description="a planned stored-KV read that fails or comes back short: recompute from "
         "the first bad block, or fail the request (503 kv_load_failed); never partial KV",
     )

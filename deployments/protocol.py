@@ -20,6 +20,7 @@ Jobs carry `target_replica` (the replica the Scheduler chose) and node reports c
 
 from __future__ import annotations
 
+import enum
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -62,7 +63,13 @@ class RecentIds:
             return tuple(request_id for _, request_id in noted)
 
 
-ReadPath = Literal["none", "pe", "de", "split"]
+class ReadPath(enum.StrEnum):
+    """Which side reads a request's stored KV through its node's SNIC."""
+
+    NONE = "none"  # nothing stored: the PE computes the whole prompt
+    PE = "pe"  # the PE's node reads every hit block
+    DE = "de"  # the DE's node reads them, and forwards them to the PE
+    SPLIT = "split"  # the DE's node reads the first `num_de_blocks`, the PE's node the rest
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +106,7 @@ class Plan:
     Hit blocks are `[0, num_hit_blocks)` of the prompt. The decode side reads the first
     `num_de_blocks` of them through its node's SNIC, the prefill side reads the rest, so the
     PE always ends up with all hit KV and the DE already holds `[0, num_de_blocks)`:
-    read_path "pe" has num_de_blocks = 0, "de" has num_de_blocks = num_hit_blocks.
+    ReadPath.PE has num_de_blocks = 0, ReadPath.DE has num_de_blocks = num_hit_blocks.
     """
 
     request_id: str
@@ -107,7 +114,7 @@ class Plan:
     decode_replica: str
     prefill_node: str = ""
     decode_node: str = ""
-    read_path: ReadPath = "none"
+    read_path: ReadPath = ReadPath.NONE
     num_hit_blocks: int = 0
     num_de_blocks: int = 0
 

@@ -275,7 +275,7 @@ class EngineCore:
             new_token_ids=token_ids,
             new_text=delta,
             finished=reason is not None,
-            finish_reason=reason.value if reason else None,
+            finish_reason=reason,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_tokens,
             num_output_tokens=seq.num_output_tokens,

@@ -23,13 +23,15 @@ def draw_seed(seed: int, position: int) -> int:
     return z ^ (z >> 31)
 
 
-class SequenceStatus(enum.Enum):
+class SequenceStatus(enum.StrEnum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
 
 
-class FinishReason(enum.Enum):
+class FinishReason(enum.StrEnum):
+    """Why a request ended; a str, so outputs compare and serialise as the plain value."""
+
     STOP = "stop"
     LENGTH = "length"
     ABORT = "abort"

@@ -13,15 +13,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from enum import StrEnum
 
-Tier = Literal["dram", "nvme"]
+
+class TierName(StrEnum):
+    """Where a stored block lives (the tiers outside the engine)."""
+
+    DRAM = "dram"  # a node's object store (`IndexEvent.node_id` names the node)
+    NVME = "nvme"  # the NVMe tier's directory, shared by every node
 
 
 @dataclass(frozen=True, slots=True)
 class IndexEvent:
     key: bytes
-    tier: Tier
+    tier: TierName
     present: bool  # False: the block left that tier (evicted, corrupt, deleted)
     node_id: str = ""  # for "dram": the node whose object store holds it
     nbytes: int = 0
@@ -55,7 +60,7 @@ class KVIndex:
                 entry = self.entries[event.key] = IndexEntry(last_use=now)
             if event.nbytes:
                 entry.nbytes = event.nbytes
-            if event.tier == "nvme":
+            if event.tier == TierName.NVME:
                 entry.on_nvme = event.present
             elif event.present:
                 entry.dram_nodes.add(event.node_id)
@@ -67,7 +72,7 @@ class KVIndex:
     def drop_node(self, node_id: str) -> None:
         """A node's DRAM tier is gone (its TrafficManager restarted)."""
         for key in [k for k, e in self.entries.items() if node_id in e.dram_nodes]:
-            self.apply([IndexEvent(key, "dram", False, node_id)])
+            self.apply([IndexEvent(key, TierName.DRAM, False, node_id)])
 
     def longest_prefix(
         self, keys: Sequence[bytes], now: float | None = None, nodes: set[str] | None = None

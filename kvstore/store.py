@@ -30,7 +30,7 @@ from typing import Generic, TypeVar
 
 import torch
 
-from kvstore.index import IndexEvent
+from kvstore.index import IndexEvent, TierName
 from kvstore.snic import IOClass, StorageNIC
 from kvstore.tiers.base import Evicted, Tier
 from kvstore.tiers.nvme import NVMeTier
@@ -186,12 +186,12 @@ class TieredStore(Generic[V]):
         """Every block this node knows, as 'present' events (a full index resync)."""
         with self._lock:
             events = [
-                IndexEvent(k, "dram", True, self.node_id, self.block_nbytes)
+                IndexEvent(k, TierName.DRAM, True, self.node_id, self.block_nbytes)
                 for k in [*self.dram.keys(), *self._buffered]
             ]
             if self.nvme is not None:
-                stored = self.nvme.keys()
-                events += [IndexEvent(k, "nvme", True, "", self.block_nbytes) for k in stored]
+                stored, nbytes = self.nvme.keys(), self.block_nbytes
+                events += [IndexEvent(k, TierName.NVME, True, "", nbytes) for k in stored]
         return events
 
     def stats(self) -> dict[str, object]:
@@ -208,11 +208,11 @@ class TieredStore(Generic[V]):
     # ------------------------------------------------------------------ internals (lock held)
     def _cache(self, key: bytes, handle: V, nbytes: int) -> None:
         if self.dram.put(key, handle):
-            self._events.append(IndexEvent(key, "dram", True, self.node_id, nbytes))
+            self._events.append(IndexEvent(key, TierName.DRAM, True, self.node_id, nbytes))
         for item in self.dram.drain_evicted():
             self._spill(item)
             if item.key != key and item.key not in self._buffered:  # no longer held here
-                self._events.append(IndexEvent(item.key, "dram", False, self.node_id))
+                self._events.append(IndexEvent(item.key, TierName.DRAM, False, self.node_id))
 
     def _spill(self, item: Evicted[V]) -> None:
         if self.nvme is None or item.key in self._pending_writes or self._on_disk(item.key):
@@ -229,7 +229,7 @@ class TieredStore(Generic[V]):
         )
         # NOTE: lock held: the write's completion (`_write`) cannot pop it before this
         self._buffered[key] = handle
-        self._events.append(IndexEvent(key, "dram", True, self.node_id, self.block_nbytes))
+        self._events.append(IndexEvent(key, TierName.DRAM, True, self.node_id, self.block_nbytes))
 
     def _write(self, key: bytes, block: torch.Tensor) -> None:
         assert self.nvme is not None
@@ -241,11 +241,11 @@ class TieredStore(Generic[V]):
         with self._lock:
             self._pending_writes.pop(key, None)
             if stored:
-                self._events.append(IndexEvent(key, "nvme", True, "", self.block_nbytes))
+                self._events.append(IndexEvent(key, TierName.NVME, True, "", self.block_nbytes))
             if self._buffered.pop(key, None) is not None and not self.dram.contains(key):
-                self._events.append(IndexEvent(key, "dram", False, self.node_id))
+                self._events.append(IndexEvent(key, TierName.DRAM, False, self.node_id))
             for gone in self.nvme.drain_evicted():
-                self._events.append(IndexEvent(gone.key, "nvme", False))
+                self._events.append(IndexEvent(gone.key, TierName.NVME, False))
 
     def _on_disk(self, key: bytes) -> bool:
         """On NVMe, including files other nodes wrote to a shared directory (a stat)."""
@@ -259,7 +259,7 @@ class TieredStore(Generic[V]):
         with self._lock:
             self.counters["corrupt_or_missing"] += 1
             if known:
-                self._events.append(IndexEvent(key, "nvme", False))
+                self._events.append(IndexEvent(key, TierName.NVME, False))
 
 
 _CANCELLED = object()

@@ -22,6 +22,7 @@ from opentelemetry.context import Context
 
 from deployments import tracing
 from deployments.engine_server import EngineServer
+from deployments.options import KVFailurePolicy
 from deployments.protocol import DecodeJob
 from engine.core import EngineCore
 from engine.kv_import import PrefixKV
@@ -108,7 +109,7 @@ class DecodeServer(EngineServer):
                 data = await asyncio.to_thread(self.mover.receive, handoff.descriptor)
         except Exception:
             self.num_transfer_failures += 1
-            if self.on_transfer_failure != "recompute":
+            if self.on_transfer_failure != KVFailurePolicy.RECOMPUTE:
                 blocks_task.cancel()
                 raise
             # NOTE: never partial KV: resume from the PE's tokens instead,
@@ -123,7 +124,7 @@ class DecodeServer(EngineServer):
         try:
             blocks = await blocks_task
         except Exception:  # their owner (a TrafficManager) died: recompute, as above
-            if self.on_transfer_failure != "recompute":
+            if self.on_transfer_failure != KVFailurePolicy.RECOMPUTE:
                 raise
             logger.warning("stored KV of %s lost; recomputing", job.request_id, exc_info=True)
             blocks, data = [], None

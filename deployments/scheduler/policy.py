@@ -80,14 +80,14 @@ def plan(
         decode = _pick_decode(des, need_tokens, cfg, holders)
     sides = _ReadSides.of(request.block_keys[:max_hits], prefill, decode, view, now, cfg)
     num_hits, num_de_blocks = sides.num_hits, sides.choose(view, cfg)
-    path: ReadPath = (
-        "none"
+    path = (
+        ReadPath.NONE
         if num_hits == 0
-        else "pe"
+        else ReadPath.PE
         if num_de_blocks == 0
-        else "de"
+        else ReadPath.DE
         if num_de_blocks == num_hits
-        else "split"
+        else ReadPath.SPLIT
     )
     return Plan(
         request_id=request.request_id,
