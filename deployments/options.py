@@ -6,7 +6,6 @@ Byte sizes accept integers or strings such as "256MiB" / "2GB".
 
 from __future__ import annotations
 
-import os
 import re
 from enum import StrEnum
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from engine import env
 from engine.config import DType, EngineConfig, SparseAttentionConfig, default_model_dir
 from kvstore.transfer.base import TransportName
 
@@ -36,8 +36,7 @@ ZeroOrBytes = Annotated[int, BeforeValidator(parse_bytes), Field(ge=0)]
 
 def default_kvstore_dir() -> Path:
     """`$DUALPATH_KV_DIR`, else ~/.cache/dualpath-serve/kvstore."""
-    env = os.environ.get("DUALPATH_KV_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "dualpath-serve" / "kvstore"
+    return env.kvstore_dir() or Path.home() / ".cache" / "dualpath-serve" / "kvstore"
 
 
 class KVFailurePolicy(StrEnum):
@@ -189,12 +188,7 @@ class TracingSection(Section):
     retention_days: int = Field(default=7, ge=1, description="days of span files kept")
 
     def endpoint(self) -> str | None:
-        env = os.environ
-        return (
-            self.otlp_endpoint
-            or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-            or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-        )
+        return self.otlp_endpoint or env.otlp_traces_endpoint()
 
 
 class EngineReplicaOptions(Section):

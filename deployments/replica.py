@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 
 import torch
 from ray import serve
@@ -14,6 +13,7 @@ from deployments.engine_server import EngineServer
 from deployments.options import EngineReplicaOptions
 from deployments.protocol import LoadReport, TransferReport, TransferStats
 from deployments.traffic.mover import KVMover
+from engine import env
 from engine.core import EngineCore
 from kvstore.tiers.object_store import block_to_object, fetch_blocks
 from kvstore.transfer.base import create_transport
@@ -34,7 +34,7 @@ async def start_engine_server(
     rid, node_id = replica_id(), config.node
     tracing.setup_tracing(config.tracing, f"dualpath.{server_cls.role}.{node_id}")
     # NOTE: Ray sets OMP_NUM_THREADS from the replica's num_cpus; torch follows it.
-    threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or None
+    threads = env.omp_num_threads()
     prefill = server_cls.role == "prefill"
     engine_config = config.engine.engine_config(config.model, threads, prefill=prefill)
     engine = await asyncio.to_thread(EngineCore, engine_config)

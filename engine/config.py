@@ -7,15 +7,15 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
+from engine import env
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-MODEL_CACHE_ENV = "DUALPATH_MODEL_CACHE"
 
 DType = Literal["float32", "bfloat16", "float16"]
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -23,8 +23,7 @@ _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16"
 
 def model_cache_dir() -> Path:
     """Directory holding converted models (`$DUALPATH_MODEL_CACHE`, else ~/.cache/...)."""
-    env = os.environ.get(MODEL_CACHE_ENV)
-    base = Path(env) if env else Path.home() / ".cache" / "dualpath-serve" / "models"
+    base = env.model_cache_dir() or Path.home() / ".cache" / "dualpath-serve" / "models"
     return base.expanduser()
 
 

@@ -27,6 +27,8 @@ from types import ModuleType
 
 import torch
 
+from engine import env
+
 log = logging.getLogger(__name__)
 
 EXTENSION_NAME = "dualpath_kernels"
@@ -37,7 +39,6 @@ HEADERS = ("kernels.h",)
 ARCH_FLAGS = ("-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_80,code=sm_80")
 CUDA_FLAGS = ("-O3", "-std=c++17", "-lineinfo", *ARCH_FLAGS)
 HOST_FLAGS = ("-O3", "-std=c++17")
-CACHE_ENV = "DUALPATH_KERNEL_CACHE"
 _TAIL_CHARS = 6000
 
 
@@ -53,8 +54,8 @@ def source_hash() -> str:
 
 
 def build_directory() -> Path:
-    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "dualpath-serve" / "kernels"
-    return Path(root) / source_hash()
+    root = env.kernel_cache_dir() or Path.home() / ".cache" / "dualpath-serve" / "kernels"
+    return root / source_hash()
 
 
 def _tail(text: str) -> str:
@@ -108,9 +109,7 @@ def load_extension(verbose: bool = False) -> ModuleType | None:
 
 def _cuda_include(nvcc: str) -> Path:
     """The CUDA toolkit's include dir: $CUDA_HOME, nvcc's install prefix, or nvcc's own view."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    candidates.append(str(Path(nvcc).resolve().parent.parent))
-    for home in filter(None, candidates):
+    for home in [*env.cuda_homes(), str(Path(nvcc).resolve().parent.parent)]:
         if (Path(home) / "include" / "cuda_runtime.h").is_file():
             return Path(home) / "include"
     # nvcc may be a wrapper script: ask it where its toolkit lives.
@@ -141,7 +140,7 @@ def _host_command(src: Path, obj: Path, cuda_include: Path) -> list[str]:
     # NOTE: the CPU wheel ships c10/cuda headers but not the CMake-generated one they include.
     if not (torch_include / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").is_file():
         defines.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")
-    cxx = os.environ.get("CXX", "c++")
+    cxx = env.host_compiler()
     # -O0: a check only needs the front end; the real build uses HOST_FLAGS.
     flags = ["-c", "-O0", "-std=c++17", "-fPIC", *defines]
     return [cxx, *flags, *(f"-isystem{p}" for p in includes), str(src), "-o", str(obj)]

@@ -15,25 +15,24 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from types import ModuleType
 from typing import Literal
 
 import torch
 
+from engine import env
 from engine.kernels import moe as moe_ref
 from engine.kernels import sparse_attention as sparse_ref
 from engine.kernels.sparse_attention import SparseSpec
 
 Backend = Literal["auto", "reference", "cuda"]
-BACKEND_ENV = "DUALPATH_KERNELS"
 log = logging.getLogger(__name__)
 
 
 def default_backend() -> Backend:
-    value = os.environ.get(BACKEND_ENV, "reference")
+    value = env.kernel_backend()
     if value not in ("auto", "reference", "cuda"):
-        raise ValueError(f"${BACKEND_ENV}={value!r}: expected auto, reference or cuda")
+        raise ValueError(f"${env.KERNELS}={value!r}: expected auto, reference or cuda")
     return value  # type: ignore[return-value]
 
 

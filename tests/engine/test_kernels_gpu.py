@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine import env
 from engine.kernels import ops
 from engine.kernels.moe import RouterSpec, select_experts
 from engine.kernels.sparse_attention import SparseSpec, update_summaries
@@ -93,7 +94,7 @@ def test_moe_model_kernel_path_matches_reference_path(model_dir, tmp_path, monke
     prompt = list(range(100, 160))
     outputs = {}
     for backend in ("reference", "cuda"):
-        monkeypatch.setenv(ops.BACKEND_ENV, backend)
+        monkeypatch.setenv(env.KERNELS, backend)
         outputs[backend] = EngineCore(config).generate([prompt], params)[0].new_token_ids
     assert outputs["cuda"] == outputs["reference"]
 
@@ -116,7 +117,7 @@ def test_sparse_engine_kernel_path_matches_reference_path(model_dir, monkeypatch
         )
         outputs = {}
         for backend in ("reference", "cuda"):
-            monkeypatch.setenv(ops.BACKEND_ENV, backend)
+            monkeypatch.setenv(env.KERNELS, backend)
             engine = EngineCore(config)
             text = engine.tokenizer.encode(" ".join(v for _, v in sorted(topics.items())))
             outputs[backend] = engine.generate([text[:3000]], params)[0].new_token_ids

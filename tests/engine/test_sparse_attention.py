@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from engine import env
 from engine.config import EngineConfig, ModelConfig, SparseAttentionConfig
 from engine.kernels import ops
 from engine.kernels.moe import fused_moe as moe_ref
@@ -281,11 +282,11 @@ def test_backend_from_environment(monkeypatch):
     x = torch.randn(3, 8)
     w13, w2 = torch.randn(2, 8, 8), torch.randn(2, 8, 4)
     ids, weights = torch.tensor([[0], [1], [1]]), torch.ones(3, 1)
-    monkeypatch.setenv(ops.BACKEND_ENV, "auto")
+    monkeypatch.setenv(env.KERNELS, "auto")
     assert torch.equal(ops.fused_moe(x, w13, w2, weights, ids), moe_ref(x, w13, w2, weights, ids))
-    monkeypatch.setenv(ops.BACKEND_ENV, "cuda")
+    monkeypatch.setenv(env.KERNELS, "cuda")
     with pytest.raises(RuntimeError, match="CUDA tensors"):
         ops.fused_moe(x, w13, w2, weights, ids)
-    monkeypatch.setenv(ops.BACKEND_ENV, "cdua")
+    monkeypatch.setenv(env.KERNELS, "cdua")
     with pytest.raises(ValueError, match="expected auto, reference or cuda"):
         ops.fused_moe(x, w13, w2, weights, ids)
