@@ -68,7 +68,7 @@ class SchedulerSection(Section):
 
     def policy_config(self) -> PolicyConfig:
         return PolicyConfig(
-            policy=self.policy,
+            name=self.policy,
             alpha_s=self.alpha_s,
             beta_s=self.beta_s,
             z_factor=self.z_factor,

@@ -25,14 +25,14 @@ class Scheduler:
     def __init__(
         self,
         stale_after_s: float = 15.0,
-        policy: PolicyConfig | None = None,
+        policy_config: PolicyConfig | None = None,
         tracing_section: TracingSection | None = None,
         planned_ttl_s: float = 60.0,
     ):
         if tracing_section is not None:
             tracing.setup_tracing(tracing_section, "dualpath.scheduler")
         self.view = ClusterView(stale_after_s, planned_ttl_s)
-        self.policy = policy or PolicyConfig()
+        self.policy_config = policy_config or PolicyConfig()
         self.read_paths: dict[str, int] = {}
         self.read_blocks: dict[str, int] = {}  # node -> hit blocks planned to be read there
         self.metrics = Metrics("ray")
@@ -52,8 +52,8 @@ class Scheduler:
         self.view.remove(replica_id)
 
     async def plan(self, request: PlanRequest) -> Plan:
-        with tracing.span("scheduler.plan", request.trace, policy=self.policy.policy) as span:
-            result = plan_and_note(request, self.view, time.time(), self.policy)
+        with tracing.span("scheduler.plan", request.trace, policy=self.policy_config.name) as span:
+            result = plan_and_note(request, self.view, time.time(), self.policy_config)
             span.set_attributes({"read_path": result.read_path, "engines": len(self.view.engines)})
         self.read_paths[result.read_path] = self.read_paths.get(result.read_path, 0) + 1
         for node, blocks in (
@@ -80,12 +80,12 @@ class Scheduler:
 
     async def read_capacity(self) -> ReadCapacity:
         """The read rate of the SNICs this policy reads on (the PE nodes' for single_path)."""
-        roles = ("prefill",) if self.policy.policy == "single_path" else ("prefill", "decode")
+        roles = ("prefill",) if self.policy_config.name == "single_path" else ("prefill", "decode")
         now = time.time()
         readers = {e.node_id for role in roles for e in self.view.live(role, now)}
         nodes = [s for n, s in self.view.nodes.items() if n in readers]
         return ReadCapacity(
-            sum(s.rate(self.policy.snic_bytes_per_s) for s in nodes),
+            sum(s.rate(self.policy_config.snic_bytes_per_s) for s in nodes),
             sum(s.read_queue_bytes for s in nodes),
         )
 
@@ -110,7 +110,7 @@ class Scheduler:
 
     async def stats(self) -> dict[str, object]:
         return {
-            "policy": self.policy.policy,
+            "policy": self.policy_config.name,
             "drained": sorted(self.view.drained),
             "read_paths": dict(self.read_paths),
             "read_blocks": dict(self.read_blocks),

@@ -48,7 +48,7 @@ class NoEngineAvailable(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class PolicyConfig:
-    policy: PolicyName = "dualpath"
+    name: PolicyName = "dualpath"
     alpha_s: float = 3.0  # a node's read queue is short if it drains within this
     beta_s: float = 5.0  # a PE with more queued compute than this is overloaded
     z_factor: float = 1.05  # the DE high-token threshold over the group mean
@@ -68,7 +68,7 @@ def plan(
     des = sorted(view.live("decode", now), key=lambda e: e.report.replica_id)
     if not des:
         raise NoEngineAvailable("no decode engine is ready")
-    round_robin = cfg.policy == "round_robin"
+    round_robin = cfg.name == "round_robin"
     prefill = pes[view.rr_counter % len(pes)] if round_robin else _pick_prefill(pes, view, cfg)
     need_tokens = request.num_prompt_tokens + request.max_tokens
     block_size = prefill.report.block_size
@@ -147,7 +147,7 @@ def _holders(
     """Decode nodes that would lengthen the hit, with the tokens they save: their DRAM (or
     write buffer: blocks whose NVMe write still lags) holds blocks past what the PE node
     alone can read."""
-    if cfg.policy == "single_path" or not keys:
+    if cfg.name == "single_path" or not keys:
         return {}
     pe = prefill.node_id
     alone = view.index.longest_prefix(keys, None, {pe})
@@ -225,7 +225,7 @@ class _ReadSides:
         cfg: PolicyConfig,
     ) -> _ReadSides:
         pe, de = prefill.node_id, decode.node_id
-        both = cfg.policy != "single_path" and pe != de
+        both = cfg.name != "single_path" and pe != de
         entries = view.index.locate(keys, {pe, de} if both else {pe}, now)
         if not entries:
             return cls(0, 0, 0, (), ())
@@ -266,9 +266,9 @@ class _ReadSides:
         """How many leading hit blocks the decode side reads."""
         if self.num_hits == 0 or self.lo == self.hi:
             return self.lo
-        if cfg.policy == "round_robin":
+        if cfg.name == "round_robin":
             return self.hi if view.rr_counter % 2 else self.lo
-        if cfg.policy == "dualpath_split":
+        if cfg.name == "dualpath_split":
             return min(range(self.lo, self.hi + 1), key=lambda s: max(self.finish_s(s, cfg)))
         on_pe, on_de = max(self.finish_s(self.lo, cfg)), max(self.finish_s(self.hi, cfg))
         if abs(on_pe - on_de) <= cfg.tie_fraction * max(on_pe, on_de):

@@ -64,7 +64,7 @@ class SimCluster:
         p = scenario.policy
         forward = p.forward_bytes_per_s or (None if self.copy_rate else c.cnic_bytes_per_s)
         self.policy_config = live_policy.PolicyConfig(
-            policy=policy,
+            name=policy,
             alpha_s=p.alpha_s,
             beta_s=p.beta_s,
             z_factor=p.z_factor,
@@ -356,7 +356,7 @@ class SimCluster:
         end = self.loop.now
         pe_busy = sum(e.busy_s for e in self.prefill.values())
         return RunResult(
-            policy=self.policy_config.policy,
+            policy=self.policy_config.name,
             records=self.records,
             nodes=[
                 NodeTraffic(

@@ -212,7 +212,7 @@ def test_hits_are_the_longest_stored_prefix_and_leave_one_token_to_compute():
 )
 def test_read_side_is_the_shorter_queue(policy, pe_queue, de_queue, expect):
     view = two_node_view(pe_queue, de_queue)
-    p = plan(request(9 * BLOCK, block_keys=keys(9)), view, 0.0, PolicyConfig(policy=policy))
+    p = plan(request(9 * BLOCK, block_keys=keys(9)), view, 0.0, PolicyConfig(name=policy))
     assert p.read_path == expect
     assert p.num_de_blocks == (8 if expect == "de" else 0)
 
