@@ -8,14 +8,15 @@ Request path (one HTTP request):
         KVHandoff--> Ingress (a stream: the first token goes to the client before the KV)
     Ingress --DecodeJob(handoff, DE-side handles)--> DecodeEngine[plan.decode_replica]
         --RequestOutput*--> Ingress; the DE persists new full blocks through its node's TM.
-Load: PrefillEngine / DecodeEngine --LoadReport--> Scheduler and --TransferReport--> the
+Load: PrefillEngine / DecodeEngine --LoadReport--> Scheduler and --TransferStats--> the
 TrafficManager of their node; TrafficManager --NodeReport(SNIC queues, index events)-->
 Scheduler (periodic, off the request path).
 
 Every request-path message carries `trace`, the W3C context of the caller's span, so one
 request is one trace across the deployments (`deployments/tracing.py`).
-Jobs carry `target_replica` (the replica the Scheduler chose) and node reports carry
-`target_node`; `deployments.routing.ReplicaPinnedRouter` honours both.
+PrefillJob and DecodeJob carry `target_replica` (the replica the Scheduler chose);
+`deployments.routing.ReplicaPinnedRouter` sends them there. Node-level calls need no
+routing: each logical node's TrafficManager is its own deployment.
 """
 
 from __future__ import annotations
@@ -248,9 +249,3 @@ class TransferStats:
             self.receive_s += seconds
         by = self.bytes_by_transport
         by[descriptor.transport] = by.get(descriptor.transport, 0) + n
-
-
-@dataclass(frozen=True, slots=True)
-class TransferReport:
-    target_node: str
-    stats: TransferStats

@@ -11,7 +11,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments import tracing
 from deployments.engine_server import EngineServer
 from deployments.options import EngineReplicaOptions
-from deployments.protocol import LoadReport, TransferReport, TransferStats
+from deployments.protocol import LoadReport, TransferStats
 from deployments.traffic.mover import KVMover
 from engine import env
 from engine.core import EngineCore
@@ -47,7 +47,7 @@ async def start_engine_server(
 
     async def report(load: LoadReport, transfers: TransferStats) -> None:
         await scheduler.report.remote(load)
-        await traffic.record.remote(TransferReport(node_id, transfers))
+        await traffic.record.remote(transfers)
 
     async def persist(blocks: list[tuple[bytes, torch.Tensor]]) -> None:
         await traffic.persist.remote([(key, block_to_object(b)) for key, b in blocks])

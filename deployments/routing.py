@@ -1,11 +1,10 @@
 """ReplicaPinnedRouter: Serve routes a job to the replica the Scheduler chose.
 
-The job (first positional argument) carries `target_replica`, a replica's unique id, or
-`target_node`, a Ray node id (per-node TrafficManager). When such replicas are among the
-candidates they are the only choice; when it is gone (restarted,
-scaled down) or no target was given, the least-loaded replicas by their published routing
-stats (queued tokens, then running sequences) are offered, so Serve still owns health,
-retries and back-pressure.
+The job (first positional argument) carries `target_replica`, the unique id of the replica
+the Scheduler planned. When that replica is among the candidates it is the only choice; when
+it is gone (restarted, scaled down) or no target was given, the least-loaded replicas by
+their published routing stats (queued tokens, then running sequences) are offered, so Serve
+still owns health, retries and back-pressure.
 
 NOTE: no FIFOMixin: its FIFO matching could hand the replica picked for one request to
 another request with a different target. The base router matches by request id.
@@ -38,9 +37,4 @@ class ReplicaPinnedRouter(RequestRouter):
             pinned = [r for r in candidate_replicas if r.replica_id.unique_id == target]
             if pinned:
                 return [pinned]
-        node = target_of(pending_request, "target_node")
-        if node is not None:
-            local = [r for r in candidate_replicas if r.node_id == node]
-            if local:
-                return [local]
         return [sorted(candidate_replicas, key=load_key)[:2]] if candidate_replicas else []

@@ -17,7 +17,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments import tracing
 from deployments.metrics import Metrics
 from deployments.options import EngineReplicaOptions, KVStoreSection
-from deployments.protocol import TransferReport
+from deployments.protocol import TransferStats
 from deployments.traffic.node_store import NodeKVStore
 from engine.config import ModelConfig
 from kvstore.snic import StorageNIC
@@ -96,8 +96,9 @@ class TrafficManager:
             span.set_attribute("new_blocks", new)
             return new
 
-    async def record(self, report: TransferReport) -> None:
-        self.node_store.record(report.stats)
+    async def record(self, stats: TransferStats) -> None:
+        """An engine's cumulative transfer counters (it reports them periodically)."""
+        self.node_store.record(stats)
 
     async def stats(self) -> dict[str, object]:
         return self.node_store.stats()
