@@ -191,13 +191,16 @@ async def test_ledger_lines_for_success_error_and_cancel(tmp_path):
             lease.meter = Meter(0, 10, 0)
             raise RuntimeError("engine died")
 
+    entered = asyncio.Event()
+
     async def cancelled() -> None:
         async with gate.enter(acme, Ticket("gone", "acme", "default", 10, 10)) as lease:
             lease.meter = Meter(0, 10, 3)
-            await asyncio.sleep(3600)
+            entered.set()
+            await asyncio.Event().wait()  # the engine never answers: runs until cancelled
 
     task = asyncio.ensure_future(cancelled())
-    await asyncio.sleep(0.01)
+    await entered.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -41,7 +41,7 @@ from kvstore.snic import StorageNIC
 from kvstore.store import TieredStore
 from kvstore.tiers.dram import DRAMTier
 from kvstore.tiers.nvme import NVMeTier
-from tests.helpers import chat
+from tests.helpers import chat, wait_for
 
 pytest.importorskip("nixl")
 MODEL = "tiny"
@@ -165,7 +165,8 @@ async def scenario(model_dir, tmp_path, engine_alone):
             [turn1], CompletionRequest(model=MODEL, prompt=turn1, **params).sampling_params(16)
         )
         reply = alone.new_token_ids
-        await asyncio.sleep(0.3)  # the persist task hands the last blocks over
+        full = (len(turn1) + len(reply) - 1) // 64  # the last token's KV is never computed
+        await wait_for(lambda: decode.num_persisted_blocks == full, "the DE persists turn 1")
         for tm in nodes.values():
             tm.store.flush()
         # turn 2: context + reply + tool output

@@ -29,6 +29,7 @@ from deployments.scheduler.view import ClusterView
 from deployments.traffic.mover import KVMover
 from engine import EngineConfig, EngineCore
 from engine.output import RequestOutput
+from tests.helpers import wait_for
 
 pytest.importorskip("nixl")
 MODEL = "tiny"
@@ -193,10 +194,7 @@ def test_cancelled_request_frees_blocks_on_both_engines(pd):
             if chunk.choices and chunk.choices[0].delta.content:
                 break
         await stream.aclose()
-        for _ in range(200):
-            await asyncio.sleep(0.02)
-            if decode.loop.load["num_running"] == 0:
-                return
+        await wait_for(lambda: decode.loop.load["num_running"] == 0, "the DE aborts the request")
 
     run(leave_early())
     for server in (prefill, decode):

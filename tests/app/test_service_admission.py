@@ -23,6 +23,7 @@ from app.service import ChatService
 from deployments.protocol import Plan, PlanRequest, PrefillJob, StoredPrefix
 from engine.output import RequestOutput
 from engine.tokenizer import Tokenizer
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -94,9 +95,10 @@ async def test_requests_reach_the_engine_in_tier_order_and_are_billed(setup):
         return asyncio.ensure_future(service.complete(request(tier), caller))
 
     first = call("a", "default")
-    await asyncio.sleep(0.01)
+    await wait_for(lambda: len(engines.arrived) == 1, "the first request reaches the PE")
     tasks = [call("b", "flex"), call("a", "default"), call("b", "priority")]
-    await asyncio.sleep(0.01)
+    queue = service.gate.queue
+    await wait_for(lambda: sum(queue.depth().values()) == 3, "three requests wait in the gate")
     assert len(engines.arrived) == 1  # one in flight: the rest wait in the gate
     for _ in range(4):
         await engines.open_next()
@@ -121,7 +123,7 @@ async def test_each_outcome_becomes_metrics(setup):
     caller = Caller(auth.tenants["a"], "priority", "/v1/completions")
     req = CompletionRequest(model="m", prompt=[1, 2, 3, 4, 5], max_tokens=1)
     task = asyncio.ensure_future(service.complete(req, caller))
-    await asyncio.sleep(0.01)
+    await wait_for(lambda: len(engines.arrived) == 1, "the request reaches the PE")
     await engines.open_next()
     await task
     assert metrics.value("dualpath_requests_total", service_tier="priority", status="ok") == 1
@@ -145,12 +147,12 @@ async def test_a_disconnected_waiter_never_reaches_the_engine(setup):
     caller = Caller(auth.tenants["a"], "default")
     req = CompletionRequest(model="m", prompt=[1, 2, 3], max_tokens=1)
     running = asyncio.ensure_future(service.complete(req, caller))
-    await asyncio.sleep(0.01)
+    await wait_for(lambda: len(engines.arrived) == 1, "the first request reaches the PE")
     waiting = asyncio.ensure_future(service.complete(req, caller))
-    await asyncio.sleep(0.01)
+    depth = service.gate.queue.depth
+    await wait_for(lambda: depth()["default"] == 1, "the second request waits in the queue")
     waiting.cancel()  # what Serve does when the HTTP client goes away
-    await asyncio.sleep(0.01)
-    assert service.gate.queue.depth()["default"] == 0
+    await wait_for(lambda: depth()["default"] == 0, "the cancelled waiter leaves the queue")
     await engines.open_next()
     await running
     assert len(engines.arrived) == 1
@@ -175,8 +177,7 @@ async def test_turns_whose_prompt_is_stored_are_admitted_together(setup):
 
     engines.stored = StoredPrefix(num_blocks=9, num_snic_blocks=9, block_bytes=1000)
     warm = turns(1)
-    await asyncio.sleep(0.05)
-    assert len(engines.arrived) == 3
+    await wait_for(lambda: len(engines.arrived) == 3, "all three warm turns reach the PE")
     assert queue.in_flight.prefill_tokens == 3 * 64
     assert queue.in_flight.read_bytes == 0  # reads ended (the flow's on_loaded), prefill not
     for _ in warm:
@@ -185,11 +186,14 @@ async def test_turns_whose_prompt_is_stored_are_admitted_together(setup):
 
     engines.stored = StoredPrefix()  # nothing stored: the whole prompt is prefill work
     cold = turns(5000)
-    await asyncio.sleep(0.05)
+    await wait_for(
+        lambda: len(engines.arrived) == 4 and queue.depth()["priority"] == 2,
+        "one cold turn reaches the PE and two wait",
+    )
     assert len(engines.arrived) == 4  # one cold turn at a time
-    for _ in cold:
+    for i in range(len(cold)):  # each is admitted when the one before it ends
+        await wait_for(lambda i=i: len(engines.arrived) == 4 + i, f"cold turn {i} is admitted")
         await engines.open_next()
-        await asyncio.sleep(0.01)
     await asyncio.gather(*cold)
     assert (queue.in_flight.requests, queue.in_flight.read_bytes) == (0, 0)
     # each ended at its first token, never reaching a DE: its plan is released at once

@@ -28,7 +28,7 @@ from deployments.tracing import REQUEST_ID
 from deployments.traffic.mover import KVMover
 from engine import EngineConfig, EngineCore
 from tests.app.test_dualpath_flow import ClusterBackend, node_store
-from tests.helpers import chat
+from tests.helpers import chat, wait_for
 
 pytest.importorskip("nixl")
 MODEL = "tiny"
@@ -67,10 +67,12 @@ async def two_turns(model_dir, tmp_path, roots: RootSpans):
                 model=MODEL, prompt=turn1, temperature=0, max_tokens=8, return_token_ids=True
             )
         )
-        await asyncio.sleep(0.3)  # the persist task hands the blocks over
+        reply = first.choices[0].token_ids
+        full = (len(turn1) + len(reply) - 1) // 64  # the last token's KV is never computed
+        await wait_for(lambda: decode.num_persisted_blocks == full, "the DE persists turn 1")
         for tm in nodes.values():
             tm.store.flush()
-        turn2 = turn1 + first.choices[0].token_ids + [13] * 40
+        turn2 = turn1 + reply + [13] * 40
         backend.force = "split"
         rid = roots.start("POST /v1/completions", "/v1/completions")
         with current(roots.span(rid)):

@@ -10,7 +10,7 @@ from deployments.engine_loop import EngineLoop, RequestAborted
 from engine.errors import InvalidRequestError
 from engine.request import EngineRequest
 from engine.sampling_params import SamplingParams
-from tests.helpers import chat
+from tests.helpers import chat, wait_for
 
 
 @pytest.fixture
@@ -70,13 +70,12 @@ def test_leaving_the_stream_early_aborts_and_frees_blocks(engine, loop):
         async for out in stream:
             if out.num_output_tokens >= 3:
                 break  # the consumer leaves (client disconnect)
-        for _ in range(200):
-            await asyncio.sleep(0.02)
-            if loop.load["num_running"] == 0 and not engine.has_unfinished():
-                return True
-        return False
+        await wait_for(
+            lambda: loop.load["num_running"] == 0 and not engine.has_unfinished(),
+            "the abandoned request is aborted",
+        )
 
-    assert asyncio.run(main())
+    asyncio.run(main())
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
@@ -85,6 +84,12 @@ def test_ready_gate_holds_admission_until_capacity(engine, loop):
     prompt = chat(engine, "Count to five.")
     params = SamplingParams(temperature=0, max_tokens=8)
     gate = {"open": False}
+    checks: list[bool] = []  # the gate as the loop found it, once per step
+
+    def ready(engine) -> bool:
+        checks.append(gate["open"])
+        return gate["open"]
+
     loop.start()
 
     async def main():
@@ -104,9 +109,9 @@ def test_ready_gate_holds_admission_until_capacity(engine, loop):
         stream = loop.submit(
             "gated",
             lambda e: e.add_request(EngineRequest("gated", prompt, params)),
-            ready=lambda e: gate["open"],
+            ready=ready,
         )
-        await asyncio.sleep(0.3)
+        await wait_for(lambda: len(checks) >= 3, "the loop checks the closed gate three times")
         held = loop.load["num_waiting"]  # "gated" is still outside the engine
         gate["open"] = True
         outs = await collect(stream)

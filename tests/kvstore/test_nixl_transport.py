@@ -16,6 +16,7 @@ pytest.importorskip("nixl")
 from kvstore.transfer import nixl as nixl_transport  # noqa: E402
 from kvstore.transfer.base import KVDescriptor  # noqa: E402
 from kvstore.transfer.nixl import NixlTransport, TransferCapacityError, _PagePool  # noqa: E402
+from tests.helpers import wait_until  # noqa: E402
 
 LAYER_SHAPE = (3, 2, 64, 3, 64)  # [num_blocks, 2, block_size, kv_heads, head_dim]
 POOL_BYTES = 8 * 2**20
@@ -116,9 +117,10 @@ def test_unreleased_transfer_expires(short_lease) -> None:
         sender.close()
 
 
-def test_a_waiting_receiver_renews_the_lease_then_reads(short_lease) -> None:
-    """The DE holds the descriptor (KVMover.hold) for 3 leases before reading: its renewals
-    keep the PE's pages; the data arrives intact. Unheld, the same transfer expires."""
+def test_a_waiting_receiver_renews_the_lease_then_reads(short_lease, monkeypatch) -> None:
+    """The DE holds the descriptor (KVMover.hold) over 3 renewals before reading: they keep
+    the PE's pages; the data arrives intact. Unheld, the same transfer (sent at the same
+    moment) expires meanwhile."""
     from deployments.protocol import TransferStats
     from deployments.traffic.mover import KVMover
     from engine.output import SequenceKV
@@ -128,12 +130,19 @@ def test_a_waiting_receiver_renews_the_lease_then_reads(short_lease) -> None:
     receiver = NixlTransport(POOL_BYTES, lease_s=short_lease)
     pe = KVMover(sender, TransferStats("pe", "n0", "prefill"))
     de = KVMover(receiver, TransferStats("de", "n0", "decode"))
+    renewals = []
+    renew = receiver.renew
+    monkeypatch.setattr(receiver, "renew", lambda desc: renewals.append(renew(desc)))
     try:
         data = torch.randn(3, 2, 2, 4, 2, 8, generator=torch.Generator().manual_seed(9))
         kv = SequenceKV(list(range(10)), [], data)
         held, orphan = pe.send("held", kv), pe.send("orphan", kv)
+        used = POOL_BYTES - sender.free_bytes  # two transfers of the same size
         de.hold(held)
-        time.sleep(3 * short_lease)
+        wait_until(
+            lambda: len(renewals) >= 3 and sender.free_bytes == POOL_BYTES - used // 2,
+            "the held transfer is renewed 3 times and the orphan's pages are freed",
+        )
         assert torch.equal(de.receive(held), data)  # renewed all along: still there
         with pytest.raises(TransferExpiredError):
             de.receive(orphan)  # nobody renewed it: refused, never read
@@ -152,7 +161,9 @@ def test_a_renewal_too_late_is_refused(short_lease) -> None:
         desc = sender.send("late", make_layers(3, torch.float32, num_layers=2))
         receiver.renew(desc)  # in time: counts
         assert receiver.lease_left_s(desc) > short_lease - 0.05
-        time.sleep(short_lease - 0.1)  # less than READ timeout + skew (0.15 s) left
+        wait_until(
+            lambda: receiver.lease_left_s(desc) < 0.15, "less than READ timeout + skew is left"
+        )
         with pytest.raises(TransferExpiredError):
             receiver.renew(desc)
     finally:

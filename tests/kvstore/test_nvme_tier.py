@@ -5,6 +5,7 @@ CPU only, no Ray; every test works in its own tmp_path."""
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import inspect
 import os
@@ -30,6 +31,7 @@ from kvstore.block import (
 from kvstore.tiers import nvme
 from kvstore.tiers.base import Evicted
 from kvstore.tiers.nvme import NVMeTier, temp_file_name
+from tests.helpers import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPE = (4, 2, 64, 3, 64)  # [layers, 2, block_size, kv_heads, head_dim]
@@ -63,6 +65,15 @@ def same_bits(a: torch.Tensor | None, b: torch.Tensor) -> bool:
 
 def tmp_files(root: Path) -> list[Path]:
     return sorted(root.rglob("*.tmp"))
+
+
+def is_writing(root: Path, first: int, num_done: int) -> bool:
+    """A writer that started at `key_of(first)` has completed `num_done` blocks and has the
+    next one open (its temp file exists)."""
+    if not tmp_files(root):
+        return False
+    indexes = (int.from_bytes(bytes.fromhex(p.stem)[8:], "big") for p in root.glob("??/*.kvb"))
+    return sum(i >= first for i in indexes) >= num_done
 
 
 def flip_byte(path: Path, offset: int) -> None:
@@ -243,9 +254,15 @@ def test_kill_9_during_writes_never_leaves_a_torn_block(tmp_path: Path):
         assert zygote.stdout.readline().strip() == b"ready"
         for cycle in range(KILL_CYCLES):
             # NOTE: without fsync most of a write's time is the write itself: more torn writes.
-            pid = int(ask(f"go {cycle * 10**6} {cycle % 2}"))
-            time.sleep(rng.uniform(0.02, 0.15))
-            os.kill(pid, signal.SIGKILL)
+            first = cycle * 10**6
+            pid = int(ask(f"go {first} {cycle % 2}"))
+            num_done = rng.randint(0, 3)  # blocks this writer completes before its kill
+            wait_until(
+                functools.partial(is_writing, tmp_path, first, num_done),
+                f"writer {cycle} is writing after {num_done} blocks",
+                interval_s=0.001,
+            )
+            os.kill(pid, signal.SIGKILL)  # at a random point of that write
             assert ask(f"reap {pid} 0") == "reaped"
             # Every block file on disk, as any reader would find it, is whole and right ...
             on_disk = {bytes.fromhex(p.stem): p for p in tmp_path.glob("??/*.kvb")}
