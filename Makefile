@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 # CPU machines pin the local CPU wheel; set TORCH_SPEC="torch" on a CUDA machine.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: serve status chat test lint bench-engine bench-serve bench-agentic bench-agentic-sweep bench-admission dashboard fetch clean
+.PHONY: serve status chat test test-fast lint bench-engine bench-serve bench-agentic bench-agentic-sweep bench-admission dashboard fetch clean
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
@@ -55,6 +55,11 @@ chat: fetch
 
 test: fetch
 	$(PY) -m pytest -q
+
+# Unit tests only: no Ray or Serve, no real model (a tiny random-weight one instead), so no
+# `fetch` either; a few minutes on 2 cores. `make test` (what CI runs) runs everything.
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not integration and not slow and not model"
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

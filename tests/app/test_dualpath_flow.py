@@ -44,6 +44,7 @@ from kvstore.tiers.nvme import NVMeTier
 from tests.helpers import chat, wait_for
 
 pytest.importorskip("nixl")
+pytestmark = pytest.mark.model  # real engines on the converted model
 MODEL = "tiny"
 SYSTEM = (
     "You are a coding agent working in a repository with a failing test suite. Read the "

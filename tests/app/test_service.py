@@ -32,6 +32,7 @@ from engine.output import RequestOutput
 from tests.helpers import wait_for
 
 pytest.importorskip("nixl")
+pytestmark = pytest.mark.model  # real engines on the converted model
 MODEL = "tiny"
 
 

@@ -72,13 +72,14 @@ class GatedEngines:
 
 
 @pytest.fixture
-def setup(model_dir, tmp_path):
+def setup(tiny_model_dir, tmp_path):
     engines = GatedEngines()
     prices = PriceBook(PricingSection(windows={"rules": []}))  # always "normal"
     queue = AdmissionQueue(QueueSection(), prices.calendar, lambda: 1e9, tick_s=3600)
     ledger = Ledger(tmp_path / "usage.jsonl")
     gate = Gate(queue, RateLimiter(lambda: 1e9), prices, ledger, "m", lambda: 1e9)
-    service = ChatService(Tokenizer(model_dir), ModelInfo("m", 2048, 49152), engines, 16, gate=gate)
+    tokenizer = Tokenizer(tiny_model_dir)
+    service = ChatService(tokenizer, ModelInfo("m", 2048, 49152), engines, 16, gate=gate)
     tenants = [TenantSection(name=n, key_sha256=[hash_key(f"sk-{n}")]) for n in ("a", "b")]
     auth = Authenticator(AuthSection(tenants=tenants), environ={})
     return service, engines, auth, tmp_path / "usage.jsonl"

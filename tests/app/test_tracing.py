@@ -31,6 +31,7 @@ from tests.app.test_dualpath_flow import ClusterBackend, node_store
 from tests.helpers import chat, wait_for
 
 pytest.importorskip("nixl")
+pytestmark = pytest.mark.model  # real engines on the converted model
 MODEL = "tiny"
 
 

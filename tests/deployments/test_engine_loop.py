@@ -14,8 +14,14 @@ from tests.helpers import chat, wait_for
 
 
 @pytest.fixture
+def engine(tiny_engine):
+    """A fresh engine on the toy model for each test: nothing carries over between tests."""
+    return tiny_engine
+
+
+@pytest.fixture
 def loop(engine):
-    """A loop over the shared engine; tests start it after their own direct engine use."""
+    """A loop over the test's engine; tests start it after their own direct engine use."""
     engine_loop = EngineLoop(engine)
     yield engine_loop
     engine_loop.stop()

@@ -25,6 +25,7 @@ from engine.output import RequestOutput
 from tests.app.test_service import LocalBackend
 
 pytest.importorskip("nixl")
+pytestmark = pytest.mark.model  # real engines on the converted model
 MODEL = "tiny"
 PROMPT = "A short history of the lighthouse keepers of the northern coast"
 MAX_TOKENS = 14

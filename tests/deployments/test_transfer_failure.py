@@ -20,6 +20,7 @@ from engine import EngineConfig, EngineCore
 from tests.app.test_service import LocalBackend
 
 pytest.importorskip("nixl")
+pytestmark = pytest.mark.model  # real engines on the converted model
 MODEL = "tiny"
 PROMPT = "The history of the printing press begins"
 

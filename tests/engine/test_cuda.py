@@ -10,6 +10,7 @@ from tests.helpers import chat
 
 pytestmark = [
     pytest.mark.gpu,
+    pytest.mark.model,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
 ]
 

@@ -1,4 +1,5 @@
-"""Our model vs Hugging Face transformers on the same converted weights (float32, CPU)."""
+"""The real converted model (SmolLM2-135M-Instruct, float32, CPU): it knows things, and our
+model equals Hugging Face transformers on the same weights."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ from engine.request import EngineRequest
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 from kvstore.keys import root_key
-from tests.helpers import chat
+from tests.helpers import GREEDY, chat
+
+pytestmark = pytest.mark.model
 
 PROMPTS = [
     "What is the capital of France?",
@@ -41,6 +44,13 @@ def _our_prompt_logits(engine, token_ids: list[int]) -> torch.Tensor:
             return model.compute_logits(model(input_ids, ctx))
     finally:
         engine.block_manager.free(seq)
+
+
+def test_real_model_answers_paris(engine):
+    """This is a real model: greedy decoding knows the capital of France."""
+    out = engine.generate([chat(engine, "What is the capital of France?")], GREEDY)[0]
+    assert "Paris" in out.text
+    assert out.finish_reason == "stop"
 
 
 @pytest.mark.parametrize("prompt", PROMPTS[:3])

@@ -82,13 +82,13 @@ def test_fused_moe_through_extension_matches_reference(dtype, num_tokens, expert
 
 
 @pytest.mark.parametrize("deepseek", [False, True], ids=["qwen2-moe", "deepseek-routing"])
-def test_moe_model_kernel_path_matches_reference_path(model_dir, tmp_path, monkeypatch, deepseek):
+def test_moe_model_kernel_path_matches_reference_path(tmp_path, monkeypatch, deepseek):
     """The MoE model on a tiny random checkpoint: greedy tokens and prompt logits through the
     compiled fused-MoE kernel equal the reference path on the same GPU (float32)."""
     from engine import EngineConfig, EngineCore, SamplingParams
     from tests.engine.test_moe import write_tiny_moe
 
-    path = write_tiny_moe(tmp_path, model_dir, deepseek, seed=11)
+    path = write_tiny_moe(tmp_path, deepseek, seed=11)
     config = EngineConfig(model=path, device="cuda", block_size=16, num_kv_blocks=64)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     prompt = list(range(100, 160))
@@ -99,6 +99,7 @@ def test_moe_model_kernel_path_matches_reference_path(model_dir, tmp_path, monke
     assert outputs["cuda"] == outputs["reference"]
 
 
+@pytest.mark.model
 def test_sparse_engine_kernel_path_matches_reference_path(model_dir, monkeypatch):
     """The default model with `attention: sparse` decodes the same greedy tokens through the
     compiled sparse-attention kernels as through the reference (float32, minmax and mean)."""

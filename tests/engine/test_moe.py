@@ -20,6 +20,7 @@ from engine.loader import load_weights
 from engine.models.moe import MoeForCausalLM, SparseMoeBlock
 from engine.sequence import Sequence
 from kvstore.keys import root_key
+from tests.helpers import write_tiny_tokenizer
 
 
 def _naive_expert(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -134,13 +135,13 @@ def test_low_precision_fused_moe_is_close(dtype):
 
 # --------------------------------------------------------------------------- the model
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
-
-def write_tiny_moe(root: Path, model_dir: Path, deepseek: bool, seed: int) -> Path:
-    """config.json + model.safetensors (random weights, Hub names) + the default tokenizer."""
+def write_tiny_moe(root: Path, deepseek: bool, seed: int) -> Path:
+    """config.json + model.safetensors (random weights, Hub names) + the tiny tokenizer."""
+    out = root / ("tiny-deepseek-moe" if deepseek else "tiny-qwen2-moe")
+    vocab = write_tiny_tokenizer(out)
     g = torch.Generator().manual_seed(seed)
-    hidden, layers, heads, kv_heads, head_dim, vocab = 64, 3, 4, 2, 16, 49152
+    hidden, layers, heads, kv_heads, head_dim = 64, 3, 4, 2, 16
     experts, moe_inter = 8, 32
     config = {
         "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
@@ -191,19 +192,14 @@ def write_tiny_moe(root: Path, model_dir: Path, deepseek: bool, seed: int) -> Pa
         else:
             mlp(p + "mlp.shared_expert.", 48)
             t[p + "mlp.shared_expert_gate.weight"] = rand(1, hidden)
-    out = root / ("tiny-deepseek-moe" if deepseek else "tiny-qwen2-moe")
-    out.mkdir()
     (out / "config.json").write_text(json.dumps(config))
     save_file({k: v.contiguous() for k, v in t.items()}, str(out / "model.safetensors"))
-    for name in TOKENIZER_FILES:
-        if (model_dir / name).is_file():
-            shutil.copy(model_dir / name, out / name)
     return out
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["qwen2-moe", "deepseek-routing"])
-def moe_engine(request, model_dir, tmp_path_factory) -> EngineCore:
-    path = write_tiny_moe(tmp_path_factory.mktemp("moe"), model_dir, request.param, seed=7)
+def moe_engine(request, tmp_path_factory) -> EngineCore:
+    path = write_tiny_moe(tmp_path_factory.mktemp("moe"), request.param, seed=7)
     return EngineCore(EngineConfig(model=path, num_threads=2, block_size=16, num_kv_blocks=64))
 
 
@@ -273,11 +269,11 @@ def _prompt_logits(engine: EngineCore, token_ids: list[int]) -> torch.Tensor:
 
 
 @pytest.mark.slow
-def test_qwen2_moe_matches_transformers(model_dir, tmp_path):
+def test_qwen2_moe_matches_transformers(tmp_path):
     """Prompt logits and greedy tokens equal Hugging Face's Qwen2MoeForCausalLM on the
     same checkpoint (per-expert Hub names, q/k/v biases, gated shared expert)."""
     transformers = pytest.importorskip("transformers")
-    path = write_tiny_moe(tmp_path, model_dir, deepseek=False, seed=11)
+    path = write_tiny_moe(tmp_path, deepseek=False, seed=11)
     engine = EngineCore(EngineConfig(model=path, num_threads=2, block_size=16, num_kv_blocks=32))
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     ids = engine.tokenizer.encode("Sparse experts route every token to a few of them.")
@@ -310,10 +306,10 @@ def _restack(src: Path, dst: Path, drop: str | None = None) -> None:
     save_file(t, str(dst / "model.safetensors"))
 
 
-def test_fused_expert_checkpoint_loads_the_same_and_missing_experts_fail(model_dir, tmp_path):
+def test_fused_expert_checkpoint_loads_the_same_and_missing_experts_fail(tmp_path):
     """Per-expert Hub names and transformers-5 stacked names give the same model; a
     checkpoint missing one expert's matrix is refused, never half-loaded."""
-    src = write_tiny_moe(tmp_path, model_dir, deepseek=True, seed=5)
+    src = write_tiny_moe(tmp_path, deepseek=True, seed=5)
     _restack(src, tmp_path / "fused")
     _restack(src, tmp_path / "broken", drop="model.layers.0.mlp.experts.3.up_proj.weight")
     a, b = (MoeForCausalLM(ModelConfig.from_dir(src), max_positions=64) for _ in range(2))

@@ -13,6 +13,8 @@ from engine.kernels.sparse_attention import budget_tokens
 from engine.kv_import import PrefixKV
 from engine.layers import attention
 
+pytestmark = pytest.mark.model
+
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
 

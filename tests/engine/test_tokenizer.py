@@ -6,6 +6,8 @@ import pytest
 
 from engine.tokenizer import ChatTemplateError, IncrementalDetokenizer, Tokenizer
 
+pytestmark = pytest.mark.model
+
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi!"}],
     [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2?"}],

@@ -11,6 +11,7 @@ from ops.bench.engine import main
 
 
 @pytest.mark.slow
+@pytest.mark.model
 def test_engine_bench_writes_json_and_png(model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     rc = main(

@@ -12,6 +12,7 @@ from engine.config import ModelConfig
 from ops.model_fetch import MARKER, convert_gguf, default_gguf_path
 
 
+@pytest.mark.model
 def test_converted_config_describes_smollm2(model_dir):
     cfg = ModelConfig.from_dir(model_dir)
     assert (
@@ -29,6 +30,7 @@ def test_converted_config_describes_smollm2(model_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.model
 def test_weights_equal_transformers_gguf_loader(model_dir):
     """Our dequantise + un-permute gives bit-identical tensors to transformers' own GGUF path."""
     from transformers import AutoModelForCausalLM
@@ -63,6 +65,7 @@ def test_refuses_to_overwrite_a_directory_it_did_not_write(tmp_path):
     assert (precious / "notes.txt").read_text() == "keep me"
 
 
+@pytest.mark.model
 def test_conversion_is_marked_complete_and_readable(model_dir):
     assert (model_dir / MARKER).is_file()
     assert all(f.stat().st_mode & 0o044 == 0o044 for f in model_dir.iterdir())
