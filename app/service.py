@@ -1,43 +1,47 @@
-"""ChatService: OpenAI requests in, the PD request path, OpenAI responses out. No Ray.
+"""ChatService: OpenAI requests in, the PD request path, OpenAI objects out. No Ray.
 
-One request's way: template + tokenise → validate against the model → for each of `n`
-choices: Scheduler.plan → PE.prefill (prompt KV + first token) → DE.generate (the rest,
-streamed) → response objects. The deployments are reached through a `Backend`, so unit tests can
-drive this class with in-process engines and the Ingress shell with Serve handles.
+One path for every API shape: prompt (template + tokenise, validated against the model) →
+admission (the Gate) → `n` ChoiceFlows, merged → deltas; a formatter per shape
+(`app.formats`) turns them into a response or a stream of chunks. The deployments are
+reached through a `Cluster`, so tests drive this class with in-process engines and the
+Ingress with Serve handles.
 """
 
 from __future__ import annotations
 
-import asyncio
+import collections
 import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
 
 from app.admission.gate import Caller, Gate
 from app.admission.queues import Lease, Ticket
 from app.api.errors import BadRequestError, model_not_found
-from app.api.schemas import (
-    AssistantMessage,
-    ChatChoice,
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    ChunkChoice,
-    CompletionChoice,
-    CompletionRequest,
-    CompletionResponse,
-    Cost,
-    DeltaMessage,
-    Timings,
-    Usage,
-)
-from app.flow import Backend, ModelInfo, run_request, stored_prefix
+from app.api.schemas import ChatCompletionRequest, CompletionRequest, Cost, Usage
+from app.choice_flow import ChoiceFlow, ModelInfo, RecoveryPolicy, stored_prefix
+from app.choices import Indexed, merge_choices
+from app.cluster import Cluster
+from app.formats import ChatFormat, CompletionFormat, Head
 from app.logprobs import LogprobFormatter
-from app.tally import Choice, Tally
+from app.request_meter import Choice, RequestMeter
 from engine.output import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import ChatTemplateError, Tokenizer
+
+Request = ChatCompletionRequest | CompletionRequest
+
+
+@dataclass(slots=True)
+class _Run:
+    """An admitted request with its first output in: what a response or stream is built from."""
+
+    head: Head
+    meter: RequestMeter
+    lease: Lease | None
+    deltas: AsyncIterator[Indexed]
 
 
 class ChatService:
@@ -45,20 +49,61 @@ class ChatService:
         self,
         tokenizer: Tokenizer,
         model: ModelInfo,
-        backend: Backend,
+        cluster: Cluster,
         default_max_tokens: int,
         gate: Gate | None = None,
         max_tokens_limit: int | None = None,
+        recovery: RecoveryPolicy | None = None,
     ):
         self.tokenizer = tokenizer
-        self.logprobs = LogprobFormatter(tokenizer)
         self.model = model
-        self.backend = backend
+        self.cluster = cluster
         self.default_max_tokens = default_max_tokens
         self.max_tokens_limit = max_tokens_limit  # the most a request may ask for (400 above)
-        self.gate = gate  # admission, limits and billing; None runs every request at once
+        self.gate = gate  # admission, limits, billing and audit; None runs every request at once
+        self.recovery = recovery or RecoveryPolicy()
+        self.replica_losses: collections.Counter[str] = collections.Counter()  # by stage
+        logprobs = LogprobFormatter(tokenizer)
+        self.formats = {
+            ChatCompletionRequest: ChatFormat(logprobs),
+            CompletionRequest: CompletionFormat(logprobs),
+        }
+
+    # ------------------------------------------------------------------ the API
+    async def respond(self, request: Request, caller: Caller | None = None) -> Any:
+        """The whole response (`chat.completion` or `text_completion`)."""
+        shape = self.formats[type(request)]
+        async with self._run(request, caller, every_token=True) as run:
+            logprobs = _wants_logprobs(request)
+            choices = [Choice(logprobs=[] if logprobs else None) for _ in range(request.n)]
+            async for index, out in run.deltas:
+                choices[index].add(out)
+            usage = self._bill(run.meter, run.lease)
+        return shape.response(run.head, request, choices, usage, run.meter.timings)
+
+    async def stream(self, request: Request, caller: Caller | None = None) -> AsyncIterator[Any]:
+        """Chunks as OpenAI sends them: (chat) a role chunk per choice, deltas with a finish
+        reason on each choice's last, then (with stream_options.include_usage) one usage
+        chunk without choices. Errors before the first token raise before the first chunk."""
+        shape = self.formats[type(request)]
+        async with self._run(request, caller, shape.every_token(request)) as run:
+            for chunk in shape.opening(run.head, request):
+                yield chunk
+            async for index, out in run.deltas:
+                yield shape.delta(run.head, request, index, out)
+            if request.stream_options and request.stream_options.include_usage:
+                usage = self._bill(run.meter, run.lease)
+                yield shape.usage(run.head, usage, run.meter.timings)
+
+    chat = complete = respond
+    chat_stream = complete_stream = stream
 
     # ------------------------------------------------------------------ prompts
+    def prompt(self, request: Request) -> list[int]:
+        if isinstance(request, ChatCompletionRequest):
+            return self.chat_prompt(request)
+        return self.completion_prompt(request)
+
     def chat_prompt(self, request: ChatCompletionRequest) -> list[int]:
         self._check_model(request.model)
         try:
@@ -80,9 +125,7 @@ class ChatService:
         if name != self.model.name:
             raise model_not_found(name)
 
-    def params(
-        self, request: ChatCompletionRequest | CompletionRequest, prompt: list[int], index: int
-    ) -> SamplingParams:
+    def params(self, request: Request, prompt: list[int], index: int) -> SamplingParams:
         """Sampling params for choice `index`, with max_tokens fitted to the context."""
         room = self.model.max_model_len - len(prompt)
         if room <= 0:
@@ -105,20 +148,62 @@ class ChatService:
             )
         return params
 
-    # ------------------------------------------------------------------ admission
+    # ------------------------------------------------------------------ the one path
+    @contextlib.asynccontextmanager
+    async def _run(
+        self, request: Request, caller: Caller | None, every_token: bool
+    ) -> AsyncIterator[_Run]:
+        """Prompt → admission → all choices started, the first output in (so planning and
+        validation errors reach the client as a status code, before any byte is sent).
+        The request holds its place in the engines until the body (its stream's too) ends.
+
+        `every_token`: each output with tokens is a delta (their ids must all reach the
+        client); else only outputs with text, logprobs or a finish (not a held-back partial
+        stop string or a special token)."""
+        try:
+            prompt = self.prompt(request)
+            params = [self.params(request, prompt, i) for i in range(request.n)]
+        except Exception as exc:
+            if self.gate is not None and caller is not None:
+                # never admitted: the gate's one audit line for it
+                self.gate.refuse(caller.request_id, caller.route, caller.tenant, exc)
+            raise
+        rid = caller.request_id if caller else uuid.uuid4().hex
+        meter = RequestMeter(len(prompt), len(params))
+        async with self._admitted(caller, prompt, params, request.user, meter) as lease:
+            salt = caller.tenant.salt if caller else b""
+            flows = [
+                self.run(f"{rid}-{i}" if len(params) > 1 else rid, prompt, p, salt, lease)
+                for i, p in enumerate(params)
+            ]
+            outputs = merge_choices(flows)
+            try:
+                first = await anext(outputs, None)
+                head = Head(
+                    id=f"{self.formats[type(request)].id_prefix}-{rid}",
+                    created=int(time.time()),
+                    model=self.model.name,
+                    service_tier=lease.tier if lease else None,
+                )
+                deltas = _deltas(first, outputs, meter, lease, every_token)
+                yield _Run(head, meter, lease, deltas)
+            finally:
+                await outputs.aclose()
+
     @contextlib.asynccontextmanager
     async def _admitted(
         self,
         caller: Caller | None,
         prompt: list[int],
         params: list[SamplingParams],
-        user: str | None = None,
+        user: str | None,
+        meter: RequestMeter,
     ) -> AsyncIterator[Lease | None]:
         """Hold a place in the engines for the request's whole life (its stream's too)."""
         if self.gate is None or caller is None:
             yield None
             return
-        hits, read_bytes = await stored_prefix(self.backend, self.model, prompt, _salt(caller))
+        hits, read_bytes = await stored_prefix(self.cluster, self.model, prompt, caller.tenant.salt)
         ticket = Ticket(
             caller.request_id,
             caller.tenant.name,
@@ -131,10 +216,34 @@ class ChatService:
             route=caller.route,
             user=user,
         )
-        async with self.gate.enter(caller.tenant, ticket) as lease:
+        async with self.gate.enter(caller.tenant, ticket, meter) as lease:
+            meter.admitted(lease.queued_s)
             yield lease
 
-    def _bill(self, usage: Usage, lease: Lease | None) -> Usage:
+    def run(
+        self,
+        request_id: str,
+        prompt: list[int],
+        params: SamplingParams,
+        salt: bytes = b"",
+        lease: Lease | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """One choice's outputs (its ChoiceFlow)."""
+        return ChoiceFlow(
+            self.cluster,
+            self.model,
+            request_id,
+            prompt,
+            params,
+            salt,
+            priority=lease.rank if lease else 0,
+            recovery=self.recovery,
+            losses=self.replica_losses,
+            on_loaded=lease.read_done if lease else None,
+        ).run()
+
+    def _bill(self, meter: RequestMeter, lease: Lease | None) -> Usage:
+        usage = meter.usage()
         if self.gate is not None and lease is not None:
             hit, miss = usage.prompt_cache_hit_tokens, usage.prompt_cache_miss_tokens
             charge = self.gate.charge(lease, hit, miss, usage.completion_tokens)
@@ -147,253 +256,30 @@ class ChatService:
             )
         return usage
 
-    # ------------------------------------------------------------------ the PD path
-    def run(
-        self,
-        request_id: str,
-        prompt: list[int],
-        params: SamplingParams,
-        salt: bytes = b"",
-        lease: Lease | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        rank, loaded = (lease.rank, lease.read_done) if lease is not None else (0, None)
-        return run_request(self.backend, self.model, request_id, prompt, params, salt, rank, loaded)
 
-    async def _choices(
-        self,
-        prompt: list[int],
-        params: list[SamplingParams],
-        salt: bytes,
-        lease: Lease | None = None,
-        base: str = "",
-    ) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Run all choices concurrently; yield (index, output) as they come. The engines know
-        choice i as `<base>-i` (`<base>` alone when n = 1)."""
-        base = base or uuid.uuid4().hex
-        if len(params) == 1:
-            outputs = self.run(base, prompt, params[0], salt, lease)
-            async with contextlib.aclosing(outputs):
-                async for output in outputs:
-                    yield 0, output
-            return
-        queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException | None] = asyncio.Queue()
-
-        async def pump(index: int, p: SamplingParams) -> None:
-            try:
-                async for output in self.run(f"{base}-{index}", prompt, p, salt, lease):
-                    await queue.put((index, output))
-            except Exception as exc:
-                await queue.put(exc)
-            finally:
-                await queue.put(None)
-
-        tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(params)]
-        try:
-            remaining = len(tasks)
-            while remaining:
-                item = await queue.get()
-                if item is None:
-                    remaining -= 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    yield item
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _collect(
-        self,
-        prompt: list[int],
-        params: list[SamplingParams],
-        caller: Caller | None,
-        lease: Lease | None,
-        rid: str,
-    ) -> tuple[list[Choice], Usage, Timings]:
-        choices = [Choice(logprobs=[] if p.logprobs is not None else None) for p in params]
-        tally = Tally(len(prompt), len(params), lease)
-        outputs = self._choices(prompt, params, _salt(caller), lease, rid)
-        async for index, out in outputs:
-            tally.note(index, out)
-            choice = choices[index]
-            choice.text += out.new_text
-            choice.token_ids += out.new_token_ids
-            if choice.logprobs is not None:
-                choice.logprobs.extend(out.new_logprobs)
-            if out.finished:
-                choice.finish_reason = out.finish_reason
-        return choices, self._bill(tally.usage(), lease), tally.timings
-
-    async def _deltas(
-        self,
-        prompt: list[int],
-        params: list[SamplingParams],
-        caller: Caller | None,
-        lease: Lease | None,
-        rid: str,
-        every_token: bool = False,
-    ) -> tuple[Tally, AsyncIterator[tuple[int, RequestOutput]]]:
-        """Start all choices and wait for the first output; then the outputs worth a chunk
-        (with `every_token`, each output with tokens: their ids must all reach the client).
-
-        NOTE: awaiting the first output before the caller yields anything makes planning and
-        validation errors reach the client before any byte is sent (a proper status code).
-        """
-        tally = Tally(len(prompt), len(params), lease)
-        outputs = self._choices(prompt, params, _salt(caller), lease, rid)
-        first = await anext(outputs, None)
-
-        async def deltas() -> AsyncIterator[tuple[int, RequestOutput]]:
-            async for index, out in _prepend(first, outputs):
-                tally.note(index, out)
-                if (
-                    out.new_text
-                    or out.finished
-                    or out.new_logprobs
-                    or (every_token and out.new_token_ids)
-                ):
-                    yield index, out  # else: held back (partial stop string), special token
-
-        return tally, deltas()
-
-    # ------------------------------------------------------------------ chat
-    async def chat(
-        self, request: ChatCompletionRequest, caller: Caller | None = None
-    ) -> ChatCompletionResponse:
-        prompt, rid = self.chat_prompt(request), _rid(caller)
-        params = [self.params(request, prompt, i) for i in range(request.n)]
-        async with self._admitted(caller, prompt, params, request.user) as lease:
-            choices, usage, timings = await self._collect(prompt, params, caller, lease, rid)
-        return ChatCompletionResponse(
-            id=f"chatcmpl-{rid}",
-            timings=timings,
-            model=self.model.name,
-            choices=[
-                ChatChoice(
-                    index=i,
-                    message=AssistantMessage(content=c.text),
-                    finish_reason=c.finish_reason,
-                    logprobs=self.logprobs.chat(c.logprobs),
-                )
-                for i, c in enumerate(choices)
-            ],
-            usage=usage,
-            service_tier=lease.tier if lease else None,
-        )
-
-    async def chat_stream(
-        self, request: ChatCompletionRequest, caller: Caller | None = None
-    ) -> AsyncIterator[ChatCompletionChunk]:
-        """Chunks as OpenAI sends them: a role chunk per choice, deltas, a finish chunk per
-        choice, then (with stream_options.include_usage) one usage chunk without choices."""
-        prompt, rid = self.chat_prompt(request), _rid(caller)
-        params = [self.params(request, prompt, i) for i in range(request.n)]
-        async with self._admitted(caller, prompt, params, request.user) as lease:
-            head = {
-                "id": f"chatcmpl-{rid}",
-                "created": int(time.time()),
-                "model": self.model.name,
-                "service_tier": lease.tier if lease else None,
-            }
-            tally, deltas = await self._deltas(prompt, params, caller, lease, rid)
-            for i in range(request.n):
-                yield ChatCompletionChunk(
-                    **head, choices=[ChunkChoice(index=i, delta=DeltaMessage(role="assistant"))]
-                )
-            async for index, out in deltas:
-                yield ChatCompletionChunk(
-                    **head,
-                    choices=[
-                        ChunkChoice(
-                            index=index,
-                            delta=DeltaMessage(content=out.new_text or None),
-                            finish_reason=out.finish_reason if out.finished else None,
-                            logprobs=self.logprobs.chat(out.new_logprobs)
-                            if params[index].logprobs is not None
-                            else None,
-                        )
-                    ],
-                )
-            if request.stream_options and request.stream_options.include_usage:
-                usage = self._bill(tally.usage(), lease)
-                yield ChatCompletionChunk(**head, choices=[], usage=usage, timings=tally.timings)
-
-    # ------------------------------------------------------------------ completions
-    async def complete(
-        self, request: CompletionRequest, caller: Caller | None = None
-    ) -> CompletionResponse:
-        prompt, rid = self.completion_prompt(request), _rid(caller)
-        params = [self.params(request, prompt, i) for i in range(request.n)]
-        async with self._admitted(caller, prompt, params, request.user) as lease:
-            choices, usage, timings = await self._collect(prompt, params, caller, lease, rid)
-        return CompletionResponse(
-            id=f"cmpl-{rid}",
-            timings=timings,
-            model=self.model.name,
-            choices=[
-                CompletionChoice(
-                    index=i,
-                    text=c.text,
-                    finish_reason=c.finish_reason,
-                    logprobs=self.logprobs.completion(c.logprobs),
-                    token_ids=c.token_ids if request.return_token_ids else None,
-                )
-                for i, c in enumerate(choices)
-            ],
-            usage=usage,
-            service_tier=lease.tier if lease else None,
-        )
-
-    async def complete_stream(
-        self, request: CompletionRequest, caller: Caller | None = None
-    ) -> AsyncIterator[CompletionResponse]:
-        prompt, rid = self.completion_prompt(request), _rid(caller)
-        params = [self.params(request, prompt, i) for i in range(request.n)]
-        async with self._admitted(caller, prompt, params, request.user) as lease:
-            head = {
-                "id": f"cmpl-{rid}",
-                "created": int(time.time()),
-                "model": self.model.name,
-                "service_tier": lease.tier if lease else None,
-            }
-            tally, deltas = await self._deltas(
-                prompt, params, caller, lease, rid, request.return_token_ids
-            )
-            async for index, out in deltas:
-                yield CompletionResponse(
-                    **head,
-                    choices=[
-                        CompletionChoice(
-                            index=index,
-                            text=out.new_text,
-                            finish_reason=out.finish_reason if out.finished else None,
-                            logprobs=self.logprobs.completion(out.new_logprobs)
-                            if params[index].logprobs is not None
-                            else None,
-                            token_ids=out.new_token_ids if request.return_token_ids else None,
-                        )
-                    ],
-                )
-            if request.stream_options and request.stream_options.include_usage:
-                usage = self._bill(tally.usage(), lease)
-                yield CompletionResponse(**head, choices=[], usage=usage, timings=tally.timings)
+def _wants_logprobs(request: Request) -> bool:
+    if isinstance(request, ChatCompletionRequest):
+        return request.logprobs
+    return request.logprobs is not None
 
 
-def _rid(caller: Caller | None) -> str:
-    """The request's id: response ids, engine request ids, audit line and trace share it."""
-    return caller.request_id if caller else uuid.uuid4().hex
-
-
-def _salt(caller: Caller | None) -> bytes:
-    return caller.tenant.salt if caller else b""
-
-
-async def _prepend(
-    first: tuple[int, RequestOutput] | None, rest: AsyncIterator[tuple[int, RequestOutput]]
-) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def _deltas(
+    first: Indexed | None,
+    rest: AsyncIterator[Indexed],
+    meter: RequestMeter,
+    lease: Lease | None,
+    every_token: bool,
+) -> AsyncIterator[Indexed]:
+    """The outputs worth a delta; every output is metered, and the first one tells admission
+    the prompt has left the prefill queue."""
     async with contextlib.aclosing(rest):  # type: ignore[type-var]
-        if first is not None:
-            yield first
-        async for item in rest:
-            yield item
+        item = first
+        while item is not None:
+            index, out = item
+            meter.note(index, out)
+            if lease is not None:
+                lease.prefill_done()
+            has_tokens = every_token and out.new_token_ids
+            if out.new_text or out.finished or out.new_logprobs or has_tokens:
+                yield index, out
+            item = await anext(rest, None)

@@ -25,7 +25,7 @@ from opentelemetry.context import Context
 from deployments import tracing
 from deployments.protocol import RecentIds
 from engine.core import EngineCore
-from engine.output import RequestOutput
+from engine.output import FirstTokenTimings, RequestOutput
 from engine.sequence import SequenceStatus
 
 logger = logging.getLogger(__name__)
@@ -217,7 +217,7 @@ class EngineLoop:
         for output in outputs:
             admitted = self._admitted_at.pop(output.request_id, None)
             if admitted is not None:  # engine time to the first output (no client-side hops)
-                output.metrics["engine_first_output_s"] = now - admitted
+                output.timings = FirstTokenTimings(engine_s=now - admitted)
             stream = self._streams.get(output.request_id)
             if stream is None:
                 continue

@@ -35,6 +35,16 @@ class SequenceKV:
 
 
 @dataclass(slots=True)
+class FirstTokenTimings:
+    """Where a request's time went before its first token, in seconds (the first output
+    carries it): the PE's own time, and the request path's steps before the PE."""
+
+    engine_s: float | None = None  # PE: from admission to the first output (no hops)
+    schedule_s: float | None = None  # the Scheduler's plan
+    kv_read_s: float | None = None  # stored-KV reads on both sides
+
+
+@dataclass(slots=True)
 class RequestOutput:
     """What one step produced for one request (deltas), plus running totals."""
 
@@ -49,7 +59,7 @@ class RequestOutput:
     new_logprobs: list[TokenLogprob] = field(default_factory=list)
     text: str = ""  # all text emitted so far, including new_text
     kv: SequenceKV | None = None  # prefill-only request handed off: its last output
-    metrics: dict[str, float] = field(default_factory=dict)  # timings added by the server
+    timings: FirstTokenTimings | None = None  # on the first output only
 
 
 class OutputState:

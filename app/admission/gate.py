@@ -1,13 +1,16 @@
 """The ingress's admission gate: tier → tenant limits → queue → lease → bill. No Ray.
 
-    async with gate.enter(tenant, tier, ticket) as lease:   # 403 / 429 / 503 / 408 here
-        ... run the request; lease.prefill_done() at its first token ...
-        lease.meter = tally                                   # what it used, for the bill
+    async with gate.enter(tenant, ticket, meter) as lease:   # 403 / 429 / 503 / 408 here
+        ... run the request; lease.prefill_done() at its first token; the meter counts ...
     # on exit: capacity and unused rate-limit tokens are given back; one ledger line
+    gate.refuse(request_id, route, tenant, exc)          # refused before it reached `enter`
 
 `enter` refuses before queueing when the tenant is over a rate limit (429 with the wait
 until its buckets refill) or over its concurrency (429); the queue itself answers 503
 (tier queue full), 408 (queue timeout) and 429 (flex deadline).
+
+The Gate is the one auditor: every request gets exactly one audit record, from `enter`
+(admitted or refused there) or from `refuse` (refused before: key, body, tier, prompt).
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import math
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from app.admission.queues import AdmissionQueue, Lease, Meter, Ticket
+from app.admission.queues import AdmissionQueue, Lease, Ticket
 from app.admission.ratelimit import Demand, RateLimited, RateLimiter
 from app.api.errors import APIError, PermissionDeniedError, RateLimitError, to_api_error
 from app.audit import AuditRecord
@@ -27,6 +31,18 @@ from app.auth import Tenant, Tier
 from app.ledger import Ledger, UsageRecord
 from app.pricing import Charge, PriceBook
 from deployments import tracing
+
+
+class Meter(Protocol):
+    """What a request used and how long it took (app.request_meter.RequestMeter)."""
+
+    def counts(self) -> tuple[int, int, int]: ...  # (hit, miss, output) tokens
+
+    @property
+    def ttft_s(self) -> float | None: ...
+
+    @property
+    def tpot_s(self) -> float | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,9 +90,11 @@ class Gate:
         return self.limiter.headers(tenant.name, tenant.config.limits)
 
     @contextlib.asynccontextmanager
-    async def enter(self, tenant: Tenant, ticket: Ticket) -> AsyncIterator[Lease]:
+    async def enter(
+        self, tenant: Tenant, ticket: Ticket, meter: Meter | None = None
+    ) -> AsyncIterator[Lease]:
         """Admit `ticket` for the body's duration; every outcome gets one audit record
-        (refusals too) and every admitted request one ledger line."""
+        (refusals too) and every admitted request one ledger line, billed by `meter`."""
         config = tenant.config
         ticket.weight = config.weight
         ticket.arrival = self.clock()
@@ -86,7 +104,7 @@ class Gate:
         try:
             self._take(tenant, demand)
         except APIError as exc:
-            self._audit(tenant, ticket, None, "rejected", exc)
+            self._audit(tenant, ticket, None, None, "rejected", exc)
             tracing.fail(span, exc)
             span.end()
             raise
@@ -97,7 +115,8 @@ class Gate:
                 lease = await self.queue.admit(ticket)
             except BaseException as exc:
                 cancelled = isinstance(exc, asyncio.CancelledError)
-                self._audit(tenant, ticket, None, "cancelled" if cancelled else "rejected", exc)
+                status = "cancelled" if cancelled else "rejected"
+                self._audit(tenant, ticket, None, None, status, exc)
                 tracing.fail(span, exc)
                 span.end()
                 raise
@@ -115,11 +134,11 @@ class Gate:
                 raise
             finally:
                 lease.release()
-                hit, miss, out = lease.meter.counts() if lease.meter else (0, 0, 0)
+                hit, miss, out = meter.counts() if meter else (0, 0, 0)
                 unused = max(0, ticket.max_tokens * ticket.n - out)
                 self.limiter.give_back(tenant.name, config.limits, Demand(0, 0, unused))
                 charge = self._record(tenant, lease, status, hit, miss, out)
-                self._audit(tenant, ticket, lease, status, error, (hit, miss, out), charge)
+                self._audit(tenant, ticket, lease, meter, status, error, (hit, miss, out), charge)
         finally:
             self.running[tenant.name] -= 1
             if lease is None:  # never ran: the whole reservation goes back
@@ -151,6 +170,7 @@ class Gate:
         tenant: Tenant,
         ticket: Ticket,
         lease: Lease | None,
+        meter: Meter | None,
         status: str,
         error: BaseException | None,
         counts: tuple[int, int, int] = (0, 0, 0),
@@ -160,9 +180,6 @@ class Gate:
             return
         api = to_api_error(error) if isinstance(error, Exception) else None
         http = {"ok": 200, "cancelled": 499}.get(status, api.status if api else 500)
-        if error is not None:
-            with contextlib.suppress(AttributeError, TypeError):
-                error.audited = True  # type: ignore[attr-defined]
         hit, miss, out = counts
         self.audit(
             AuditRecord(
@@ -184,7 +201,29 @@ class Gate:
                 latency_ms=(self.clock() - ticket.arrival) * 1e3,
                 user=ticket.user,
             ),
-            lease.meter if lease else None,
+            meter if lease else None,
+        )
+
+    def refuse(
+        self, request_id: str, route: str, tenant: Tenant | None, error: BaseException
+    ) -> None:
+        """The audit record of a request refused before it reached `enter`: a bad key,
+        body, tier or prompt. A cancellation (the client left) is not a refusal."""
+        if self.audit is None or not isinstance(error, Exception):
+            return
+        api = to_api_error(error)
+        self.audit(
+            AuditRecord(
+                time=self.clock(),
+                request_id=request_id,
+                tenant=tenant.name if tenant else "unknown",
+                model=self.model,
+                route=route,
+                status="rejected",
+                http_status=api.status,
+                error_code=api.code,
+            ),
+            None,
         )
 
     def charge(self, lease: Lease, hit: int, miss: int, out: int) -> Charge:

@@ -50,12 +50,6 @@ from app.auth import TIERS, Tier
 RANK: dict[Tier, int] = {"priority": 0, "default": 1, "flex": 2}
 
 
-class Meter(Protocol):
-    """What a request used so far: its prompt split into stored-KV hits and misses."""
-
-    def counts(self) -> tuple[int, int, int]: ...  # (hit, miss, output) tokens
-
-
 class Calendar(Protocol):
     def window_at(self, t: float) -> str: ...
 
@@ -119,7 +113,6 @@ class Lease:
         self.queue, self.ticket = queue, ticket
         self.admitted_at, self.window = admitted_at, window
         self.queued_s = admitted_at - ticket.arrival
-        self.meter: Meter | None = None  # set by the request path; read for the bill
         self._prefilling = True
         self._reads_left = ticket.n if ticket.read_bytes else 0  # choices still reading
         self._prefill = 0 if ticket.read_bytes else ticket.prefill_tokens  # held in the budget

@@ -136,8 +136,8 @@ async def test_over_limit_tenant_gets_429_with_retry_after_and_headers(tmp_path)
     gate = make_gate(clock, tmp_path)
     acme = tenant(limits=RateLimits(requests_per_min=2, output_tokens_per_min=600))
     for _ in range(2):
-        async with gate.enter(acme, Ticket("r", "acme", "default", 10, 100)) as lease:
-            lease.meter = Meter(0, 10, 100)
+        async with gate.enter(acme, Ticket("r", "acme", "default", 10, 100), Meter(0, 10, 100)):
+            pass
     with pytest.raises(RateLimitError) as err:
         async with gate.enter(acme, Ticket("r", "acme", "default", 10, 100)):
             pass
@@ -157,9 +157,9 @@ async def test_over_limit_tenant_gets_429_with_retry_after_and_headers(tmp_path)
 async def test_unused_output_reservation_is_given_back(tmp_path):
     gate = make_gate(Clock(), tmp_path)
     acme = tenant(limits=RateLimits(output_tokens_per_min=1000))
-    async with gate.enter(acme, Ticket("r", "acme", "default", 10, 900)) as lease:
+    stopped_early = Meter(0, 10, 50)  # 50 of 900 output tokens: 850 unused
+    async with gate.enter(acme, Ticket("r", "acme", "default", 10, 900), stopped_early):
         assert gate.headers(acme)["x-ratelimit-remaining-output-tokens"] == "100"
-        lease.meter = Meter(0, 10, 50)  # stopped early: 850 unused
     assert gate.headers(acme)["x-ratelimit-remaining-output-tokens"] == "950"
 
 
@@ -183,19 +183,20 @@ async def test_ledger_lines_for_success_error_and_cancel(tmp_path):
     clock = Clock()
     gate = make_gate(clock, tmp_path)
     acme = tenant()
-    async with gate.enter(acme, Ticket("ok", "acme", "priority", 3000, 500)) as lease:
-        lease.meter = Meter(2000, 1000, 500)
+    async with gate.enter(
+        acme, Ticket("ok", "acme", "priority", 3000, 500), Meter(2000, 1000, 500)
+    ) as lease:
         charge = gate.charge(lease, 2000, 1000, 500)
     with pytest.raises(RuntimeError):
-        async with gate.enter(acme, Ticket("bad", "acme", "default", 10, 10)) as lease:
-            lease.meter = Meter(0, 10, 0)
+        async with gate.enter(
+            acme, Ticket("bad", "acme", "default", 10, 10), Meter(0, 10, 0)
+        ) as lease:
             raise RuntimeError("engine died")
 
     entered = asyncio.Event()
 
     async def cancelled() -> None:
-        async with gate.enter(acme, Ticket("gone", "acme", "default", 10, 10)) as lease:
-            lease.meter = Meter(0, 10, 3)
+        async with gate.enter(acme, Ticket("gone", "acme", "default", 10, 10), Meter(0, 10, 3)):
             entered.set()
             await asyncio.Event().wait()  # the engine never answers: runs until cancelled
 
@@ -224,8 +225,8 @@ async def test_every_outcome_gets_one_audit_record(tmp_path):
     gate.audit = lambda record, meter: records.append(record)
     acme = tenant(limits=RateLimits(requests_per_min=2))
     ok = Ticket("ok", "acme", "default", 30, 5, route="/v1/completions", user="bob@example.com")
-    async with gate.enter(acme, ok) as lease:
-        lease.meter = Meter(10, 20, 5)
+    async with gate.enter(acme, ok, Meter(10, 20, 5)):
+        pass
     with pytest.raises(RuntimeError):
         async with gate.enter(acme, Ticket("bad", "acme", "default", 10, 10)):
             raise RuntimeError("engine died")

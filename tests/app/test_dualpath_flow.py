@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from app.api.schemas import CompletionRequest
-from app.flow import ModelInfo
+from app.choice_flow import ModelInfo
 from app.service import ChatService
 from deployments.decode.server import DecodeServer
 from deployments.prefill.server import PrefillServer

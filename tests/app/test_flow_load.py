@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from app.flow import _load
+from app.choice_flow import read_stored_kv
 from deployments.protocol import Plan
 
 
@@ -28,7 +28,7 @@ KEYS = [f"k{i}" for i in range(8)]
 
 
 def load(**behaviour):
-    return asyncio.run(_load(Sides(**behaviour), PLAN, KEYS))
+    return asyncio.run(read_stored_kv(Sides(**behaviour), PLAN, KEYS))
 
 
 def test_both_sides_joined_in_order():
@@ -58,7 +58,7 @@ def test_fail_policy_raises_instead_of_recomputing():
     from app.api.errors import KVLoadFailed, to_api_error
 
     def strict(**behaviour):
-        return asyncio.run(_load(Sides(**behaviour), PLAN, KEYS, "fail"))
+        return asyncio.run(read_stored_kv(Sides(**behaviour), PLAN, KEYS, "fail"))
 
     assert strict(dnode=None, pnode=None)[1] == 2  # all there: served as usual
     for behaviour in (

@@ -11,7 +11,7 @@ import pytest
 
 from app.api.errors import APIError, to_api_error
 from app.api.schemas import ChatCompletionRequest, CompletionRequest
-from app.flow import ModelInfo
+from app.choice_flow import ModelInfo
 from app.service import ChatService
 from deployments.decode.server import DecodeServer
 from deployments.prefill.server import PrefillServer
@@ -37,7 +37,7 @@ MODEL = "tiny"
 
 
 class LocalBackend:
-    """The three hops as direct calls: what ServeBackend does over handles."""
+    """The three hops as direct calls: what ServeCluster does over handles."""
 
     def __init__(self, prefill: PrefillServer, decode: DecodeServer):
         self.prefill_server, self.decode_server = prefill, decode

@@ -16,7 +16,7 @@ from app.admission.ratelimit import RateLimited, RateLimiter
 from app.api.errors import RateLimitError
 from app.api.schemas import CompletionRequest
 from app.auth import Authenticator, AuthSection, TenantSection, hash_key
-from app.flow import ModelInfo
+from app.choice_flow import ModelInfo
 from app.ledger import Ledger
 from app.pricing import PriceBook, PricingSection
 from app.service import ChatService
@@ -115,7 +115,7 @@ async def test_requests_reach_the_engine_in_tier_order_and_are_billed(setup):
 
 
 async def test_each_outcome_becomes_metrics(setup):
-    from app.observe import observe_outcome
+    from app.outcome_metrics import observe_outcome
     from deployments.metrics import Metrics
 
     service, engines, auth, _ = setup

@@ -18,8 +18,8 @@ import pytest
 from app.admission.gate import Caller
 from app.api.schemas import CompletionRequest
 from app.auth import Authenticator, AuthSection
-from app.flow import ModelInfo
-from app.roots import RootSpans, current
+from app.choice_flow import ModelInfo
+from app.root_spans import RootSpans, current
 from app.service import ChatService
 from deployments.decode.server import DecodeServer
 from deployments.prefill.server import PrefillServer

@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from app.api.schemas import CompletionRequest
-from app.flow import ModelInfo, ReplicaLost, replica_losses
+from app.choice_flow import ModelInfo, RecoveryPolicy
+from app.cluster import ReplicaLost
 from app.service import ChatService
 from deployments.decode.server import DecodeServer
 from deployments.prefill.server import PrefillServer
@@ -82,8 +83,10 @@ def losing(model_dir):
         server.loop.start()
     backend = LosingBackend(prefill, decode)
     engine = prefill.engine
-    info = ModelInfo(MODEL, engine.max_model_len, engine.model_config.vocab_size, max_retries=3)
-    yield ChatService(engine.tokenizer, info, backend, default_max_tokens=16), backend
+    info = ModelInfo(MODEL, engine.max_model_len, engine.model_config.vocab_size)
+    recovery = RecoveryPolicy(max_retries=3)
+    service = ChatService(engine.tokenizer, info, backend, 16, recovery=recovery)
+    yield service, backend
     for server in servers:
         server.loop.stop()
         server.mover.close()
@@ -147,9 +150,9 @@ def test_de_lost_twice_mid_stream_continues_token_identical(losing, expected, mo
     service, backend = losing
     backend.decode_jobs.clear()
     backend.lose_de_after = [3, 4]  # dies after 3 outputs, its replacement after 4 more
-    before = replica_losses["decode"]
+    before = service.replica_losses["decode"]
     ids, text = run(service, **PARAMS[mode])
-    assert replica_losses["decode"] == before + 2
+    assert service.replica_losses["decode"] == before + 2
     assert (ids, text) == expected[mode]
     first, *moved = backend.decode_jobs
     assert first.handoff is not None and len(moved) == 2

@@ -10,7 +10,7 @@ import asyncio
 import pytest
 
 from app.api.schemas import CompletionRequest
-from app.flow import EngineFailure, ModelInfo
+from app.choice_flow import EngineFailure, ModelInfo
 from app.service import ChatService
 from deployments.decode.server import DecodeServer
 from deployments.prefill.server import PrefillServer

@@ -1,4 +1,4 @@
-"""ServeBackend: the request path's hops over Serve handles (Scheduler, TrafficManagers, PEs,
+"""ServeCluster: the request path's hops over Serve handles (Scheduler, TrafficManagers, PEs,
 DEs), each call its own Serve request so concurrent choices are routed independently."""
 
 from __future__ import annotations
@@ -14,14 +14,16 @@ from ray.exceptions import RayActorError
 from ray.serve import context as serve_context
 from ray.serve.handle import DeploymentHandle
 
-from app.flow import ReplicaLost
+from app.cluster import ReplicaLost
 from deployments import tracing
 from deployments.protocol import (
     DecodeJob,
     KVHandoff,
+    LoadReport,
     Plan,
     PlanRequest,
     PrefillJob,
+    ReadCapacity,
     StoredPrefix,
 )
 from engine.output import RequestOutput
@@ -37,7 +39,7 @@ def as_own_request(method: Any, arg: Any, **kwargs: Any) -> Any:
     internal id, and a router without FIFOMixin (ours: it must honour the Scheduler's
     replica choice) matches routed replicas to pending calls by that id, so two concurrent
     calls (the `n` choices) overwrite each other and one is never routed. Each call gets its
-    own id in a copied context; we cancel our calls ourselves (see ServeBackend).
+    own id in a copied context; we cancel our calls ourselves (see ServeCluster).
     """
 
     def call() -> Any:
@@ -47,9 +49,10 @@ def as_own_request(method: Any, arg: Any, **kwargs: Any) -> Any:
     return contextvars.copy_context().run(call)
 
 
-class ServeBackend:
-    """The request path over Serve handles: Scheduler, the read side's TrafficManagers, the
-    PE and the DE (each logical node has its own deployments, keyed by node name)."""
+class ServeCluster:
+    """`app.cluster.Cluster` (and `ClusterStatus`) over Serve handles: the Scheduler, the read
+    side's TrafficManagers, the PE and the DE (each logical node has its own deployments,
+    keyed by node name)."""
 
     def __init__(self, scheduler: DeploymentHandle, nodes: dict[str, NodeHandles]):
         self.scheduler = scheduler
@@ -63,6 +66,12 @@ class ServeBackend:
 
     async def plan(self, request: PlanRequest) -> Plan:
         return await self._unary(self.scheduler.plan, request)
+
+    async def engines(self) -> list[LoadReport]:
+        return await self.scheduler.engines.remote()
+
+    async def read_capacity(self) -> ReadCapacity:
+        return await self.scheduler.read_capacity.remote()
 
     def release(self, request_id: str) -> None:
         """Tell the Scheduler a planned request ended early (not awaited: may run in a

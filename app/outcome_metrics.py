@@ -1,16 +1,15 @@
-"""A request's end as metrics: the ingress calls `observe_outcome` with each audit record
-(every outcome, refusals included) and the request's Tally. No Ray here: `Metrics` decides
+"""A request's end as metrics: the Frontend calls `observe_outcome` with each audit record
+(every outcome, refusals included) and the request's meter. No Ray here: `Metrics` decides
 where the numbers go."""
 
 from __future__ import annotations
 
-from typing import Any
-
+from app.admission.gate import Meter
 from app.audit import AuditRecord
 from deployments.metrics import Metrics
 
 
-def observe_outcome(metrics: Metrics, record: AuditRecord, meter: Any) -> None:
+def observe_outcome(metrics: Metrics, record: AuditRecord, meter: Meter | None) -> None:
     tier = record.service_tier or "none"
     metrics.inc("dualpath_requests_total", service_tier=tier, status=record.status)
     if record.status == "rejected":
@@ -19,7 +18,9 @@ def observe_outcome(metrics: Metrics, record: AuditRecord, meter: Any) -> None:
         return
     metrics.inc("dualpath_prompt_tokens_total", record.prompt_tokens)
     metrics.inc("dualpath_cost_total", record.cost, service_tier=tier, window=record.window or "")
-    ttft_s, tpot_s = getattr(meter, "ttft_s", None), getattr(meter, "tpot_s", None)
+    if meter is None:
+        return
+    ttft_s, tpot_s = meter.ttft_s, meter.tpot_s
     if ttft_s is not None:
         metrics.observe("dualpath_ttft_seconds", ttft_s, service_tier=tier)
     if tpot_s is not None:

@@ -1,54 +1,57 @@
-"""Tally: a request's usage and timings, gathered from its choices' outputs as they come;
-also what the admission lease bills (`counts`). Choice: one choice's accumulated reply."""
+"""RequestMeter: what one request used and how long it took, gathered from its choices'
+outputs as they come. The response reports it, the Gate bills and audits it, the outcome
+metrics observe it. Choice: one choice's accumulated reply."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from app.admission.queues import Lease
 from app.api.schemas import Timings, Usage
 from engine.output import RequestOutput
 from engine.sequence import TokenLogprob
 
-TIMINGS = {  # Timings field -> RequestOutput.metrics key
-    "prefill_ms": "engine_first_output_s",
-    "schedule_ms": "schedule_s",
-    "kv_read_ms": "kv_read_s",
-}
 
-
-class Tally:
+class RequestMeter:
     """Usage and timings of a request's choices, from their outputs as they come."""
 
-    def __init__(self, num_prompt_tokens: int, n: int, lease: Lease | None = None):
+    def __init__(
+        self, num_prompt_tokens: int, n: int, clock: Callable[[], float] = time.perf_counter
+    ):
         self.num_prompt_tokens = num_prompt_tokens
         self.num_tokens = [0] * n
         self.cached = 0
         self.timings = Timings()
-        self.start = time.perf_counter()
+        self.clock = clock
+        self.start = clock()
+        self.queued_s = 0.0  # the admission wait before `start`
         self.first_s: float | None = None  # since start: the first output
         self.last_s = 0.0
-        self.lease = lease
-        if lease is not None:
-            lease.meter = self
-            self.timings.queue_ms = lease.queued_s * 1e3
+
+    def admitted(self, queued_s: float) -> None:
+        """The request waited `queued_s` in admission; it starts now."""
+        self.start = self.clock()
+        self.queued_s = queued_s
+        self.timings.queue_ms = queued_s * 1e3
 
     def note(self, index: int, output: RequestOutput) -> None:
-        now = time.perf_counter() - self.start
+        now = self.clock() - self.start
         if self.first_s is None:
             self.first_s = now
         self.last_s = now
-        if self.lease is not None:
-            self.lease.prefill_done()  # a first token: the prompt left the prefill queue
         self.num_tokens[index] = output.num_output_tokens
         if output.finished:
             self.cached = max(self.cached, output.num_cached_tokens)
         # the first choice's first output: engine time to the first token on the PE (no
         # hops, no transfer), and the request path's own steps before it
-        if output.metrics and self.timings.prefill_ms is None:
-            for name, metric in TIMINGS.items():
-                seconds = output.metrics.get(metric)
+        first = output.timings
+        if first is not None and self.timings.prefill_ms is None:
+            for name, seconds in (
+                ("prefill_ms", first.engine_s),
+                ("schedule_ms", first.schedule_s),
+                ("kv_read_ms", first.kv_read_s),
+            ):
                 if seconds is not None:
                     setattr(self.timings, name, seconds * 1e3)
 
@@ -60,7 +63,7 @@ class Tally:
         """From arrival at the ingress (admission wait included) to the first output."""
         if self.first_s is None:
             return None
-        return self.first_s + (self.lease.queued_s if self.lease is not None else 0.0)
+        return self.first_s + self.queued_s
 
     @property
     def tpot_s(self) -> float | None:
@@ -83,3 +86,11 @@ class Choice:
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
     token_ids: list[int] = field(default_factory=list)
+
+    def add(self, output: RequestOutput) -> None:
+        self.text += output.new_text
+        self.token_ids += output.new_token_ids
+        if self.logprobs is not None:
+            self.logprobs.extend(output.new_logprobs)
+        if output.finished:
+            self.finish_reason = output.finish_reason
