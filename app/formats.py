@@ -47,37 +47,46 @@ class Head:
         }
 
 
-class ChatFormat:
-    id_prefix = "chatcmpl"
+class _Format:
+    """What both shapes share: the response's frame and the usage chunk."""
+
+    id_prefix: str
+    response_type: type[ChatCompletionResponse] | type[CompletionResponse]
+    chunk_type: type[ChatCompletionChunk] | type[CompletionResponse]
 
     def __init__(self, logprobs: LogprobFormatter):
         self.logprobs = logprobs
+
+    def response(
+        self, head: Head, request: Any, choices: list[Choice], usage: Usage, timings: Timings
+    ) -> Any:
+        """The whole reply: every choice's accumulated text, usage and timings."""
+        items = [self.choice(i, c, request) for i, c in enumerate(choices)]
+        return self.response_type(**head.fields(), timings=timings, choices=items, usage=usage)
+
+    def choice(self, index: int, choice: Choice, request: Any) -> Any:
+        raise NotImplementedError
+
+    def usage(self, head: Head, usage: Usage, timings: Timings) -> Any:
+        """The stream's last chunk (with stream_options.include_usage): no choices."""
+        return self.chunk_type(**head.fields(), choices=[], usage=usage, timings=timings)
+
+
+class ChatFormat(_Format):
+    id_prefix = "chatcmpl"
+    response_type = ChatCompletionResponse
+    chunk_type = ChatCompletionChunk
 
     def every_token(self, request: ChatCompletionRequest) -> bool:
         """Whether each output with tokens is a chunk, text or not (only with token ids)."""
         return False
 
-    def response(
-        self,
-        head: Head,
-        request: ChatCompletionRequest,
-        choices: list[Choice],
-        usage: Usage,
-        timings: Timings,
-    ) -> ChatCompletionResponse:
-        return ChatCompletionResponse(
-            **head.fields(),
-            timings=timings,
-            choices=[
-                ChatChoice(
-                    index=i,
-                    message=AssistantMessage(content=c.text),
-                    finish_reason=c.finish_reason,
-                    logprobs=self.logprobs.chat(c.logprobs),
-                )
-                for i, c in enumerate(choices)
-            ],
-            usage=usage,
+    def choice(self, index: int, choice: Choice, request: ChatCompletionRequest) -> ChatChoice:
+        return ChatChoice(
+            index=index,
+            message=AssistantMessage(content=choice.text),
+            finish_reason=choice.finish_reason,
+            logprobs=self.logprobs.chat(choice.logprobs),
         )
 
     def opening(self, head: Head, request: ChatCompletionRequest) -> list[ChatCompletionChunk]:
@@ -105,41 +114,22 @@ class ChatFormat:
             ],
         )
 
-    def usage(self, head: Head, usage: Usage, timings: Timings) -> ChatCompletionChunk:
-        return ChatCompletionChunk(**head.fields(), choices=[], usage=usage, timings=timings)
 
-
-class CompletionFormat:
+class CompletionFormat(_Format):
     id_prefix = "cmpl"
-
-    def __init__(self, logprobs: LogprobFormatter):
-        self.logprobs = logprobs
+    response_type = CompletionResponse
+    chunk_type = CompletionResponse
 
     def every_token(self, request: CompletionRequest) -> bool:
         return request.return_token_ids
 
-    def response(
-        self,
-        head: Head,
-        request: CompletionRequest,
-        choices: list[Choice],
-        usage: Usage,
-        timings: Timings,
-    ) -> CompletionResponse:
-        return CompletionResponse(
-            **head.fields(),
-            timings=timings,
-            choices=[
-                CompletionChoice(
-                    index=i,
-                    text=c.text,
-                    finish_reason=c.finish_reason,
-                    logprobs=self.logprobs.completion(c.logprobs),
-                    token_ids=c.token_ids if request.return_token_ids else None,
-                )
-                for i, c in enumerate(choices)
-            ],
-            usage=usage,
+    def choice(self, index: int, choice: Choice, request: CompletionRequest) -> CompletionChoice:
+        return CompletionChoice(
+            index=index,
+            text=choice.text,
+            finish_reason=choice.finish_reason,
+            logprobs=self.logprobs.completion(choice.logprobs),
+            token_ids=choice.token_ids if request.return_token_ids else None,
         )
 
     def opening(self, head: Head, request: CompletionRequest) -> list[CompletionResponse]:
@@ -161,6 +151,3 @@ class CompletionFormat:
                 )
             ],
         )
-
-    def usage(self, head: Head, usage: Usage, timings: Timings) -> CompletionResponse:
-        return CompletionResponse(**head.fields(), choices=[], usage=usage, timings=timings)

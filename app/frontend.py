@@ -98,13 +98,15 @@ class Frontend:
         )
 
     # ------------------------------------------------------------------ the handle API
-    async def call(self, route: str, api_key: str | None, request: Request_) -> Any:
-        """A handle call's whole response (`route`: "handle:chat", ...)."""
+    async def call(self, api_key: str | None, request: Request_) -> Any:
+        """A handle call's whole response (audited as route "handle:chat" / "handle:complete")."""
+        route = _handle_route(request)
         (response,) = [r async for r in self._serve(route, api_key, request, self.service.respond)]
         return response
 
-    def stream(self, route: str, api_key: str | None, request: Request_) -> AsyncIterator[Any]:
-        """A streaming handle call's chunks."""
+    def stream(self, api_key: str | None, request: Request_) -> AsyncIterator[Any]:
+        """A streaming handle call's chunks ("handle:chat_stream" / "handle:complete_stream")."""
+        route = _handle_route(request) + "_stream"
         return self._serve(route, api_key, request, self.service.stream)
 
     async def _serve(
@@ -270,6 +272,10 @@ class Frontend:
             "window": self.queue.calendar.window_at(time.time()),
             "open": self.auth.open,
         }
+
+
+def _handle_route(request: Request_) -> str:
+    return "handle:chat" if isinstance(request, ChatCompletionRequest) else "handle:complete"
 
 
 def _status(exc: BaseException) -> int:

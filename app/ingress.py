@@ -19,14 +19,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from app.api.http import install_error_handlers
-from app.api.schemas import (
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    CompletionRequest,
-    CompletionResponse,
-    ModelList,
-)
+from app.api.schemas import ChatCompletionRequest, CompletionRequest, ModelList
 from app.config import AppConfig
 from app.frontend import Frontend
 from app.serve_cluster import NodeHandles, ServeCluster
@@ -39,6 +32,7 @@ _options = _quiet if "telemetry" in inspect.signature(FastAPI).parameters else {
 api = FastAPI(title="dualpath-serve", openapi_url=None, docs_url=None, redoc_url=None, **_options)
 install_error_handlers(api)
 hidden = {"include_in_schema": False}
+GenerateRequest = ChatCompletionRequest | CompletionRequest
 
 
 @serve.ingress(api)
@@ -51,28 +45,19 @@ class Ingress:
 
     # ------------------------------------------------------------------ Python handle API
     # NOTE: handle callers present the same API key as HTTP callers (`api_key=`), and get
-    # the same admission, limits and billing.
-    async def chat(
-        self, request: ChatCompletionRequest, api_key: str | None = None
-    ) -> ChatCompletionResponse:
-        return await self.frontend.call("handle:chat", api_key, request)
+    # the same admission, limits and billing. See app.client for the typed wrapper.
+    async def chat(self, request: GenerateRequest, api_key: str | None = None) -> Any:
+        """A chat.completion (or, for a CompletionRequest, a text_completion)."""
+        return await self.frontend.call(api_key, request)
 
     async def chat_stream(
-        self, request: ChatCompletionRequest, api_key: str | None = None
-    ) -> AsyncIterator[ChatCompletionChunk]:
-        async for chunk in self.frontend.stream("handle:chat_stream", api_key, request):
+        self, request: GenerateRequest, api_key: str | None = None
+    ) -> AsyncIterator[Any]:
+        """Its chunks, as the HTTP stream's `data:` frames carry them."""
+        async for chunk in self.frontend.stream(api_key, request):
             yield chunk
 
-    async def complete(
-        self, request: CompletionRequest, api_key: str | None = None
-    ) -> CompletionResponse:
-        return await self.frontend.call("handle:complete", api_key, request)
-
-    async def complete_stream(
-        self, request: CompletionRequest, api_key: str | None = None
-    ) -> AsyncIterator[CompletionResponse]:
-        async for chunk in self.frontend.stream("handle:complete_stream", api_key, request):
-            yield chunk
+    complete, complete_stream = chat, chat_stream  # one path: the request's type decides
 
     async def models(self, api_key: str | None = None) -> ModelList:
         return await self.frontend.models(api_key)

@@ -15,17 +15,8 @@ from ray.serve import context as serve_context
 from ray.serve.handle import DeploymentHandle
 
 from app.cluster import ReplicaLost
+from deployments import protocol as msg
 from deployments import tracing
-from deployments.protocol import (
-    DecodeJob,
-    KVHandoff,
-    LoadReport,
-    Plan,
-    PlanRequest,
-    PrefillJob,
-    ReadCapacity,
-    StoredPrefix,
-)
 from engine.output import RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -64,13 +55,13 @@ class ServeCluster:
         }
         self.traffic = {n: h["traffic"] for n, h in nodes.items()}
 
-    async def plan(self, request: PlanRequest) -> Plan:
+    async def plan(self, request: msg.PlanRequest) -> msg.Plan:
         return await self._unary(self.scheduler.plan, request)
 
-    async def engines(self) -> list[LoadReport]:
+    async def engines(self) -> list[msg.LoadReport]:
         return await self.scheduler.engines.remote()
 
-    async def read_capacity(self) -> ReadCapacity:
+    async def read_capacity(self) -> msg.ReadCapacity:
         return await self.scheduler.read_capacity.remote()
 
     def release(self, request_id: str) -> None:
@@ -81,7 +72,7 @@ class ServeCluster:
         except Exception:  # shutting down: the plan expires by its TTL instead
             logger.debug("could not release the plan of %s", request_id, exc_info=True)
 
-    async def lookup(self, block_keys: tuple[bytes, ...]) -> StoredPrefix:
+    async def lookup(self, block_keys: tuple[bytes, ...]) -> msg.StoredPrefix:
         return await self._unary(self.scheduler.lookup, block_keys)
 
     async def load(self, node: str, keys: Sequence[bytes], request_id: str = "") -> list[Any]:
@@ -103,10 +94,12 @@ class ServeCluster:
         except RayActorError as exc:  # the replica died (or is unreachable) under the call
             raise ReplicaLost(f"{method.deployment_name}: {type(exc).__name__}") from exc
 
-    def prefill(self, node: str, job: PrefillJob) -> AsyncIterator[RequestOutput | KVHandoff]:
+    def prefill(
+        self, node: str, job: msg.PrefillJob
+    ) -> AsyncIterator[RequestOutput | msg.KVHandoff]:
         return self._stream(self.prefill_engines[node].prefill, job)
 
-    def decode(self, node: str, job: DecodeJob) -> AsyncIterator[RequestOutput]:
+    def decode(self, node: str, job: msg.DecodeJob) -> AsyncIterator[RequestOutput]:
         return self._stream(self.decode_engines[node].generate, job)
 
     async def _stream(self, method: Any, arg: Any) -> AsyncIterator[Any]:

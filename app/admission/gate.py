@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -212,19 +213,10 @@ class Gate:
         if self.audit is None or not isinstance(error, Exception):
             return
         api = to_api_error(error)
-        self.audit(
-            AuditRecord(
-                time=self.clock(),
-                request_id=request_id,
-                tenant=tenant.name if tenant else "unknown",
-                model=self.model,
-                route=route,
-                status="rejected",
-                http_status=api.status,
-                error_code=api.code,
-            ),
-            None,
-        )
+        who = tenant.name if tenant else "unknown"
+        when = self.clock()
+        record = AuditRecord(when, request_id, who, self.model, route, "rejected", api.status)
+        self.audit(dataclasses.replace(record, error_code=api.code), None)
 
     def charge(self, lease: Lease, hit: int, miss: int, out: int) -> Charge:
         return self.prices.charge(self.model, lease.tier, lease.window, hit, miss, out)
