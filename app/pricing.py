@@ -1,6 +1,6 @@
 """Billing windows (peak / normal / off-peak) and per-model prices: the cost of one request.
 
-`WindowsConfig` names local wall-clock spans per weekday in one time zone; the first matching
+`WindowsSection` names local wall-clock spans per weekday in one time zone; the first matching
 `WindowRule` wins and any time no rule covers is "normal". `BillingCalendar` answers which
 window a unix time falls in and when that changes (DST-correct through zoneinfo).
 `PriceBook.charge` turns token counts into money: per-1M-token prices × window × tier
@@ -78,7 +78,7 @@ def default_rules() -> list[WindowRule]:
     return [WindowRule(window=w, days=d, start=s, end=e) for w, d, s, e in spans]
 
 
-class WindowsConfig(Section):
+class WindowsSection(Section):
     timezone: str = Field(default="Asia/Shanghai", description="IANA zone the rules read in")
     rules: list[WindowRule] = Field(default_factory=default_rules, description="first match wins")
     multipliers: dict[WindowName, NonNegative] = Field(
@@ -106,7 +106,7 @@ class WindowsConfig(Section):
 class BillingCalendar:
     """Which window a unix time is in, evaluated on the wall clock of `config.timezone`."""
 
-    def __init__(self, config: WindowsConfig):
+    def __init__(self, config: WindowsSection):
         self.config = config
         self.tz = ZoneInfo(config.timezone)
         # weekday (0 = mon) -> [(start_min, end_min, window)] in rule order
@@ -190,7 +190,7 @@ class PricingSection(Section):
     tier_multipliers: dict[TierName, NonNegative] = Field(
         default_factory=lambda: dict.fromkeys(TIERS, 1.0), description="missing tiers: 1.0"
     )
-    windows: WindowsConfig = Field(default_factory=WindowsConfig)
+    windows: WindowsSection = Field(default_factory=WindowsSection)
 
     @field_validator("tier_multipliers")
     @classmethod

@@ -14,10 +14,10 @@ from app.pricing import (
     PriceBook,
     PricingSection,
     WindowRule,
-    WindowsConfig,
+    WindowsSection,
 )
 
-SHANGHAI = BillingCalendar(WindowsConfig())
+SHANGHAI = BillingCalendar(WindowsSection())
 HOUR = 3600
 
 
@@ -54,12 +54,12 @@ def test_default_shanghai_windows(t, window):
 def test_the_same_instant_is_read_in_the_configured_time_zone():
     t = at(3, 10, 0)  # Monday 10:00 in Shanghai = 02:00 UTC
     assert SHANGHAI.window_at(t) == "peak"
-    assert BillingCalendar(WindowsConfig(timezone="UTC")).window_at(t) == "off_peak"
+    assert BillingCalendar(WindowsSection(timezone="UTC")).window_at(t) == "off_peak"
 
 
 def test_custom_rules_first_match_wins_and_the_rest_is_normal():
     cal = BillingCalendar(
-        WindowsConfig(
+        WindowsSection(
             timezone="UTC",
             rules=[
                 WindowRule(window="off_peak", days=["sat"], start="10:00", end="11:00"),
@@ -95,16 +95,16 @@ def test_invalid_rules_are_rejected(rule):
 
 def test_invalid_rule_error_names_the_rule():
     with pytest.raises(ValidationError, match=r"peak rule 18:00-09:00"):
-        WindowsConfig(rules=[{"window": "peak", "start": "18:00", "end": "09:00"}])
+        WindowsSection(rules=[{"window": "peak", "start": "18:00", "end": "09:00"}])
 
 
 def test_invalid_timezone_and_multipliers_are_rejected():
     with pytest.raises(ValidationError, match="unknown time zone 'Mars/Olympus'"):
-        WindowsConfig(timezone="Mars/Olympus")
+        WindowsSection(timezone="Mars/Olympus")
     with pytest.raises(ValidationError, match="normal"):
-        WindowsConfig(multipliers={"peak": 2.0, "off_peak": 0.5})
+        WindowsSection(multipliers={"peak": 2.0, "off_peak": 0.5})
     with pytest.raises(ValidationError):
-        WindowsConfig(multipliers={"peak": -1.0, "normal": 1.0, "off_peak": 0.5})
+        WindowsSection(multipliers={"peak": -1.0, "normal": 1.0, "off_peak": 0.5})
 
 
 def test_next_change_and_seconds_until_not_across_a_weekend():
@@ -119,8 +119,8 @@ def test_next_change_and_seconds_until_not_across_a_weekend():
 
 
 def test_a_window_that_never_changes_has_no_next_change():
-    everything = WindowsConfig(rules=[WindowRule(window="peak", start="00:00", end="24:00")])
-    for config in (everything, WindowsConfig(rules=[])):
+    everything = WindowsSection(rules=[WindowRule(window="peak", start="00:00", end="24:00")])
+    for config in (everything, WindowsSection(rules=[])):
         cal = BillingCalendar(config)
         window = cal.window_at(at(3, 12))
         assert cal.next_change(at(3, 12)) == float("inf")
@@ -133,7 +133,7 @@ def test_a_window_that_never_changes_has_no_next_change():
 )
 def test_dst_spring_forward(tz, saturday, monday):
     """Clocks go 02:00 -> 03:00 on the Sunday between `saturday` and `monday` (month, day)."""
-    cal = BillingCalendar(WindowsConfig(timezone=tz))
+    cal = BillingCalendar(WindowsSection(timezone=tz))
     assert cal.window_at(at(monday[1], 9, 30, tz=tz, month=monday[0])) == "peak"
     assert cal.window_at(at(monday[1], 8, 30, tz=tz, month=monday[0])) == "normal"
     # Saturday 23:00 to Monday 08:00 is 33 hours on the wall clock, 32 in fact
@@ -143,14 +143,14 @@ def test_dst_spring_forward(tz, saturday, monday):
 
 def test_dst_boundaries_inside_the_skipped_and_repeated_hour():
     rules = [WindowRule(window="peak", start="02:30", end="02:45")]
-    cal = BillingCalendar(WindowsConfig(timezone="Europe/Berlin", rules=rules))
+    cal = BillingCalendar(WindowsSection(timezone="Europe/Berlin", rules=rules))
     # 2024-03-31: 02:00-03:00 never happens, so the window never opens that night
     assert cal.next_change(at(31, 1, 0, tz="Europe/Berlin", month=3)) == at(
         1, 2, 30, tz="Europe/Berlin", month=4
     )
     # a window opening inside the skipped hour opens when the clock jumps past its start
     rules = [WindowRule(window="peak", start="02:30", end="04:00")]
-    jumpy = BillingCalendar(WindowsConfig(timezone="Europe/Berlin", rules=rules))
+    jumpy = BillingCalendar(WindowsSection(timezone="Europe/Berlin", rules=rules))
     jump = at(31, 3, 0, tz="Europe/Berlin", month=3)
     assert jumpy.next_change(jump - 2 * HOUR) == jump and jumpy.window_at(jump) == "peak"
     assert jumpy.window_at(jump - 1) == "normal"
