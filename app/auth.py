@@ -13,7 +13,6 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -24,6 +23,7 @@ from pydantic import Field, field_validator
 from app.admission.ratelimit import RateLimits
 from app.api.errors import AuthenticationError
 from deployments.options import Section
+from engine import env as env_vars
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,8 @@ class Authenticator:
         if section.keys_file is not None:
             for t in _read_keys_file(section.keys_file.expanduser()):
                 tenants[t.name] = _merge(tenants.get(t.name), t)
-        env = (os.environ if environ is None else environ).get(section.keys_env, "")
+        keys_env = section.keys_env
+        env = env_vars.named(keys_env) if environ is None else environ.get(keys_env, "")
         for item in filter(None, (s.strip() for s in env.split(","))):
             name, sep, key = item.partition(":")
             if not sep or not name or not key:

@@ -15,8 +15,8 @@ Each accessor reads the environment when called (nothing is cached at import), s
 
 Not read here: `NIXL_LOG_LEVEL` is only given a default ("WARN") by
 kvstore/transfer/nixl.py before it imports nixl (kvstore sits below engine and cannot import
-this module); the API keys come from the variable the app config names (`auth.keys_env`),
-read by app/auth.py.
+this module). The API keys come from the variable the app config names (`auth.keys_env`),
+read through `named`.
 """
 
 from __future__ import annotations
@@ -39,6 +39,11 @@ def _get(name: str) -> str | None:
 def _path(name: str) -> Path | None:
     value = _get(name)
     return Path(value) if value else None
+
+
+def named(name: str) -> str:
+    """The variable a config field names (e.g. `auth.keys_env`); "" when unset."""
+    return os.environ.get(name, "")
 
 
 def model_cache_dir() -> Path | None:
