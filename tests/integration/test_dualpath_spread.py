@@ -12,6 +12,7 @@ import httpx
 import pytest
 from openai import AsyncOpenAI
 
+from tests.helpers import wait_for
 from tests.integration.conftest import MODEL
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -61,6 +62,21 @@ async def _stats() -> tuple[dict, dict[str, int]]:
     return sched, read
 
 
+async def _idle() -> bool:
+    """Every engine and SNIC of the cluster, as the Scheduler's latest reports show it, is
+    idle: nothing running, waiting or queued."""
+    from ray import serve
+
+    scheduler = serve.get_deployment_handle("Scheduler", APP3)
+    reports = await scheduler.engines.remote()
+    nodes = (await scheduler.stats.remote())["nodes"]
+    return (
+        len(reports) == len(NODES)
+        and all(r.num_running == r.num_waiting == r.num_queued_tokens == 0 for r in reports)
+        and all(n["read_queue_bytes"] == n["write_queue_bytes"] == 0 for n in nodes.values())
+    )
+
+
 def test_concurrent_turns_with_equal_hits_read_on_both_sides(cluster):
     api = AsyncOpenAI(base_url=f"{cluster}/v1", api_key="unused", max_retries=0)
     prompts = [[(97 * a + 13 * i) % 40000 + 100 for i in range(CONTEXT)] for a in range(AGENTS)]
@@ -83,7 +99,7 @@ def test_concurrent_turns_with_equal_hits_read_on_both_sides(cluster):
         while (await _stats())[0]["index"]["nvme_blocks"] < full:
             assert time.time() < deadline, "turn 1's blocks never reached NVMe"
             await asyncio.sleep(0.2)
-        await asyncio.sleep(1.0)  # the engines' reports show them idle again
+        await wait_for(_idle, "the engines' and SNICs' reports show them idle", 30, 0.1)
         before = await _stats()
         seconds = await asyncio.gather(*(turn(p) for p in nexts))
         return before, seconds, await _stats()

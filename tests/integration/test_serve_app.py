@@ -16,6 +16,8 @@ import pytest
 from openai import AsyncOpenAI, OpenAI
 
 from engine.sampling_params import SamplingParams
+from kvstore.keys import chain_keys, root_key
+from tests.helpers import wait_until
 from tests.integration.conftest import APP, MODEL, engines, traffic_stats
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -211,7 +213,15 @@ def test_agent_turn_reads_the_previous_turn_from_the_kv_store(serve_app, engine)
         if stats["persisted"] >= len(turn1 + reply) // 64 and not stats["pending_writes"]:
             break
         time.sleep(0.2)
-    time.sleep(0.5)  # one more node report carries the last index events
+    from ray import serve
+
+    # the KV of turn 1's last token is never computed: its full blocks end one token early
+    keys = tuple(chain_keys(root_key(engine.model_id), (turn1 + reply)[:-1], 64))
+    scheduler = serve.get_deployment_handle("Scheduler", APP)
+    wait_until(  # a node report carries the last index events
+        lambda: scheduler.lookup.remote(keys).result().num_blocks == len(keys),
+        "the Scheduler's index holds every full block of turn 1",
+    )
     second = api.completions.create(model=MODEL, prompt=turn2, max_tokens=16, temperature=0)
     (want,) = engine.generate([turn2], SamplingParams(temperature=0, max_tokens=16))
     assert second.choices[0].text == want.text
@@ -219,9 +229,7 @@ def test_agent_turn_reads_the_previous_turn_from_the_kv_store(serve_app, engine)
     assert cached >= (len(turn1 + reply) - 1) // 64 * 64 - 64
     timings = second.model_extra["timings"]
     assert timings["kv_read_ms"] is not None and timings["schedule_ms"] is not None
-    from ray import serve
-
-    sched = serve.get_deployment_handle("Scheduler", APP).stats.remote().result()
+    sched = scheduler.stats.remote().result()
     assert sched["index"]["nvme_blocks"] >= len(turn1 + reply) // 64
     assert sum(n for path, n in sched["read_paths"].items() if path != "none") >= 1
 
