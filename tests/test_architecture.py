@@ -136,3 +136,46 @@ def test_every_cuda_op_has_a_torch_reference_and_a_test(source, op):
         if f.name != "test_architecture.py" and word.search(f.read_text())
     ]
     assert tests, f"no test mentions {op}"
+
+
+def _sleep_calls(tree: ast.Module) -> list[int]:
+    """Lines of `time.sleep(x)` / `await asyncio.sleep(x)` statements (x not literal 0) that
+    are neither a poll (inside a `while`) nor a fake's simulated work (inside a class)."""
+    lines: list[int] = []
+
+    def is_sleep(stmt: ast.stmt) -> bool:
+        call = stmt.value if isinstance(stmt, ast.Expr) else None
+        call = call.value if isinstance(call, ast.Await) else call
+        if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Attribute):
+            return False
+        owner = call.func.value
+        named = isinstance(owner, ast.Name) and owner.id in ("time", "asyncio")
+        zero = bool(call.args) and isinstance(call.args[0], ast.Constant) and not call.args[0].value
+        return call.func.attr == "sleep" and named and not zero
+
+    def visit(node: ast.AST, in_function: bool, in_while: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef):
+                continue
+            is_def = isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef)
+            if isinstance(child, ast.stmt) and in_function and not in_while and is_sleep(child):
+                lines.append(child.lineno)
+            visit(
+                child,
+                in_function or is_def,
+                in_while and not is_def or isinstance(child, ast.While),
+            )
+
+    visit(tree, False, False)
+    return lines
+
+
+def test_tests_wait_on_conditions_not_fixed_sleeps():
+    """A fixed sleep before an assert is too short on a loaded machine and too long on an idle
+    one: wait on the condition instead (tests/helpers.py wait_until / wait_for)."""
+    found = {
+        f"{f.relative_to(ROOT)}:{line}"
+        for f in sorted((ROOT / "tests").rglob("*.py"))
+        for line in _sleep_calls(ast.parse(f.read_text()))
+    }
+    assert not found
