@@ -26,7 +26,7 @@ from app.admission.gate import Caller, Gate, Meter
 from app.admission.queues import AdmissionQueue
 from app.admission.ratelimit import RateLimiter
 from app.api.errors import to_api_error
-from app.api.http import BODIES, error_response, openapi_with_bodies, read_json, sse
+from app.api.http import error_response, openapi_with_bodies, read_json, sse
 from app.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, dump
 from app.audit import AuditLog, AuditRecord
 from app.auth import Authenticator, Tenant
@@ -142,7 +142,7 @@ class Frontend:
         return ModelList(data=[ModelCard(id=info.name, max_model_len=info.max_model_len)])
 
     # ------------------------------------------------------------------ HTTP
-    async def generate(self, http: Request) -> Response:
+    async def generate(self, http: Request, schema: type[Request_]) -> Response:
         """POST /v1/chat/completions and /v1/completions: key → body → tier → admission →
         JSON, or SSE once the first chunk exists (errors before any token become a status
         code). Known tenants get `x-ratelimit-*` headers on every answer, refusals too."""
@@ -155,7 +155,7 @@ class Frontend:
                     tenant = self.auth.authenticate(http.headers.get("authorization"))
                 with self._refusals(rid, route, tenant):
                     body = await read_json(http, self.config.ingress.max_body_bytes)
-                    request = BODIES[route].model_validate(body)
+                    request = schema.model_validate(body)
                 caller = self._caller(rid, route, tenant, request)
                 if not request.stream:
                     response = await self.service.respond(request, caller)

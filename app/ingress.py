@@ -76,11 +76,11 @@ class Ingress:
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, http: Request) -> Response:
-        return await self.frontend.generate(http)
+        return await self.frontend.generate(http, ChatCompletionRequest)
 
     @api.post("/v1/completions")
     async def completions(self, http: Request) -> Response:
-        return await self.frontend.generate(http)
+        return await self.frontend.generate(http, CompletionRequest)
 
     @api.get("/v1/usage")
     async def usage(self, http: Request) -> Response:
