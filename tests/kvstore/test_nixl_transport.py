@@ -193,9 +193,19 @@ def test_send_and_recv_from_different_threads(pair) -> None:
     handoff: queue.Queue[tuple[KVDescriptor, list[torch.Tensor]]] = queue.Queue()
 
     def produce() -> None:
+        # NOTE: 20 transfers overfill the 8 MiB pool; a send waits for the pages the
+        # receiver's releases free (they arrive asynchronously), as a PE would back off.
         for i in range(20):
             layers = make_layers(i, torch.bfloat16, num_layers=3)
-            handoff.put((sender.send(f"req-{i}", layers), layers))
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    handoff.put((sender.send(f"req-{i}", layers), layers))
+                    break
+                except TransferCapacityError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.01)
 
     producer = threading.Thread(target=produce)
     producer.start()
