@@ -19,9 +19,11 @@ from opentelemetry.trace import Span
 from app.api.errors import KVLoadFailed
 from app.cluster import Cluster, ReplicaLost
 from deployments import tracing
+from deployments.options import KVFailurePolicy
 from deployments.protocol import DecodeJob, KVHandoff, Plan, PlanRequest, PrefillJob
 from engine.output import FirstTokenTimings, RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.sequence import FinishReason
 from kvstore.keys import chain_keys, root_key
 
 logger = logging.getLogger(__name__)
@@ -42,7 +44,7 @@ class ModelInfo:
 class RecoveryPolicy:
     """What a choice does when the cluster fails under it."""
 
-    load_failure: str = "recompute"  # kvstore.load_failure: "recompute" | "fail"
+    load_failure: KVFailurePolicy = KVFailurePolicy.RECOMPUTE  # kvstore.load_failure
     max_retries: int = 4  # ingress.max_replica_retries: lost replicas one choice survives
     first_backoff_s: float = 0.5  # doubles per retry ...
     max_backoff_s: float = 4.0  # ... up to this
@@ -308,7 +310,10 @@ async def stored_prefix(
 
 
 async def read_stored_kv(
-    cluster: Cluster, plan: Plan, keys: list[bytes], load_failure: str = "recompute"
+    cluster: Cluster,
+    plan: Plan,
+    keys: list[bytes],
+    load_failure: KVFailurePolicy = KVFailurePolicy.RECOMPUTE,
 ) -> tuple[list[Any], int]:
     """Read the plan's hit blocks on both sides at once: the DE side reads the first
     `num_de_blocks`, the PE side the rest. Returns the DRAM handles of the longest
@@ -335,7 +340,7 @@ async def read_stored_kv(
                 tracing.fail(span, exc)
                 got = []
             span.set_attribute("blocks_read", len(got))
-            if load_failure == "fail" and len(got) < len(part):
+            if load_failure == KVFailurePolicy.FAIL and len(got) < len(part):
                 raise KVLoadFailed(
                     f"stored KV of {len(part) - len(got)} of {len(part)} planned blocks could "
                     f"not be read on {node} (kvstore.load_failure: fail)"
@@ -362,5 +367,5 @@ def _plan_attributes(plan: Plan) -> dict[str, Any]:
 
 
 def _raise_on_failure(output: RequestOutput) -> None:
-    if output.finished and output.finish_reason in ("error", "abort"):
+    if output.finished and output.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
         raise EngineFailure(f"request {output.request_id} ended with {output.finish_reason}")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.sampling_params import SamplingParams
-from engine.sequence import TokenLogprob
+from engine.sequence import FinishReason, TokenLogprob
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -52,7 +52,7 @@ class RequestOutput:
     new_token_ids: list[int]
     new_text: str
     finished: bool
-    finish_reason: str | None
+    finish_reason: FinishReason | None
     num_prompt_tokens: int
     num_cached_tokens: int
     num_output_tokens: int
