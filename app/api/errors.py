@@ -8,13 +8,29 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from deployments.scheduler.policy import NoEngineAvailable
 from engine.errors import InvalidRequestError
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error status, as OpenAI sends it (its schema in /openapi.json)."""
+
+    error: ErrorDetail
+
+
 class APIError(Exception):
+    """What the client sees of a failure; raised as itself, an unexpected one: a 500 whose
+    message does not leak internals."""
+
     status: int = 500
     type: str = "server_error"
 
@@ -44,34 +60,51 @@ class APIError(Exception):
 
 
 class BadRequestError(APIError):
+    """The body is malformed or a value is out of range; `param` names the field."""
+
     status, type = 400, "invalid_request_error"
 
 
 class AuthenticationError(APIError):
+    """The API key is missing or unknown."""
+
     status, type = 401, "authentication_error"
 
 
 class NotFoundError(APIError):
+    """The named model (or route) does not exist."""
+
     status, type = 404, "invalid_request_error"
 
 
 class PermissionDeniedError(APIError):
+    """The key may not do this (a service tier it lacks, another tenant's usage)."""
+
     status, type = 403, "permission_error"
 
 
 class RequestTimeoutError(APIError):
+    """The request waited too long in the admission queue."""
+
     status, type = 408, "timeout_error"
 
 
 class PayloadTooLargeError(APIError):
+    """The request body is over the server's size limit."""
+
     status, type = 413, "invalid_request_error"
 
 
 class RateLimitError(APIError):
+    """Over the key's rate or concurrency limit, or past a flex request's deadline; retry
+    after `Retry-After`."""
+
     status, type = 429, "rate_limit_error"
 
 
 class OverloadedError(APIError):
+    """No capacity now (a full queue, no engine); retry after `Retry-After`."""
+
     status, type = 503, "overloaded_error"
 
 

@@ -1,5 +1,6 @@
 """HTTP edges of the API: the request body, error responses, the SSE stream, and the OpenAPI
-document's request bodies (the routes read raw JSON themselves, for 413/400 control)."""
+document (the routes read raw JSON themselves, for 413/400 control, so the document's
+bodies and responses are written here)."""
 
 from __future__ import annotations
 
@@ -7,16 +8,40 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api.errors import BadRequestError, PayloadTooLargeError, to_api_error
-from app.api.schemas import ChatCompletionRequest, CompletionRequest
+from app.api.errors import (
+    APIError,
+    AuthenticationError,
+    BadRequestError,
+    ErrorResponse,
+    KVLoadFailed,
+    NotFoundError,
+    OverloadedError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    RateLimitError,
+    RequestTimeoutError,
+    to_api_error,
+)
+from app.api.schemas import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    HealthStatus,
+    ModelList,
+    UsagePage,
+)
 from app.api.sse import DONE_FRAME, sse_frame
 
 logger = logging.getLogger("app.ingress")
@@ -87,33 +112,139 @@ BODIES: dict[str, type[BaseModel]] = {
 }
 
 
+@dataclass(frozen=True)
+class Operation:
+    """What one route answers, for /openapi.json: the routes take the raw `Request` (for
+    413/400 control), so FastAPI sees neither their bodies nor their responses."""
+
+    ok: type[BaseModel]  # the 200 body
+    errors: tuple[type[APIError], ...] = ()  # the errors the route raises, OpenAI-shaped
+    chunk: type[BaseModel] | None = None  # with `"stream": true`, SSE events of these
+    unready: bool = False  # 503 with the `ok` body until the engines report (/health)
+
+
+_GENERATE_ERRORS = (
+    BadRequestError,
+    AuthenticationError,
+    PermissionDeniedError,
+    NotFoundError,
+    RequestTimeoutError,
+    PayloadTooLargeError,
+    RateLimitError,
+    OverloadedError,
+    KVLoadFailed,
+)
+OPERATIONS: dict[str, Operation] = {
+    "/health": Operation(HealthStatus, unready=True),
+    "/v1/models": Operation(ModelList, (AuthenticationError,)),
+    "/v1/chat/completions": Operation(
+        ChatCompletionResponse, _GENERATE_ERRORS, chunk=ChatCompletionChunk
+    ),
+    "/v1/completions": Operation(CompletionResponse, _GENERATE_ERRORS, chunk=CompletionResponse),
+    "/v1/usage": Operation(
+        UsagePage, (BadRequestError, AuthenticationError, PermissionDeniedError)
+    ),
+}
+_REF = "#/components/schemas/{model}"
+_SSE = (
+    'The response; with `"stream": true`, an SSE stream of `data: {chunk}` events ending '
+    "`data: [DONE]` (an error after the first chunk comes as a last `data: {error}` event)."
+)
+
+
+def _sse_event(chunk: dict[str, Any], error: dict[str, Any]) -> dict[str, Any]:
+    """The schema of one SSE event (app/api/sse.py): its `data` is a JSON chunk or error,
+    or the final `[DONE]`."""
+    payload = {"anyOf": [chunk, error]}
+    json_data = {"type": "string", "contentMediaType": "application/json", "contentSchema": payload}
+    return {
+        "type": "object",
+        "required": ["data"],
+        "properties": {"data": {"anyOf": [{"const": "[DONE]"}, json_data]}},
+    }
+
+
 def openapi_with_bodies(
-    api: FastAPI, model_names: list[str], max_tokens_limit: int | None = None
+    api: FastAPI,
+    model_names: list[str],
+    max_tokens_limit: int | None = None,
+    vocab_size: int | None = None,
 ) -> Callable[[], dict[str, Any]]:
-    """`api.openapi` that also documents each POST route's JSON body (its pydantic model,
-    `model` limited to the served names, `max_tokens` to the server's limit), so clients
-    and fuzzers see the real contract."""
+    """`api.openapi` that documents what the routes really accept and answer, so clients and
+    fuzzers see the real contract: each POST route's JSON body (its pydantic model with the
+    server's limits, `_limit_body`), each route's 200 body and content types, and every
+    error status it answers, with the OpenAI error schema."""
 
     def openapi() -> dict[str, Any]:
         if api.openapi_schema:
             return api.openapi_schema
         schema = get_openapi(title=api.title, version=api.version, routes=api.routes)
+        inputs = [(model, "validation") for model in BODIES.values()]
+        replies = {m for op in OPERATIONS.values() for m in (op.ok, op.chunk) if m is not None}
+        outputs = [(model, "serialization") for model in sorted(replies, key=str)]
+        refs, defs = models_json_schema(
+            [*inputs, *outputs, (ErrorResponse, "serialization")], ref_template=_REF
+        )
         components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(defs["$defs"])
         for path, model in BODIES.items():
-            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
-            components.update(body.pop("$defs", {}))
-            body["properties"]["model"]["enum"] = model_names
-            for name in ("max_tokens", "max_completion_tokens"):
-                for branch in body["properties"].get(name, {}).get("anyOf", []):
-                    if max_tokens_limit is not None and branch.get("type") == "integer":
-                        branch["maximum"] = max_tokens_limit
-            components[model.__name__] = body
-            ref = {"$ref": f"#/components/schemas/{model.__name__}"}
-            schema["paths"][path]["post"]["requestBody"] = {
-                "required": True,
-                "content": {"application/json": {"schema": ref}},
-            }
+            ref = refs[(model, "validation")]
+            body = components[ref["$ref"].rsplit("/", 1)[1]]
+            _limit_body(body, model_names, max_tokens_limit, vocab_size)
+            if path in schema["paths"]:
+                schema["paths"][path]["post"]["requestBody"] = {
+                    "required": True,
+                    "content": {"application/json": {"schema": ref}},
+                }
+        out = {model: ref for (model, mode), ref in refs.items() if mode == "serialization"}
+        for path, op in OPERATIONS.items():
+            for operation in schema["paths"].get(path, {}).values():
+                operation["responses"] = _responses(op, out)
         api.openapi_schema = schema
         return schema
 
     return openapi
+
+
+def _limit_body(
+    body: dict[str, Any],
+    model_names: list[str],
+    max_tokens_limit: int | None,
+    vocab_size: int | None,
+) -> None:
+    """The server's own limits in a request body's schema: `model` is a served name,
+    `max_tokens` at most the limit, prompt token ids in the vocabulary."""
+    properties = body["properties"]
+    properties["model"]["enum"] = model_names
+    for name in ("max_tokens", "max_completion_tokens"):
+        for branch in properties.get(name, {}).get("anyOf", []):
+            if max_tokens_limit is not None and branch.get("type") == "integer":
+                branch["maximum"] = max_tokens_limit
+    for branch in properties.get("prompt", {}).get("anyOf", []):
+        if vocab_size is not None and branch.get("type") == "array":
+            branch["items"]["maximum"] = vocab_size - 1
+
+
+def _responses(op: Operation, refs: dict[type[BaseModel], dict[str, Any]]) -> dict[str, Any]:
+    """One operation's `responses`: 200 (JSON, or SSE), then each error status with the
+    OpenAI error body, described by the errors that answer it."""
+    error = refs[ErrorResponse]
+    content: dict[str, Any] = {"application/json": {"schema": refs[op.ok]}}
+    if op.chunk is not None:
+        content["text/event-stream"] = {"schema": _sse_event(refs[op.chunk], error)}
+    description = "The response." if op.chunk is None else _SSE
+    responses: dict[str, Any] = {"200": {"description": description, "content": content}}
+    if op.unready:
+        responses["503"] = {
+            "description": "Starting: engines are not all up yet",
+            "content": {"application/json": {"schema": refs[op.ok]}},
+        }
+    by_status: dict[int, list[str]] = {}
+    for exc in op.errors:
+        by_status.setdefault(exc.status, []).append(" ".join((exc.__doc__ or "").split()))
+    for status, docs in sorted(by_status.items()):
+        responses[str(status)] = {
+            "description": " ".join(docs),
+            "content": {"application/json": {"schema": error}},
+        }
+    return responses

@@ -3,12 +3,17 @@
 Requests validate ranges here (a bad value is a 400 naming the field) and map onto the
 engine's SamplingParams. Responses carry OpenAI's usage fields plus DeepSeek-style
 `prompt_cache_hit_tokens` / `prompt_cache_miss_tokens`.
+
+NOTE: the request models' JSON schemas are the published contract (/openapi.json): a rule a
+validator enforces is stated in the schema too (`_by_type`, `_when_set`), so every body the
+document accepts validates here. tests/app/test_http.py generates bodies from it to check.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -20,14 +25,47 @@ ServiceTier = Literal["auto", "default", "priority", "flex"]
 FinishReasonName = Literal["stop", "length", "abort", "error"]  # engine FinishReason values
 
 
+def _whole_number_as_int(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _by_type(**keywords: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+    """`json_schema_extra` that adds JSON Schema `keywords` to the branch of each JSON type
+    (`string=...`, `array=...`) of a union field: the schema of a validator's rule."""
+
+    def extra(schema: dict[str, Any]) -> None:
+        for branch in schema.get("anyOf", [schema]):
+            branch.update(keywords.get(branch.get("type", ""), {}))
+
+    return extra
+
+
+def _when_set(field: str, **then: Any) -> dict[str, Any]:
+    """JSON Schema for a cross-field rule: when `field` is set (not null), each of `then`'s
+    fields must be present with the given value."""
+    return {
+        "if": {"properties": {field: {"not": {"type": "null"}}}, "required": [field]},
+        "then": {"properties": {k: {"const": v} for k, v in then.items()}, "required": list(then)},
+    }
+
+
+_STREAM_OPTIONS_NEED_STREAM = _when_set("stream_options", stream=True)
+
+
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = False
 
 
 class _Request(BaseModel):
     # NOTE: clients send fields we do not use (e.g. `store`, `metadata`); they are accepted
-    # and listed by `ignored_fields()` so the ingress can log them, as vLLM does.
-    model_config = ConfigDict(extra="allow")
+    # and listed by `ignored_fields()` so the ingress can log them, as vLLM does. Values are
+    # strict JSON types, as the schema says and OpenAI checks: `"n": "2"` or `"stream": 1`
+    # is a 400, not coerced.
+    model_config = ConfigDict(
+        extra="allow", strict=True, json_schema_extra={"allOf": [_STREAM_OPTIONS_NEED_STREAM]}
+    )
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -35,7 +73,13 @@ class _Request(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=0, description="extension (vLLM-style)")
     n: int = Field(default=1, ge=1, le=MAX_N)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(
+        default=None,
+        json_schema_extra=_by_type(
+            string={"minLength": 1},
+            array={"maxItems": 4, "items": {"type": "string", "minLength": 1}},
+        ),
+    )
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
@@ -45,6 +89,15 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     service_tier: ServiceTier | None = None
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _whole_numbers(cls, value: Any) -> Any:
+        """JSON Schema's integer includes 2.0, so the strict int fields take it as 2 (and a
+        float field takes 2 as 2.0)."""
+        if isinstance(value, list):
+            return [_whole_number_as_int(v) for v in value]
+        return _whole_number_as_int(value)
 
     @field_validator("stop")
     @classmethod
@@ -83,12 +136,14 @@ class _Request(BaseModel):
 
 
 class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
@@ -101,6 +156,12 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Request):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "allOf": [_STREAM_OPTIONS_NEED_STREAM, _when_set("top_logprobs", logprobs=True)]
+        }
+    )
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
@@ -123,10 +184,22 @@ class ChatCompletionRequest(_Request):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[int] = Field(description="text, or token ids")
+    prompt: str | list[int] = Field(
+        description="text, or token ids",
+        json_schema_extra=_by_type(
+            string={"minLength": 1},
+            array={"minItems": 1, "items": {"type": "integer", "minimum": 0}},
+        ),
+    )
     logprobs: int | None = Field(default=None, ge=0, le=5)
-    echo: bool = False
-    suffix: str | None = None
+    echo: bool = Field(
+        default=False, description="not supported", json_schema_extra={"const": False}
+    )
+    suffix: str | None = Field(
+        default=None,
+        description="not supported (empty or null)",
+        json_schema_extra=_by_type(string={"maxLength": 0}),
+    )
     return_token_ids: bool = Field(
         default=False,
         description="extension (vLLM-style): each choice carries its generated `token_ids`, "
@@ -276,7 +349,7 @@ class CompletionLogprobs(BaseModel):
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    finish_reason: FinishReasonName | None
+    finish_reason: FinishReasonName | None = None  # None (left out) until the last chunk
     logprobs: CompletionLogprobs | None = None
     token_ids: list[int] | None = None  # with `return_token_ids`
 
@@ -303,6 +376,21 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class HealthStatus(BaseModel):
+    """`/health`: 200 once a prefill and a decode engine report, 503 (`starting`) before."""
+
+    status: Literal["ok", "starting"]
+    engines: int = Field(ge=0, description="engines reporting to the Scheduler")
+
+
+class UsagePage(BaseModel):
+    """`/v1/usage`: time buckets of the caller's usage and cost (OpenAI usage-API shape)."""
+
+    object: Literal["page"] = "page"
+    data: list[dict[str, Any]]
+    has_more: bool = False
 
 
 def dump(model: BaseModel) -> dict[str, Any]:

@@ -83,6 +83,10 @@ def test_text_content_parts_are_joined():
         ({"max_tokens": 0}, "max_tokens"),
         ({"top_logprobs": 30, "logprobs": True}, "top_logprobs"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"n": "2"}, "n"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"stream": 1}, "stream"),
+        ({"temperature": "0.5"}, "temperature"),
         ({"messages": []}, "messages"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
         (
@@ -97,6 +101,14 @@ def test_bad_values_become_400_naming_the_field(body, param):
     err = to_api_error(info.value)
     assert err.status == 400 and err.type == "invalid_request_error"
     assert err.param.startswith(param)
+
+
+def test_whole_floats_are_integers_as_in_json_schema():
+    """JSON Schema's `integer` includes 2.0, so the schema-valid body is accepted as 2."""
+    req = _chat(n=2.0, max_tokens=3.0)
+    assert (req.n, req.max_tokens) == (2, 3)
+    with pytest.raises(ValidationError):
+        _chat(n=1.5)
 
 
 @pytest.mark.parametrize("body", [{"top_logprobs": 2}, {"stream_options": {"include_usage": True}}])
