@@ -135,8 +135,10 @@ class ChatService:
                 param="messages" if isinstance(request, ChatCompletionRequest) else "prompt",
                 code="context_length_exceeded",
             )
-        params = request.sampling_params(min(self.default_max_tokens, room), index)
-        if (limit := self.max_tokens_limit) is not None and params.max_tokens > limit:
+        limit = self.max_tokens_limit
+        default = min(self.default_max_tokens, room, limit or room)  # never over the limit
+        params = request.sampling_params(default, index)
+        if limit is not None and params.max_tokens > limit:
             msg = f"max_tokens is {params.max_tokens}; this server allows at most {limit}"
             raise BadRequestError(msg, param="max_tokens")
         if params.max_tokens > room:

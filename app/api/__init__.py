@@ -1,5 +1,9 @@
-"""OpenAI-compatible wire format: schemas (requests, responses, usage), errors, SSE frames.
+"""OpenAI-compatible wire format and the HTTP edge.
 
-Pure pydantic, no Ray and no HTTP framework, so the ingress and the typed Python handle
-share one definition and unit tests need nothing running.
+  schemas.py — requests, responses, usage (pure pydantic: the ingress and the typed handle
+               share one definition)
+  errors.py  — exception → {"error": {...}} + status code (the only place with codes)
+  http.py    — the FastAPI side: the body (413/400), error responses, the OpenAPI document
+               with request bodies and every error status, error handlers for unknown routes
+  sse.py     — server-sent-event frames for streaming
 """

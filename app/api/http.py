@@ -170,14 +170,13 @@ def openapi_with_bodies(
     max_tokens_limit: int | None = None,
     vocab_size: int | None = None,
 ) -> Callable[[], dict[str, Any]]:
-    """`api.openapi` that documents what the routes really accept and answer, so clients and
-    fuzzers see the real contract: each POST route's JSON body (its pydantic model with the
-    server's limits, `_limit_body`), each route's 200 body and content types, and every
-    error status it answers, with the OpenAI error schema."""
+    """A builder of `api`'s OpenAPI document that documents what the routes really accept
+    and answer, so clients and fuzzers see the real contract: each POST route's JSON body
+    (its pydantic model with the server's limits, `_limit_body`), each route's 200 body and
+    content types, and every error status it answers, with the OpenAI error schema. It
+    caches nothing on `api` (the caller keeps the document)."""
 
     def openapi() -> dict[str, Any]:
-        if api.openapi_schema:
-            return api.openapi_schema
         schema = get_openapi(title=api.title, version=api.version, routes=api.routes)
         inputs = [(model, "validation") for model in BODIES.values()]
         replies = {m for op in OPERATIONS.values() for m in (op.ok, op.chunk) if m is not None}
@@ -200,7 +199,6 @@ def openapi_with_bodies(
         for path, op in OPERATIONS.items():
             for operation in schema["paths"].get(path, {}).values():
                 operation["responses"] = _responses(op, out)
-        api.openapi_schema = schema
         return schema
 
     return openapi
