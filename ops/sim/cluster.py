@@ -1,6 +1,6 @@
 """SimCluster: nodes, engines and storage on an event loop, scheduled by the live policy.
 
-Every turn goes the way app/flow.py sends a request:
+Every turn goes the way app/choice_flow.py sends a request:
   1. plan      `deployments.scheduler.policy.plan_and_note` on a real ClusterView, looked up
                on the module at call time (so the simulator runs whatever the live policy
                is, patched or not), fed with LoadReports / NodeReports the simulated
