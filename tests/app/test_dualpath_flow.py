@@ -56,9 +56,7 @@ SYSTEM = (
 class ClusterBackend:
     """plan (the live policy) → node stores → PE → DE, as direct calls."""
 
-    def __init__(
-        self, prefill: PrefillServer, decode: DecodeServer, nodes: dict[str, NodeKVStore]
-    ):
+    def __init__(self, prefill: PrefillServer, decode: DecodeServer, nodes: dict[str, NodeKVStore]):
         self.prefill_server, self.decode_server, self.nodes = prefill, decode, nodes
         self.view = ClusterView()
         self.force: str | None = None  # read path to force: "none", "pe", "de", "split"
