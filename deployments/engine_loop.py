@@ -26,6 +26,7 @@ from deployments import tracing
 from deployments.protocol import RecentIds
 from engine.core import EngineCore
 from engine.output import FirstTokenTimings, RequestOutput
+from engine.sampling_params import SamplingParams
 from engine.sequence import SequenceStatus
 
 logger = logging.getLogger(__name__)
@@ -136,6 +137,13 @@ class EngineLoop:
         admission = _Admission(request_id, add, ready, stream, num_tokens, trace, time.time_ns())
         self._commands.put(lambda: self._enqueue(admission))
         return stream
+
+    async def compile_grammar(self, params: SamplingParams) -> None:
+        """Compile the request's grammar (if any) on a worker thread, cached by the engine:
+        its add then finds it ready and never stalls the batch compiling. Raises
+        GrammarError (a bad request) for a grammar that does not compile."""
+        if params.grammar is not None:
+            await asyncio.to_thread(self.engine.grammars.compile, params.grammar)
 
     def abort(self, request_id: str) -> None:
         self._commands.put(lambda: self._abort(request_id))

@@ -25,6 +25,7 @@ from engine.request import EngineRequest
 from engine.runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob
+from engine.structured import GrammarCompiler
 from engine.tokenizer import Tokenizer
 from kvstore.keys import root_key
 
@@ -61,6 +62,9 @@ class EngineCore:
         }
         self.runner = ModelRunner(config, self.model_config, num_blocks, sorted(self.eos_token_ids))
         self.kv_port = KVPort(self.block_manager, self.runner.kv_cache)
+        self.grammars = GrammarCompiler(
+            config.model / "tokenizer.json", self.model_config.vocab_size, sorted(self.eos_token_ids)
+        )
         self.seqs: dict[str, Sequence] = {}
         self.states: dict[str, OutputState] = {}
         self.num_computed_total = 0  # tokens run through the model so far
@@ -135,6 +139,8 @@ class EngineCore:
             if kv.output_token_ids:
                 # replay what the PE already emitted: stop strings and deltas continue from it
                 state.update(list(kv.output_token_ids), finishing=False, check_stop=False)
+        if params.grammar is not None:  # resumed sequences continue from what they emitted
+            seq.grammar = self.grammars.state(params.grammar, seq.output_token_ids)
         self.seqs[seq.request_id] = seq
         self.states[seq.request_id] = state
         if imported:
@@ -212,6 +218,13 @@ class EngineCore:
         outputs = []
         for seq, token_id, logprob in zip(sampled, result.token_ids, result.logprobs, strict=True):
             seq.token_ids.append(token_id)
+            if seq.grammar is not None and not seq.grammar.accept(token_id):
+                logger.error(
+                    "sampled token breaks the grammar",
+                    extra={"request_id": seq.request_id, "error": seq.grammar.error},
+                )
+                outputs.append(self._fail(seq))
+                continue
             if logprob is not None:
                 seq.output_logprobs.append(logprob)
             output = self._postprocess(seq, token_id, logprob)
@@ -237,10 +250,12 @@ class EngineCore:
         )
         if is_stop_token:  # the sampler masks stop tokens until min_tokens is reached
             reason = FinishReason.STOP
+        elif seq.grammar is not None and seq.grammar.is_done:
+            reason = FinishReason.STOP  # only end-of-sequence may follow: save that step
         elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = FinishReason.LENGTH
         state = self.states[seq.request_id]
-        emit_ids = [] if reason is FinishReason.STOP else [token_id]
+        emit_ids = [] if is_stop_token else [token_id]
         delta, stop_hit = state.update(
             emit_ids,
             finishing=reason is not None,

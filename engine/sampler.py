@@ -1,6 +1,7 @@
 """Turn a batch of logits into next tokens, one set of SamplingParams per row.
 
-Order per row: penalties -> (greedy | temperature -> top-k -> top-p -> draw). Logprobs are
+Order per row: penalties -> grammar mask (structured rows only) -> (greedy | temperature ->
+top-k -> top-p -> draw). Logprobs are
 reported from the model's raw distribution (before penalties and temperature), as the
 OpenAI API does. A row with a seed draws from a generator seeded by (seed, output position),
 so its tokens depend neither on what else shares the batch nor on which engine drew the
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.sequence import Sequence, TokenLogprob
+from engine.structured import apply_bitmask, bitmask_words
 
 
 @dataclass(slots=True)
@@ -32,6 +34,7 @@ class Sampler:
         """Sample one token per row of `logits` [B, V] (float32) for the matching `seqs`."""
         raw = logits
         logits = self._apply_penalties(logits, seqs)
+        logits = self._apply_grammars(raw, logits, seqs)
         greedy = torch.tensor([s.params.is_greedy for s in seqs])
         token_ids = logits.argmax(dim=-1)
         if not bool(greedy.all()):
@@ -72,6 +75,32 @@ class Sampler:
             counts = torch.bincount(torch.tensor(seqs[i].output_token_ids), minlength=vocab)
             counts = counts[:vocab].to(logits.dtype)
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+        return logits
+
+    def _apply_grammars(
+        self, raw: torch.Tensor, logits: torch.Tensor, seqs: list[Sequence]
+    ) -> torch.Tensor:
+        """Mask what each structured row's grammar forbids; other rows are not touched.
+
+        NOTE: min_tokens may forbid the only token the grammar allows (end of sequence once
+        the output is complete): the grammar wins, so such a row is masked from `raw`.
+        """
+        rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
+        if not rows:
+            return logits
+        bitmask = torch.full((len(rows), bitmask_words(logits.shape[-1])), -1, dtype=torch.int32)
+        for row, i in enumerate(rows):
+            seqs[i].grammar.fill(bitmask, row)  # type: ignore[union-attr]
+        masked = logits[rows]  # a copy: the caller's logits stay as they were
+        apply_bitmask(masked, bitmask)
+        dead = torch.isinf(masked).all(dim=-1) & ~torch.isinf(raw[rows]).all(dim=-1)
+        if bool(dead.any()):
+            again = raw[rows][dead]
+            apply_bitmask(again, bitmask[dead])
+            masked[dead] = again
+        if logits is raw:
+            logits = logits.clone()
+        logits[rows] = masked
         return logits
 
     def _sample_rows(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

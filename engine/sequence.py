@@ -9,6 +9,7 @@ import torch
 
 from engine.kv_import import PrefixKV
 from engine.sampling_params import SamplingParams
+from engine.structured import GrammarState
 from kvstore.keys import chain_key
 
 _MASK64 = (1 << 64) - 1
@@ -75,6 +76,7 @@ class Sequence:
     pending_import: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     persist_from_block: int | None = None  # export full blocks from here on (None: never)
     priority: int = 0  # lower runs first among waiting requests (FIFO within a priority)
+    grammar: GrammarState | None = None  # structured output: where the output is in it
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)

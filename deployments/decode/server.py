@@ -47,6 +47,7 @@ class DecodeServer(EngineServer):
         ctx = trace.set_span_in_context(span)
         tokens = 0
         try:
+            await self.loop.compile_grammar(job.params)
             kv, prefix = await self._receive(job, ctx)
             num_tokens = len(job.prompt_token_ids) + (len(kv.output_token_ids) if kv else 0)
             persist_from = job.num_stored_blocks if self.persist is not None else None

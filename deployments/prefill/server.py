@@ -75,6 +75,7 @@ class PrefillServer(EngineServer):
         )
 
     async def _first_token(self, job: PrefillJob, ctx: Context) -> RequestOutput:
+        await self.loop.compile_grammar(job.params)
         prefix = None
         num_de_blocks = job.num_de_blocks
         if job.prefix_blocks:
