@@ -22,14 +22,13 @@ from collections.abc import AsyncIterator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from app.api.schemas import (
+from app.api.replies import (
     ChatCompletionChunk,
-    ChatCompletionRequest,
     ChatCompletionResponse,
-    CompletionRequest,
     CompletionResponse,
     ModelList,
 )
+from app.api.schemas import ChatCompletionRequest, CompletionRequest
 
 
 class DualPathClient:

@@ -10,22 +10,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from app.api.schemas import (
+from app.api.messages import FunctionCall, ToolCall
+from app.api.replies import (
     AssistantMessage,
     ChatChoice,
     ChatCompletionChunk,
-    ChatCompletionRequest,
     ChatCompletionResponse,
     ChunkChoice,
     CompletionChoice,
-    CompletionRequest,
     CompletionResponse,
     DeltaMessage,
+    FunctionCallDelta,
     Timings,
+    ToolCallDelta,
     Usage,
 )
+from app.api.schemas import ChatCompletionRequest, CompletionRequest
 from app.logprobs import LogprobFormatter
 from app.request_meter import Choice
+from app.tool_parser import Arguments, CallStart, Content, ToolCallParser, parse
 from engine.output import RequestOutput
 
 
@@ -67,6 +70,10 @@ class _Format:
     def choice(self, index: int, choice: Choice, request: Any) -> Any:
         raise NotImplementedError
 
+    def stream_state(self, request: Any) -> Any:
+        """Per-stream state the deltas share (the chat shape's tool-call parsers)."""
+        return None
+
     def usage(self, head: Head, usage: Usage, timings: Timings) -> Any:
         """The stream's last chunk (with stream_options.include_usage): no choices."""
         return self.chunk_type(**head.fields(), choices=[], usage=usage, timings=timings)
@@ -82,12 +89,29 @@ class ChatFormat(_Format):
         return False
 
     def choice(self, index: int, choice: Choice, request: ChatCompletionRequest) -> ChatChoice:
+        message, finish = AssistantMessage(content=choice.text), choice.finish_reason
+        if _calls_possible(request):
+            content, calls = parse(choice.text)
+            message = AssistantMessage(
+                content=content or None,
+                tool_calls=[
+                    ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
+                    for c in calls
+                ]
+                or None,
+            )
+            finish = "tool_calls" if calls and finish == "stop" else finish
         return ChatChoice(
             index=index,
-            message=AssistantMessage(content=choice.text),
-            finish_reason=choice.finish_reason,
+            message=message,
+            finish_reason=finish,
             logprobs=self.logprobs.chat(choice.logprobs),
         )
+
+    def stream_state(self, request: ChatCompletionRequest) -> dict[int, ToolCallParser] | None:
+        if not _calls_possible(request):
+            return None
+        return {i: ToolCallParser() for i in range(request.n)}
 
     def opening(self, head: Head, request: ChatCompletionRequest) -> list[ChatCompletionChunk]:
         """A role chunk per choice, before any content (as OpenAI streams)."""
@@ -100,19 +124,47 @@ class ChatFormat(_Format):
         ]
 
     def delta(
-        self, head: Head, request: ChatCompletionRequest, index: int, out: RequestOutput
-    ) -> ChatCompletionChunk:
+        self,
+        head: Head,
+        request: ChatCompletionRequest,
+        index: int,
+        out: RequestOutput,
+        parsers: dict[int, ToolCallParser] | None = None,
+    ) -> ChatCompletionChunk | None:
+        """The chunk for one output (None when tool-call parsing holds all of it back)."""
+        delta = DeltaMessage(content=out.new_text or None)
+        finish = out.finish_reason if out.finished else None
+        if parsers is not None:
+            parser = parsers[index]
+            events = parser.feed(out.new_text) + (parser.finish() if out.finished else [])
+            delta = _tool_delta(events)
+            if finish == "stop" and parser.calls:
+                finish = "tool_calls"
+        logprobs = self.logprobs.chat(out.new_logprobs) if request.logprobs else None
+        if delta.content is None and delta.tool_calls is None and finish is None and not logprobs:
+            return None
         return ChatCompletionChunk(
             **head.fields(),
             choices=[
-                ChunkChoice(
-                    index=index,
-                    delta=DeltaMessage(content=out.new_text or None),
-                    finish_reason=out.finish_reason if out.finished else None,
-                    logprobs=self.logprobs.chat(out.new_logprobs) if request.logprobs else None,
-                )
+                ChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)
             ],
         )
+
+
+def _calls_possible(request: ChatCompletionRequest) -> bool:
+    return bool(request.tools) and request.tool_choice != "none"
+
+
+def _tool_delta(events: list[Content | CallStart | Arguments]) -> DeltaMessage:
+    content = "".join(e.text for e in events if isinstance(e, Content))
+    calls = []
+    for e in events:
+        if isinstance(e, CallStart):
+            fn = FunctionCallDelta(name=e.name, arguments="")
+            calls.append(ToolCallDelta(index=e.index, id=e.id, type="function", function=fn))
+        elif isinstance(e, Arguments):
+            calls.append(ToolCallDelta(index=e.index, function=FunctionCallDelta(arguments=e.text)))
+    return DeltaMessage(content=content or None, tool_calls=calls or None)
 
 
 class CompletionFormat(_Format):
@@ -136,7 +188,12 @@ class CompletionFormat(_Format):
         return []
 
     def delta(
-        self, head: Head, request: CompletionRequest, index: int, out: RequestOutput
+        self,
+        head: Head,
+        request: CompletionRequest,
+        index: int,
+        out: RequestOutput,
+        state: None = None,
     ) -> CompletionResponse:
         logprobs = request.logprobs is not None
         return CompletionResponse(

@@ -27,7 +27,8 @@ from app.admission.queues import AdmissionQueue
 from app.admission.ratelimit import RateLimiter
 from app.api.errors import to_api_error
 from app.api.http import error_response, openapi_with_bodies, read_json, sse
-from app.api.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, dump
+from app.api.replies import ModelCard, ModelList, dump
+from app.api.schemas import ChatCompletionRequest, CompletionRequest
 from app.audit import AuditLog, AuditRecord
 from app.auth import Authenticator, Tenant
 from app.choice_flow import ModelInfo, RecoveryPolicy

@@ -19,7 +19,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from app.api.http import install_error_handlers
-from app.api.schemas import ChatCompletionRequest, CompletionRequest, ModelList
+from app.api.replies import ModelList
+from app.api.schemas import ChatCompletionRequest, CompletionRequest
 from app.config import AppConfig
 from app.frontend import Frontend
 from app.serve_cluster import NodeHandles, ServeCluster

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.api.schemas import ChoiceLogprobs, CompletionLogprobs, TokenLogprobOut, TopLogprob
+from app.api.replies import ChoiceLogprobs, CompletionLogprobs, TokenLogprobOut, TopLogprob
 from engine.sequence import TokenLogprob
 from engine.tokenizer import Tokenizer
 

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from app.api.schemas import Timings, Usage
+from app.api.replies import Timings, Usage
 from engine.output import RequestOutput
 from engine.sequence import TokenLogprob
 

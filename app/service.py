@@ -9,8 +9,10 @@ Ingress with Serve handles.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
+import functools
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,15 +22,18 @@ from typing import Any
 from app.admission.gate import Caller, Gate
 from app.admission.queues import Lease, Ticket
 from app.api.errors import BadRequestError, model_not_found
-from app.api.schemas import ChatCompletionRequest, CompletionRequest, Cost, Usage
+from app.api.replies import Cost, Usage
+from app.api.schemas import ChatCompletionRequest, CompletionRequest
 from app.choice_flow import ChoiceFlow, ModelInfo, RecoveryPolicy, stored_prefix
 from app.choices import Indexed, merge_choices
 from app.cluster import Cluster
 from app.formats import ChatFormat, CompletionFormat, Head
 from app.logprobs import LogprobFormatter
 from app.request_meter import Choice, RequestMeter
+from app.tools import ToolPlan, output_grammar, plan_tools, template_messages
 from engine.output import RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.structured import GrammarCompiler, GrammarError
 from engine.tokenizer import ChatTemplateError, Tokenizer
 
 Request = ChatCompletionRequest | CompletionRequest
@@ -69,6 +74,20 @@ class ChatService:
             CompletionRequest: CompletionFormat(logprobs),
         }
 
+    @functools.cached_property
+    def grammars(self) -> GrammarCompiler:
+        """Checks each request's grammar compiles (a 400 before admission); the engines
+        compile and cache their own."""
+        tok = self.tokenizer
+        return GrammarCompiler(
+            tok.model_dir / "tokenizer.json", self.model.vocab_size, tok.eos_token_ids
+        )
+
+    @functools.cached_property
+    def native_tools(self) -> bool:
+        """The chat template renders `tools` itself (else the Hermes system prompt does)."""
+        return "tools" in (self.tokenizer.chat_template or "")
+
     # ------------------------------------------------------------------ the API
     async def respond(self, request: Request, caller: Caller | None = None) -> Any:
         """The whole response (`chat.completion` or `text_completion`)."""
@@ -89,8 +108,11 @@ class ChatService:
         async with self._run(request, caller, shape.every_token(request)) as run:
             for chunk in shape.opening(run.head, request):
                 yield chunk
+            state = shape.stream_state(request)
             async for index, out in run.deltas:
-                yield shape.delta(run.head, request, index, out)
+                chunk = shape.delta(run.head, request, index, out, state)
+                if chunk is not None:
+                    yield chunk
             if request.stream_options and request.stream_options.include_usage:
                 usage = self._bill(run.meter, run.lease)
                 yield shape.usage(run.head, usage, run.meter.timings)
@@ -104,10 +126,39 @@ class ChatService:
             return self.chat_prompt(request)
         return self.completion_prompt(request)
 
+    def tool_plan(self, request: Request) -> ToolPlan:
+        """Tools, tool choice and output format, checked; the grammar the output must match.
+
+        Raises:
+            BadRequestError: naming the field.
+        """
+        if unsupported := request.unsupported_fields():
+            raise BadRequestError(
+                f"{unsupported[0]} is not supported by this server",
+                param=unsupported[0],
+                code="unsupported_parameter",
+            )
+        if isinstance(request, ChatCompletionRequest):
+            return plan_tools(request)
+        return ToolPlan(grammar=output_grammar(ToolPlan(), request.response_format))
+
+    async def check_grammar(self, plan: ToolPlan, request: Request) -> None:
+        """Compile the grammar off the event loop (cached): a schema the grammar library
+        cannot compile is a 400 naming the field that carried it."""
+        if plan.grammar is None:
+            return
+        try:
+            await asyncio.to_thread(self.grammars.compile, plan.grammar)
+        except GrammarError as exc:
+            param = "tools" if plan.calls_possible else "response_format"
+            raise BadRequestError(str(exc), param=param, code="invalid_schema") from exc
+
     def chat_prompt(self, request: ChatCompletionRequest) -> list[int]:
         self._check_model(request.model)
+        tools = tuple(request.tools or ())
+        messages, extra = template_messages(request.messages, tools, self.native_tools)
         try:
-            return self.tokenizer.encode_chat(request.template_messages())
+            return self.tokenizer.encode_chat(messages, **extra)
         except ChatTemplateError as exc:
             raise BadRequestError(str(exc), param="messages", code="invalid_messages") from exc
 
@@ -125,7 +176,9 @@ class ChatService:
         if name != self.model.name:
             raise model_not_found(name)
 
-    def params(self, request: Request, prompt: list[int], index: int) -> SamplingParams:
+    def params(
+        self, request: Request, prompt: list[int], index: int, grammar: str | None = None
+    ) -> SamplingParams:
         """Sampling params for choice `index`, with max_tokens fitted to the context."""
         room = self.model.max_model_len - len(prompt)
         if room <= 0:
@@ -148,6 +201,11 @@ class ChatService:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
+        if grammar is not None:
+            if params.ignore_eos:
+                msg = "ignore_eos cannot be combined with tools or response_format"
+                raise BadRequestError(msg, param="ignore_eos")
+            params = params.model_copy(update={"grammar": grammar})
         return params
 
     # ------------------------------------------------------------------ the one path
@@ -163,8 +221,10 @@ class ChatService:
         client); else only outputs with text, logprobs or a finish (not a held-back partial
         stop string or a special token)."""
         try:
+            plan = self.tool_plan(request)
+            await self.check_grammar(plan, request)
             prompt = self.prompt(request)
-            params = [self.params(request, prompt, i) for i in range(request.n)]
+            params = [self.params(request, prompt, i, plan.grammar) for i in range(request.n)]
         except Exception as exc:
             if self.gate is not None and caller is not None:
                 # never admitted: the gate's one audit line for it

@@ -63,7 +63,9 @@ class EngineCore:
         self.runner = ModelRunner(config, self.model_config, num_blocks, sorted(self.eos_token_ids))
         self.kv_port = KVPort(self.block_manager, self.runner.kv_cache)
         self.grammars = GrammarCompiler(
-            config.model / "tokenizer.json", self.model_config.vocab_size, sorted(self.eos_token_ids)
+            config.model / "tokenizer.json",
+            self.model_config.vocab_size,
+            sorted(self.eos_token_ids),
         )
         self.seqs: dict[str, Sequence] = {}
         self.states: dict[str, OutputState] = {}

@@ -33,7 +33,7 @@ def _token_text(value: Any) -> str | None:
 
 class Tokenizer:
     def __init__(self, model_dir: Path):
-        model_dir = Path(model_dir)
+        model_dir = self.model_dir = Path(model_dir)
         self._tok = HFTokenizer.from_file(str(model_dir / "tokenizer.json"))
         cfg_path = model_dir / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}

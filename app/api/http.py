@@ -32,16 +32,15 @@ from app.api.errors import (
     RequestTimeoutError,
     to_api_error,
 )
-from app.api.schemas import (
+from app.api.replies import (
     ChatCompletionChunk,
-    ChatCompletionRequest,
     ChatCompletionResponse,
-    CompletionRequest,
     CompletionResponse,
     HealthStatus,
     ModelList,
     UsagePage,
 )
+from app.api.schemas import ChatCompletionRequest, CompletionRequest
 from app.api.sse import DONE_FRAME, sse_frame
 
 logger = logging.getLogger("app.ingress")

@@ -1,8 +1,7 @@
-"""OpenAI-compatible request and response models (chat completions, completions, models).
+"""OpenAI-compatible request models (chat completions, completions); replies in replies.py.
 
-Requests validate ranges here (a bad value is a 400 naming the field) and map onto the
-engine's SamplingParams. Responses carry OpenAI's usage fields plus DeepSeek-style
-`prompt_cache_hit_tokens` / `prompt_cache_miss_tokens`.
+Requests validate types and ranges here (a bad value is a 400 naming the field) and map onto
+the engine's SamplingParams; rules across tools, messages and formats are `app.tools`'.
 
 NOTE: the request models' JSON schemas are the published contract (/openapi.json): a rule a
 validator enforces is stated in the schema too (`_by_type`, `_when_set`), so every body the
@@ -11,18 +10,22 @@ document accepts validates here. tests/app/test_http.py generates bodies from it
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from app.api.messages import ChatMessage, ResponseFormat, Tool, ToolChoice
+from app.api.replies import ServiceTier
 from engine.sampling_params import SamplingParams
 
 MAX_N = 8
-ServiceTier = Literal["auto", "default", "priority", "flex"]
-FinishReasonName = Literal["stop", "length", "abort", "error"]  # engine FinishReason values
+# Fields OpenAI defines that change the output and that this server does not implement: a
+# request naming one is refused (400) rather than answered as if it had not.
+UNSUPPORTED_FIELDS = (
+    "logit_bias", "functions", "function_call", "prediction", "audio", "modalities",
+    "reasoning_effort", "web_search_options", "verbosity", "best_of",
+)  # fmt: skip
 
 
 def _whole_number_as_int(value: Any) -> Any:
@@ -89,6 +92,9 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     service_tier: ServiceTier | None = None
+    response_format: ResponseFormat | None = Field(
+        default=None, description="json_object / json_schema: grammar-constrained output"
+    )
 
     @field_validator("*", mode="before")
     @classmethod
@@ -115,6 +121,10 @@ class _Request(BaseModel):
             raise ValueError("stream_options is only allowed when stream is true")
         return self
 
+    def unsupported_fields(self) -> list[str]:
+        """Fields the client set that would change the output but are not implemented."""
+        return [f for f in UNSUPPORTED_FIELDS if (self.model_extra or {}).get(f) is not None]
+
     def ignored_fields(self) -> list[str]:
         return sorted(self.model_extra or {})
 
@@ -135,26 +145,6 @@ class _Request(BaseModel):
         )
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(strict=True)
-
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
-
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
-
-    def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
-        return self.content or ""
-
-
 class ChatCompletionRequest(_Request):
     model_config = ConfigDict(
         json_schema_extra={
@@ -164,6 +154,11 @@ class ChatCompletionRequest(_Request):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    tools: list[Tool] | None = Field(default=None, max_length=128)
+    tool_choice: ToolChoice | None = Field(
+        default=None, description="default: auto with tools, none without"
+    )
+    parallel_tool_calls: bool = True
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
@@ -172,10 +167,6 @@ class ChatCompletionRequest(_Request):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
         return self
-
-    def template_messages(self) -> list[dict[str, str]]:
-        """Messages as the chat template expects them (text content only)."""
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
 
     def sampling_params(self, default_max_tokens: int, index: int = 0) -> SamplingParams:
         max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
@@ -223,176 +214,3 @@ class CompletionRequest(_Request):
 
     def sampling_params(self, default_max_tokens: int, index: int = 0) -> SamplingParams:
         return self._sampling(self.max_tokens or default_max_tokens, self.logprobs, index)
-
-
-# ---------------------------------------------------------------------------- responses
-class PromptTokensDetails(BaseModel):
-    cached_tokens: int = 0
-
-
-class Timings(BaseModel):
-    """dualpath extension (like DeepSeek's cache fields): where the first token's time went."""
-
-    queue_ms: float | None = Field(default=None, description="waiting for admission")
-    prefill_ms: float | None = Field(
-        default=None, description="engine time on the PE from admission to the first token"
-    )
-    schedule_ms: float | None = Field(default=None, description="the Scheduler's plan call")
-    kv_read_ms: float | None = Field(
-        default=None, description="reading the stored KV hit through the storage NICs"
-    )
-
-
-class Cost(BaseModel):
-    """dualpath extension: what the request cost, and the billing window it ran in."""
-
-    amount: float
-    currency: str
-    window: Literal["peak", "normal", "off_peak"]
-    multiplier: float = Field(description="the window's price multiplier × the tier's")
-    service_tier: Literal["priority", "default", "flex"]
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    prompt_tokens_details: PromptTokensDetails
-    prompt_cache_hit_tokens: int  # DeepSeek-style names for the same split
-    prompt_cache_miss_tokens: int
-    cost: Cost | None = None
-
-    @classmethod
-    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
-        return cls(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
-            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
-            prompt_cache_hit_tokens=cached_tokens,
-            prompt_cache_miss_tokens=prompt_tokens - cached_tokens,
-        )
-
-
-class TopLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-
-
-class TokenLogprobOut(TopLogprob):
-    top_logprobs: list[TopLogprob] = Field(default_factory=list)
-
-
-class ChoiceLogprobs(BaseModel):
-    content: list[TokenLogprobOut] | None = None
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str | None = None
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: AssistantMessage
-    finish_reason: FinishReasonName | None
-    logprobs: ChoiceLogprobs | None = None
-
-
-def _completion_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str = Field(default_factory=lambda: _completion_id("chatcmpl"))
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-    service_tier: ServiceTier | None = None
-    system_fingerprint: str | None = None
-    timings: Timings | None = None
-
-
-class DeltaMessage(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChunkChoice(BaseModel):
-    index: int
-    delta: DeltaMessage
-    finish_reason: FinishReasonName | None = None
-    logprobs: ChoiceLogprobs | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChunkChoice]
-    usage: Usage | None = None
-    service_tier: ServiceTier | None = None
-    timings: Timings | None = None  # on the usage chunk
-
-
-class CompletionLogprobs(BaseModel):
-    tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
-    text_offset: list[int] = Field(default_factory=list)
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    finish_reason: FinishReasonName | None = None  # None (left out) until the last chunk
-    logprobs: CompletionLogprobs | None = None
-    token_ids: list[int] | None = None  # with `return_token_ids`
-
-
-class CompletionResponse(BaseModel):
-    id: str = Field(default_factory=lambda: _completion_id("cmpl"))
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
-    service_tier: ServiceTier | None = None
-    timings: Timings | None = None
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    owned_by: str = "dualpath-serve"
-    max_model_len: int | None = None
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class HealthStatus(BaseModel):
-    """`/health`: 200 once a prefill and a decode engine report, 503 (`starting`) before."""
-
-    status: Literal["ok", "starting"]
-    engines: int = Field(ge=0, description="engines reporting to the Scheduler")
-
-
-class UsagePage(BaseModel):
-    """`/v1/usage`: time buckets of the caller's usage and cost (OpenAI usage-API shape)."""
-
-    object: Literal["page"] = "page"
-    data: list[dict[str, Any]]
-    has_more: bool = False
-
-
-def dump(model: BaseModel) -> dict[str, Any]:
-    """Wire JSON: unset optional fields (None) are left out, as OpenAI does."""
-    return model.model_dump(mode="json", exclude_none=True)

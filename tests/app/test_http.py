@@ -25,15 +25,14 @@ from app.api.errors import (
     to_api_error,
 )
 from app.api.http import BODIES, OPERATIONS, install_error_handlers, openapi_with_bodies
-from app.api.schemas import (
+from app.api.replies import (
     ChatCompletionChunk,
-    ChatCompletionRequest,
     ChunkChoice,
     CompletionChoice,
-    CompletionRequest,
     CompletionResponse,
     DeltaMessage,
 )
+from app.api.schemas import ChatCompletionRequest, CompletionRequest
 from app.api.sse import DONE_FRAME, sse_frame
 
 MODEL, MAX_TOKENS_LIMIT, VOCAB_SIZE = "m", 2, 100

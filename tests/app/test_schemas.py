@@ -9,9 +9,11 @@ from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import ValidationError
 
+from app.api import replies as r
 from app.api import schemas as s
 from app.api.errors import to_api_error
 from app.api.sse import DONE_FRAME, sse_frame
+from app.tools import template_messages
 
 MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
 
@@ -45,7 +47,7 @@ def test_openai_client_body_parses_and_maps_to_engine_params():
         3,
     )
     assert req.ignored_fields() == ["store"]
-    assert req.template_messages() == MSGS
+    assert template_messages(req.messages, (), native=False)[0] == MSGS
 
 
 def test_defaults_follow_openai():
@@ -70,7 +72,8 @@ def test_text_content_parts_are_joined():
             ],
         }
     )
-    assert req.template_messages() == [{"role": "user", "content": "ab"}]
+    messages, _ = template_messages(req.messages, (), native=False)
+    assert messages == [{"role": "user", "content": "ab"}]
 
 
 @pytest.mark.parametrize(
@@ -131,67 +134,68 @@ def test_completion_request_rules():
 
 
 def test_usage_carries_openai_and_deepseek_cache_fields():
-    usage = s.Usage.of(prompt_tokens=100, completion_tokens=7, cached_tokens=64)
+    usage = r.Usage.of(prompt_tokens=100, completion_tokens=7, cached_tokens=64)
     assert usage.total_tokens == 107
     assert usage.prompt_tokens_details.cached_tokens == usage.prompt_cache_hit_tokens == 64
     assert usage.prompt_cache_miss_tokens == 36
 
 
 def test_chat_response_and_chunk_parse_with_the_openai_sdk():
-    usage = s.Usage.of(10, 2, 0)
-    top = [s.TopLogprob(token="Hi", logprob=-0.1)]
-    token = s.TokenLogprobOut(token="Hi", logprob=-0.1, bytes=[72, 105], top_logprobs=top)
-    logprobs = s.ChoiceLogprobs(content=[token])
-    resp = s.ChatCompletionResponse(
+    usage = r.Usage.of(10, 2, 0)
+    top = [r.TopLogprob(token="Hi", logprob=-0.1)]
+    token = r.TokenLogprobOut(token="Hi", logprob=-0.1, bytes=[72, 105], top_logprobs=top)
+    logprobs = r.ChoiceLogprobs(content=[token])
+    resp = r.ChatCompletionResponse(
         model="m",
         usage=usage,
         choices=[
-            s.ChatChoice(
+            r.ChatChoice(
                 index=0,
-                message=s.AssistantMessage(content="Hi!"),
+                message=r.AssistantMessage(content="Hi!"),
                 finish_reason="stop",
                 logprobs=logprobs,
             )
         ],
     )
-    parsed = ChatCompletion.model_validate(s.dump(resp))
+    parsed = ChatCompletion.model_validate(r.dump(resp))
     assert parsed.choices[0].message.content == "Hi!"
     assert parsed.usage.prompt_tokens_details.cached_tokens == 0
     assert parsed.choices[0].logprobs.content[0].top_logprobs[0].token == "Hi"
-    chunk = s.ChatCompletionChunk(
+    chunk = r.ChatCompletionChunk(
         id=resp.id,
         created=resp.created,
         model="m",
-        choices=[s.ChunkChoice(index=0, delta=s.DeltaMessage(role="assistant", content="H"))],
+        choices=[r.ChunkChoice(index=0, delta=r.DeltaMessage(role="assistant", content="H"))],
     )
-    assert ChatCompletionChunk.model_validate(s.dump(chunk)).choices[0].delta.content == "H"
-    usage_chunk = s.ChatCompletionChunk(
+    assert ChatCompletionChunk.model_validate(r.dump(chunk)).choices[0].delta.content == "H"
+    usage_chunk = r.ChatCompletionChunk(
         id=resp.id, created=resp.created, model="m", choices=[], usage=usage
     )
-    assert ChatCompletionChunk.model_validate(s.dump(usage_chunk)).usage.total_tokens == 12
+    assert ChatCompletionChunk.model_validate(r.dump(usage_chunk)).usage.total_tokens == 12
 
 
 def test_completion_and_model_list_parse_with_the_openai_sdk():
-    resp = s.CompletionResponse(
+    resp = r.CompletionResponse(
         model="m",
-        usage=s.Usage.of(3, 1, 0),
-        choices=[s.CompletionChoice(index=0, text="x", finish_reason="length")],
+        usage=r.Usage.of(3, 1, 0),
+        choices=[r.CompletionChoice(index=0, text="x", finish_reason="length")],
     )
-    assert Completion.model_validate(s.dump(resp)).choices[0].text == "x"
-    card = s.ModelList(data=[s.ModelCard(id="SmolLM2", max_model_len=8192)]).data[0]
-    assert Model.model_validate(s.dump(card)).id == "SmolLM2"
+    assert Completion.model_validate(r.dump(resp)).choices[0].text == "x"
+    card = r.ModelList(data=[r.ModelCard(id="SmolLM2", max_model_len=8192)]).data[0]
+    assert Model.model_validate(r.dump(card)).id == "SmolLM2"
 
 
 def test_sse_frames():
-    frame = sse_frame(s.DeltaMessage(content="hé"))
+    frame = sse_frame(r.DeltaMessage(content="hé"))
     assert frame.startswith(b"data: ") and frame.endswith(b"\n\n")
     assert json.loads(frame[6:]) == {"content": "hé"}
     assert DONE_FRAME == b"data: [DONE]\n\n"
 
 
-def test_finish_reasons_on_the_wire_are_the_engine_ones():
+def test_finish_reasons_on_the_wire_are_the_engine_ones_and_tool_calls():
     from typing import get_args
 
     from engine.sequence import FinishReason
 
-    assert set(get_args(s.FinishReasonName)) == {r.value for r in FinishReason}
+    engine = {reason.value for reason in FinishReason}
+    assert set(get_args(r.FinishReasonName)) == engine | {"tool_calls"}
