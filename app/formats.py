@@ -74,7 +74,12 @@ class _Format:
         """Per-stream state the deltas share (the chat shape's tool-call parsers)."""
         return None
 
-    def usage(self, head: Head, usage: Usage, timings: Timings) -> Any:
+    def note_prompt(self, prompt: list[int]) -> None:
+        """The prompt as run (the Responses shape stores it; the others need nothing)."""
+
+    continues: list[int] | None = None  # token ids the prompt must start with (Responses)
+
+    def usage(self, head: Head, usage: Usage, timings: Timings, state: Any = None) -> Any:
         """The stream's last chunk (with stream_options.include_usage): no choices."""
         return self.chunk_type(**head.fields(), choices=[], usage=usage, timings=timings)
 

@@ -28,7 +28,8 @@ from app.admission.ratelimit import RateLimiter
 from app.api.errors import to_api_error
 from app.api.http import error_response, openapi_with_bodies, read_json, sse
 from app.api.replies import ModelCard, ModelList, dump
-from app.api.schemas import ChatCompletionRequest, CompletionRequest
+from app.api.responses import GenerateRequest, ResponsesRequest
+from app.api.schemas import ChatCompletionRequest
 from app.audit import AuditLog, AuditRecord
 from app.auth import Authenticator, Tenant
 from app.choice_flow import ModelInfo, RecoveryPolicy
@@ -48,7 +49,6 @@ from engine.loader import model_fingerprint
 from engine.tokenizer import Tokenizer
 
 logger = logging.getLogger("app.ingress")
-Request_ = ChatCompletionRequest | CompletionRequest
 Method = Callable[[Any, Caller], Any]  # a ChatService entry: (request, caller) -> reply(s)
 
 
@@ -99,19 +99,19 @@ class Frontend:
         )
 
     # ------------------------------------------------------------------ the handle API
-    async def call(self, api_key: str | None, request: Request_) -> Any:
+    async def call(self, api_key: str | None, request: GenerateRequest) -> Any:
         """A handle call's whole response (audited as route "handle:chat" / "handle:complete")."""
         route = _handle_route(request)
         (response,) = [r async for r in self._serve(route, api_key, request, self.service.respond)]
         return response
 
-    def stream(self, api_key: str | None, request: Request_) -> AsyncIterator[Any]:
+    def stream(self, api_key: str | None, request: GenerateRequest) -> AsyncIterator[Any]:
         """A streaming handle call's chunks ("handle:chat_stream" / "handle:complete_stream")."""
         route = _handle_route(request) + "_stream"
         return self._serve(route, api_key, request, self.service.stream)
 
     async def _serve(
-        self, route: str, api_key: str | None, request: Request_, method: Method
+        self, route: str, api_key: str | None, request: GenerateRequest, method: Method
     ) -> AsyncIterator[Any]:
         """One handle call: its root span, key → tenant → tier, then `method`'s replies (a
         unary method's one reply, or a stream's chunks)."""
@@ -143,8 +143,9 @@ class Frontend:
         return ModelList(data=[ModelCard(id=info.name, max_model_len=info.max_model_len)])
 
     # ------------------------------------------------------------------ HTTP
-    async def generate(self, http: Request, schema: type[Request_]) -> Response:
-        """POST /v1/chat/completions and /v1/completions: key → body → tier → admission →
+    async def generate(self, http: Request, schema: type[GenerateRequest]) -> Response:
+        """POST /v1/chat/completions, /v1/completions, /v1/responses: key → body → tier →
+        admission →
         JSON, or SSE once the first chunk exists (errors before any token become a status
         code). Known tenants get `x-ratelimit-*` headers on every answer, refusals too."""
         route = http.url.path
@@ -179,6 +180,15 @@ class Frontend:
     async def http_models(self, http: Request) -> Response:
         try:
             return JSONResponse(dump(await self.models(http.headers.get("authorization"))))
+        except Exception as exc:
+            return error_response(exc)
+
+    async def http_response(self, http: Request, response_id: str) -> Response:
+        """GET /v1/responses/{id}: a stored response of the caller's."""
+        try:
+            tenant = self.auth.authenticate(http.headers.get("authorization"))
+            stored = self.service.responses.store.get(response_id, tenant.name)
+            return JSONResponse(dump(stored.response))
         except Exception as exc:
             return error_response(exc)
 
@@ -221,7 +231,7 @@ class Frontend:
             self.gate.refuse(rid, route, tenant, exc)
             raise
 
-    def _caller(self, rid: str, route: str, tenant: Tenant, request: Request_) -> Caller:
+    def _caller(self, rid: str, route: str, tenant: Tenant, request: GenerateRequest) -> Caller:
         with self._refusals(rid, route, tenant):
             tier = Gate.tier(tenant, request.service_tier)
         self._watch_capacity()
@@ -275,7 +285,9 @@ class Frontend:
         }
 
 
-def _handle_route(request: Request_) -> str:
+def _handle_route(request: GenerateRequest) -> str:
+    if isinstance(request, ResponsesRequest):
+        return "handle:responses"
     return "handle:chat" if isinstance(request, ChatCompletionRequest) else "handle:complete"
 
 

@@ -20,6 +20,7 @@ from ray.serve.handle import DeploymentHandle
 
 from app.api.http import install_error_handlers
 from app.api.replies import ModelList
+from app.api.responses import GenerateRequest, ResponsesRequest
 from app.api.schemas import ChatCompletionRequest, CompletionRequest
 from app.config import AppConfig
 from app.frontend import Frontend
@@ -33,7 +34,6 @@ _options = _quiet if "telemetry" in inspect.signature(FastAPI).parameters else {
 api = FastAPI(title="dualpath-serve", openapi_url=None, docs_url=None, redoc_url=None, **_options)
 install_error_handlers(api)
 hidden = {"include_in_schema": False}
-GenerateRequest = ChatCompletionRequest | CompletionRequest
 
 
 @serve.ingress(api)
@@ -48,7 +48,8 @@ class Ingress:
     # NOTE: handle callers present the same API key as HTTP callers (`api_key=`), and get
     # the same admission, limits and billing. See app.client for the typed wrapper.
     async def chat(self, request: GenerateRequest, api_key: str | None = None) -> Any:
-        """A chat.completion (or, for a CompletionRequest, a text_completion)."""
+        """A chat.completion (a text_completion for a CompletionRequest, a response for a
+        ResponsesRequest)."""
         return await self.frontend.call(api_key, request)
 
     async def chat_stream(
@@ -58,7 +59,8 @@ class Ingress:
         async for chunk in self.frontend.stream(api_key, request):
             yield chunk
 
-    complete, complete_stream = chat, chat_stream  # one path: the request's type decides
+    # one path: the request's type decides
+    complete, complete_stream = responses, responses_stream = chat, chat_stream
 
     async def models(self, api_key: str | None = None) -> ModelList:
         return await self.frontend.models(api_key)
@@ -82,6 +84,14 @@ class Ingress:
     @api.post("/v1/completions")
     async def completions(self, http: Request) -> Response:
         return await self.frontend.generate(http, CompletionRequest)
+
+    @api.post("/v1/responses")
+    async def create_response(self, http: Request) -> Response:
+        return await self.frontend.generate(http, ResponsesRequest)
+
+    @api.get("/v1/responses/{response_id}")
+    async def get_response(self, http: Request, response_id: str) -> Response:
+        return await self.frontend.http_response(http, response_id)
 
     @api.get("/v1/usage")
     async def usage(self, http: Request) -> Response:

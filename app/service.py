@@ -23,6 +23,7 @@ from app.admission.gate import Caller, Gate
 from app.admission.queues import Lease, Ticket
 from app.api.errors import BadRequestError, model_not_found
 from app.api.replies import Cost, Usage
+from app.api.responses import GenerateRequest, ResponsesRequest
 from app.api.schemas import ChatCompletionRequest, CompletionRequest
 from app.choice_flow import ChoiceFlow, ModelInfo, RecoveryPolicy, stored_prefix
 from app.choices import Indexed, merge_choices
@@ -30,13 +31,14 @@ from app.cluster import Cluster
 from app.formats import ChatFormat, CompletionFormat, Head
 from app.logprobs import LogprobFormatter
 from app.request_meter import Choice, RequestMeter
+from app.responses import Responses
 from app.tools import ToolPlan, output_grammar, plan_tools, template_messages
 from engine.output import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.structured import GrammarCompiler, GrammarError
 from engine.tokenizer import ChatTemplateError, Tokenizer
 
-Request = ChatCompletionRequest | CompletionRequest
+Request = GenerateRequest
 
 
 @dataclass(slots=True)
@@ -44,6 +46,8 @@ class _Run:
     """An admitted request with its first output in: what a response or stream is built from."""
 
     head: Head
+    request: ChatCompletionRequest | CompletionRequest  # as run (a Responses one as chat)
+    shape: Any  # the formatter (ChatFormat, CompletionFormat, a ResponsesFormat)
     meter: RequestMeter
     lease: Lease | None
     deltas: AsyncIterator[Indexed]
@@ -68,8 +72,9 @@ class ChatService:
         self.gate = gate  # admission, limits, billing and audit; None runs every request at once
         self.recovery = recovery or RecoveryPolicy()
         self.replica_losses: collections.Counter[str] = collections.Counter()  # by stage
+        self.responses = Responses()  # the Responses API's store of stored responses
         logprobs = LogprobFormatter(tokenizer)
-        self.formats = {
+        self.formats: dict[type, Any] = {
             ChatCompletionRequest: ChatFormat(logprobs),
             CompletionRequest: CompletionFormat(logprobs),
         }
@@ -90,32 +95,31 @@ class ChatService:
 
     # ------------------------------------------------------------------ the API
     async def respond(self, request: Request, caller: Caller | None = None) -> Any:
-        """The whole response (`chat.completion` or `text_completion`)."""
-        shape = self.formats[type(request)]
-        async with self._run(request, caller, every_token=True) as run:
-            logprobs = _wants_logprobs(request)
-            choices = [Choice(logprobs=[] if logprobs else None) for _ in range(request.n)]
+        """The whole response (`chat.completion`, `text_completion` or `response`)."""
+        async with self._run(request, caller, stream=False) as run:
+            logprobs = _wants_logprobs(run.request)
+            choices = [Choice(logprobs=[] if logprobs else None) for _ in range(run.request.n)]
             async for index, out in run.deltas:
                 choices[index].add(out)
             usage = self._bill(run.meter, run.lease)
-        return shape.response(run.head, request, choices, usage, run.meter.timings)
+        return run.shape.response(run.head, run.request, choices, usage, run.meter.timings)
 
     async def stream(self, request: Request, caller: Caller | None = None) -> AsyncIterator[Any]:
         """Chunks as OpenAI sends them: (chat) a role chunk per choice, deltas with a finish
         reason on each choice's last, then (with stream_options.include_usage) one usage
         chunk without choices. Errors before the first token raise before the first chunk."""
-        shape = self.formats[type(request)]
-        async with self._run(request, caller, shape.every_token(request)) as run:
-            for chunk in shape.opening(run.head, request):
+        async with self._run(request, caller, stream=True) as run:
+            shape, asked = run.shape, run.request
+            for chunk in shape.opening(run.head, asked):
                 yield chunk
-            state = shape.stream_state(request)
+            state = shape.stream_state(asked)
             async for index, out in run.deltas:
-                chunk = shape.delta(run.head, request, index, out, state)
-                if chunk is not None:
+                for chunk in _listed(shape.delta(run.head, asked, index, out, state)):
                     yield chunk
-            if request.stream_options and request.stream_options.include_usage:
+            if asked.stream_options and asked.stream_options.include_usage:
                 usage = self._bill(run.meter, run.lease)
-                yield shape.usage(run.head, usage, run.meter.timings)
+                for chunk in _listed(shape.usage(run.head, usage, run.meter.timings, state)):
+                    yield chunk
 
     chat = complete = respond
     chat_stream = complete_stream = stream
@@ -153,14 +157,23 @@ class ChatService:
             param = "tools" if plan.calls_possible else "response_format"
             raise BadRequestError(str(exc), param=param, code="invalid_schema") from exc
 
-    def chat_prompt(self, request: ChatCompletionRequest) -> list[int]:
+    def chat_prompt(
+        self, request: ChatCompletionRequest, continues: list[int] | None = None
+    ) -> list[int]:
+        """The templated prompt; with `continues` (a stored response's prompt + output), the
+        stored tokens themselves wherever the rendering extends their text."""
         self._check_model(request.model)
         tools = tuple(request.tools or ())
         messages, extra = template_messages(request.messages, tools, self.native_tools)
         try:
-            return self.tokenizer.encode_chat(messages, **extra)
+            text = self.tokenizer.apply_chat_template(messages, **extra)
         except ChatTemplateError as exc:
             raise BadRequestError(str(exc), param="messages", code="invalid_messages") from exc
+        if continues:
+            stored = self.tokenizer.decode(continues, skip_special_tokens=False)
+            if text.startswith(stored):
+                return [*continues, *self.tokenizer.encode(text[len(stored) :])]
+        return self.tokenizer.encode(text)
 
     def completion_prompt(self, request: CompletionRequest) -> list[int]:
         self._check_model(request.model)
@@ -209,22 +222,34 @@ class ChatService:
         return params
 
     # ------------------------------------------------------------------ the one path
+    def _bind(self, request: Request, caller: Caller | None) -> tuple[Any, Any]:
+        """(the chat or completion request to run, its formatter)."""
+        if isinstance(request, ResponsesRequest):
+            self._check_model(request.model)
+            return self.responses.bind(request, caller.tenant.name if caller else "")
+        return request, self.formats[type(request)]
+
     @contextlib.asynccontextmanager
     async def _run(
-        self, request: Request, caller: Caller | None, every_token: bool
+        self, request: Request, caller: Caller | None, stream: bool
     ) -> AsyncIterator[_Run]:
         """Prompt → admission → all choices started, the first output in (so planning and
         validation errors reach the client as a status code, before any byte is sent).
         The request holds its place in the engines until the body (its stream's too) ends.
 
-        `every_token`: each output with tokens is a delta (their ids must all reach the
-        client); else only outputs with text, logprobs or a finish (not a held-back partial
-        stop string or a special token)."""
+        Whole responses and streams with `every_token` see each output with tokens (their
+        ids must all reach the client); other streams only outputs with text, logprobs or a
+        finish (not a held-back partial stop string or a special token)."""
         try:
+            request, shape = self._bind(request, caller)
             plan = self.tool_plan(request)
             await self.check_grammar(plan, request)
-            prompt = self.prompt(request)
+            if isinstance(request, ChatCompletionRequest):
+                prompt = self.chat_prompt(request, shape.continues)
+            else:
+                prompt = self.completion_prompt(request)
             params = [self.params(request, prompt, i, plan.grammar) for i in range(request.n)]
+            shape.note_prompt(prompt)
         except Exception as exc:
             if self.gate is not None and caller is not None:
                 # never admitted: the gate's one audit line for it
@@ -242,13 +267,14 @@ class ChatService:
             try:
                 first = await anext(outputs, None)
                 head = Head(
-                    id=f"{self.formats[type(request)].id_prefix}-{rid}",
+                    id=f"{shape.id_prefix}-{rid}",
                     created=int(time.time()),
                     model=self.model.name,
                     service_tier=lease.tier if lease else None,
                 )
+                every_token = not stream or shape.every_token(request)
                 deltas = _deltas(first, outputs, meter, lease, every_token)
-                yield _Run(head, meter, lease, deltas)
+                yield _Run(head, request, shape, meter, lease, deltas)
             finally:
                 await outputs.aclose()
 
@@ -319,7 +345,14 @@ class ChatService:
         return usage
 
 
-def _wants_logprobs(request: Request) -> bool:
+def _listed(chunks: Any) -> list[Any]:
+    """A formatter's answer as a list: None (nothing to send), one chunk, or several."""
+    if chunks is None:
+        return []
+    return chunks if isinstance(chunks, list) else [chunks]
+
+
+def _wants_logprobs(request: ChatCompletionRequest | CompletionRequest) -> bool:
     if isinstance(request, ChatCompletionRequest):
         return request.logprobs
     return request.logprobs is not None

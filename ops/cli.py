@@ -23,6 +23,7 @@ BENCHMARKS = (
     "soak",
     "sparse-attention",
     "kernels",
+    "structured",
 )
 
 

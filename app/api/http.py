@@ -40,6 +40,7 @@ from app.api.replies import (
     ModelList,
     UsagePage,
 )
+from app.api.responses import Response, ResponseEvent, ResponsesRequest
 from app.api.schemas import ChatCompletionRequest, CompletionRequest
 from app.api.sse import DONE_FRAME, sse_frame
 
@@ -108,6 +109,7 @@ async def sse(
 BODIES: dict[str, type[BaseModel]] = {
     "/v1/chat/completions": ChatCompletionRequest,
     "/v1/completions": CompletionRequest,
+    "/v1/responses": ResponsesRequest,
 }
 
 
@@ -140,6 +142,8 @@ OPERATIONS: dict[str, Operation] = {
         ChatCompletionResponse, _GENERATE_ERRORS, chunk=ChatCompletionChunk
     ),
     "/v1/completions": Operation(CompletionResponse, _GENERATE_ERRORS, chunk=CompletionResponse),
+    "/v1/responses": Operation(Response, _GENERATE_ERRORS, chunk=ResponseEvent),
+    "/v1/responses/{response_id}": Operation(Response, (AuthenticationError, NotFoundError)),
     "/v1/usage": Operation(
         UsagePage, (BadRequestError, AuthenticationError, PermissionDeniedError)
     ),
@@ -213,7 +217,7 @@ def _limit_body(
     `max_tokens` at most the limit, prompt token ids in the vocabulary."""
     properties = body["properties"]
     properties["model"]["enum"] = model_names
-    for name in ("max_tokens", "max_completion_tokens"):
+    for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         for branch in properties.get(name, {}).get("anyOf", []):
             if max_tokens_limit is not None and branch.get("type") == "integer":
                 branch["maximum"] = max_tokens_limit

@@ -32,6 +32,7 @@ from app.api.replies import (
     CompletionResponse,
     DeltaMessage,
 )
+from app.api.responses import ResponsesRequest
 from app.api.schemas import ChatCompletionRequest, CompletionRequest
 from app.api.sse import DONE_FRAME, sse_frame
 
@@ -71,9 +72,13 @@ def _server_accepts(path: str, body: Any) -> bool:
         return False
     prompt = getattr(request, "prompt", "")
     ids = [] if isinstance(prompt, str) else prompt
+    if isinstance(request, ResponsesRequest):
+        max_tokens = request.max_output_tokens or 0
+    else:
+        max_tokens = request.sampling_params(MAX_TOKENS_LIMIT).max_tokens
     return (
         request.model == MODEL
-        and request.sampling_params(MAX_TOKENS_LIMIT).max_tokens <= MAX_TOKENS_LIMIT
+        and max_tokens <= MAX_TOKENS_LIMIT
         and all(0 <= i < VOCAB_SIZE for i in ids)
     )
 
