@@ -87,6 +87,11 @@ class GrammarState:
         return all(self.accept(t) for t in token_ids)
 
     @property
+    def is_complete(self) -> bool:
+        """The output so far is a whole sentence of the grammar (it may end here)."""
+        return bool(self._matcher.is_accepting())  # type: ignore[attr-defined]
+
+    @property
     def is_done(self) -> bool:
         """The grammar is complete and nothing but end-of-sequence may follow."""
         return bool(self._matcher.is_stopped())  # type: ignore[attr-defined]
