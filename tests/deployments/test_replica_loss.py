@@ -17,6 +17,7 @@ from app.api.schemas import CompletionRequest
 from app.choice_flow import ModelInfo, RecoveryPolicy
 from app.cluster import ReplicaLost
 from app.service import ChatService
+from app.tools import ToolPlan, output_grammar
 from deployments.decode.server import DecodeServer
 from deployments.prefill.server import PrefillServer
 from deployments.protocol import DecodeJob, KVHandoff, PrefillJob, TransferStats
@@ -105,7 +106,11 @@ async def _stream(service: ChatService, **params) -> tuple[list[int], str]:
 
 
 def _params(request: CompletionRequest):
-    return request.sampling_params(MAX_TOKENS)
+    params = request.sampling_params(MAX_TOKENS)
+    if request.response_format is not None:  # as ChatService.params adds it
+        grammar = output_grammar(ToolPlan(), request.response_format)
+        params = params.model_copy(update={"grammar": grammar})
+    return params
 
 
 def run(service: ChatService, **params) -> tuple[list[int], str]:
@@ -128,7 +133,21 @@ def expected(losing, engine):
     return out
 
 
-PARAMS = {"greedy": {"temperature": 0}, "seeded": {"temperature": 1.0, "seed": 1234}}
+# structured: a moved decode rebuilds its grammar state from the tokens already emitted
+STORY = {
+    "type": "object",
+    "properties": {"story": {"type": "string", "minLength": 80, "maxLength": 120}},
+    "required": ["story"],
+}
+PARAMS = {
+    "greedy": {"temperature": 0},
+    "seeded": {"temperature": 1.0, "seed": 1234},
+    "structured": {
+        "temperature": 1.0,
+        "seed": 7,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": STORY}},
+    },
+}
 
 
 def _all_free(backend: LosingBackend, timeout_s: float = 10.0) -> bool:
@@ -154,6 +173,8 @@ def test_de_lost_twice_mid_stream_continues_token_identical(losing, expected, mo
     ids, text = run(service, **PARAMS[mode])
     assert service.replica_losses["decode"] == before + 2
     assert (ids, text) == expected[mode]
+    if mode == "structured":
+        assert text.startswith('{"story": "') and len(ids) == MAX_TOKENS
     first, *moved = backend.decode_jobs
     assert first.handoff is not None and len(moved) == 2
     assert [len(j.emitted) for j in moved] == [1 + 3, 1 + 3 + 4]  # the PE's token + streamed
