@@ -210,6 +210,11 @@ class EngineConfig(BaseModel):
         default=None, gt=0, description="predicted prefill time per step (None: tokens only)"
     )
     enable_prefix_caching: bool = True
+    grammar_fast_forward: bool = Field(
+        default=True,
+        description="structured output: append the tokens a grammar forces (a tool call's "
+        "name, a schema's keys) in one step instead of one decode step each",
+    )
     cpu_linear_backend: Literal["auto", "onednn", "torch"] = Field(
         default="auto", description="CPU matmuls: oneDNN prepacked weights (auto) or F.linear"
     )

@@ -256,8 +256,15 @@ class EngineCore:
             reason = FinishReason.STOP  # only end-of-sequence may follow: save that step
         elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = FinishReason.LENGTH
+        forced = self._fast_forward(seq) if reason is None else []
+        if forced and seq.grammar is not None and seq.grammar.is_done:
+            reason = FinishReason.STOP
+        elif forced and (
+            seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len
+        ):
+            reason = FinishReason.LENGTH
         state = self.states[seq.request_id]
-        emit_ids = [] if is_stop_token else [token_id]
+        emit_ids = [] if is_stop_token else [token_id, *forced]
         delta, stop_hit = state.update(
             emit_ids,
             finishing=reason is not None,
@@ -266,7 +273,21 @@ class EngineCore:
         if stop_hit:
             reason = FinishReason.STOP
         logprobs = [logprob] if logprob is not None else []
-        return self._emit(seq, [token_id], delta, reason, logprobs)
+        return self._emit(seq, [token_id, *forced], delta, reason, logprobs)
+
+    def _fast_forward(self, seq: Sequence) -> list[int]:
+        """Append the tokens `seq`'s grammar forces next (they are computed with the next
+        step's chunk, not sampled). Not with logprobs: every token must have its own."""
+        if seq.grammar is None or not self.config.grammar_fast_forward:
+            return []
+        if seq.params.logprobs is not None:
+            return []
+        room = min(
+            seq.params.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens
+        )
+        forced = seq.grammar.forced(room)
+        seq.token_ids.extend(forced)
+        return forced
 
     def _hand_off(self, seq: Sequence) -> SequenceKV:
         """Export the prompt's KV and the first token, then drop the sequence (PE side)."""

@@ -91,6 +91,11 @@ class Sampler:
         bitmask = torch.full((len(rows), bitmask_words(logits.shape[-1])), -1, dtype=torch.int32)
         for row, i in enumerate(rows):
             seqs[i].grammar.fill(bitmask, row)  # type: ignore[union-attr]
+        constrained = ~(bitmask == -1).all(dim=1)  # free-text rows allow every token
+        if not bool(constrained.any()):
+            return logits
+        rows = [i for i, c in zip(rows, constrained.tolist(), strict=True) if c]
+        bitmask = bitmask[constrained]
         masked = logits[rows]  # a copy: the caller's logits stay as they were
         apply_bitmask(masked, bitmask)
         dead = torch.isinf(masked).all(dim=-1) & ~torch.isinf(raw[rows]).all(dim=-1)

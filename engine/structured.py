@@ -86,6 +86,16 @@ class GrammarState:
         """Replay tokens already emitted (a resumed or handed-off sequence)."""
         return all(self.accept(t) for t in token_ids)
 
+    def forced(self, limit: int) -> list[int]:
+        """The tokens the grammar allows alone from here (at most `limit`), accepted: a
+        sequence appends them without sampling (jump-forward decoding)."""
+        if limit <= 0:
+            return []
+        tokens = list(self._matcher.compute_ff_tokens())[:limit]  # type: ignore[attr-defined]
+        if tokens and not self.advance(tokens):
+            raise RuntimeError(f"forced tokens break the grammar: {self.error}")
+        return tokens
+
     @property
     def is_complete(self) -> bool:
         """The output so far is a whole sentence of the grammar (it may end here)."""

@@ -105,3 +105,39 @@ def test_bad_grammars_are_refused_and_good_ones_cached(engine):
     engine.grammars.compile(GRAMMAR)
     engine.grammars.compile(GRAMMAR)
     assert engine.grammars.hits >= before + 1
+
+
+def test_fast_forward_appends_forced_tokens_without_a_step_each(tiny_model_dir):
+    """A tool-call grammar forces its name and keys: with fast-forward they arrive with the
+    token sampled before them, so fewer steps produce a reply the grammar accepts."""
+    from engine import EngineConfig, EngineCore
+
+    grammar = json_grammar(
+        {
+            "type": "object",
+            "properties": {
+                "a_rather_long_key_name": {"enum": ["x", "y"]},
+                "n": {"type": "integer", "maximum": 9},
+            },
+            "required": ["a_rather_long_key_name", "n"],
+            "additionalProperties": False,
+        }
+    )
+    steps, texts = {}, {}
+    for ff in (True, False):
+        config = EngineConfig(
+            model=tiny_model_dir, num_threads=1, block_size=16, num_kv_blocks=64,
+            grammar_fast_forward=ff,
+        )  # fmt: skip
+        engine = EngineCore(config)
+        params = SamplingParams(temperature=0.8, seed=3, max_tokens=64, grammar=grammar)
+        engine.add_request(EngineRequest("r", chat(engine, "Name a colour."), params))
+        n, text = 0, ""
+        while engine.has_unfinished():
+            for out in engine.step():
+                text += out.new_text
+            n += 1
+        steps[ff], texts[ff] = n, text
+    for text in texts.values():
+        assert set(json.loads(text)) == {"a_rather_long_key_name", "n"}
+    assert steps[True] < steps[False]
