@@ -53,7 +53,7 @@ class Head:
 class _Format:
     """What both shapes share: the response's frame and the usage chunk."""
 
-    id_prefix: str
+    id_prefix: str  # the response id is this + the request id
     response_type: type[ChatCompletionResponse] | type[CompletionResponse]
     chunk_type: type[ChatCompletionChunk] | type[CompletionResponse]
 
@@ -85,7 +85,7 @@ class _Format:
 
 
 class ChatFormat(_Format):
-    id_prefix = "chatcmpl"
+    id_prefix = "chatcmpl-"
     response_type = ChatCompletionResponse
     chunk_type = ChatCompletionChunk
 
@@ -173,7 +173,7 @@ def _tool_delta(events: list[Content | CallStart | Arguments]) -> DeltaMessage:
 
 
 class CompletionFormat(_Format):
-    id_prefix = "cmpl"
+    id_prefix = "cmpl-"
     response_type = CompletionResponse
     chunk_type = CompletionResponse
 

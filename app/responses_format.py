@@ -54,7 +54,7 @@ class _StreamState:
 class ResponsesFormat:
     """One Responses request's shape (per request: it holds the request and the store)."""
 
-    id_prefix = "resp"
+    id_prefix = "resp_"
 
     def __init__(
         self,
@@ -147,7 +147,7 @@ class ResponsesFormat:
             tools=[t.model_dump(exclude_none=True) for t in r.tools or ()],
             tool_choice=r.tool_choice.model_dump()
             if r.tool_choice is not None and not isinstance(r.tool_choice, str)
-            else (r.tool_choice or ("auto" if r.tools else "none")),
+            else (r.tool_choice or "auto"),
             parallel_tool_calls=r.parallel_tool_calls,
             temperature=r.temperature,
             top_p=r.top_p,

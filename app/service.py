@@ -267,7 +267,7 @@ class ChatService:
             try:
                 first = await anext(outputs, None)
                 head = Head(
-                    id=f"{shape.id_prefix}-{rid}",
+                    id=f"{shape.id_prefix}{rid}",
                     created=int(time.time()),
                     model=self.model.name,
                     service_tier=lease.tier if lease else None,

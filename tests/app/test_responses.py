@@ -23,7 +23,7 @@ TOOL = {
     "name": "get_weather",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
 }
-HEAD = Head(id="resp-1", created=1, model="m", service_tier="default")
+HEAD = Head(id="resp_1", created=1, model="m", service_tier="default")
 REPLY = (
     "Checking.<tool_call>\n"
     '{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n<tool_call>\n'
@@ -136,7 +136,7 @@ def test_stream_events_build_the_same_response_as_the_whole_reply(seed):
         if e.type == "response.function_call_arguments.delta" and e.model_extra["output_index"] == 1
     )
     assert json.loads(args) == {"city": "Paris"}
-    assert responses.store.get("resp-1", "acme").token_ids == list(range(len(pieces)))
+    assert responses.store.get("resp_1", "acme").token_ids == list(range(len(pieces)))
 
 
 def test_a_reply_cut_by_max_output_tokens_is_incomplete():
