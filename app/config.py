@@ -42,6 +42,12 @@ class IngressSection(Section):
     max_replica_retries: int = Field(
         default=4, ge=0, description="replicas lost mid-request that one choice survives"
     )
+    response_store_tokens: int = Field(
+        default=16_000_000,
+        ge=0,
+        description="Responses API: tokens of stored conversations an Ingress replica keeps "
+        "(least recently used dropped first; about 8 bytes each)",
+    )
 
 
 class SchedulerSection(Section):

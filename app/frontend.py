@@ -39,6 +39,8 @@ from app.ledger import Ledger
 from app.outcome_metrics import observe_outcome
 from app.pii import PIIFilter
 from app.pricing import PriceBook
+from app.response_store import ResponseStore
+from app.responses import Responses
 from app.root_spans import RootSpans, current
 from app.service import ChatService
 from app.usage_api import usage_page
@@ -97,6 +99,8 @@ class Frontend:
             config.ingress.max_tokens_limit,
             recovery,
         )
+        store = ResponseStore(max_tokens=config.ingress.response_store_tokens)
+        self.service.responses = Responses(store)
 
     # ------------------------------------------------------------------ the handle API
     async def call(self, api_key: str | None, request: GenerateRequest) -> Any:

@@ -4,6 +4,7 @@ tenant-scoped (another tenant's id is "not found")."""
 from __future__ import annotations
 
 import threading
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -16,25 +17,42 @@ from app.api.responses import Response
 class StoredResponse:
     tenant: str
     messages: list[ChatMessage]  # the conversation through this response's output
-    token_ids: list[int]  # prompt + output, exactly as the engines saw them
+    token_ids: array[int]  # prompt + output, exactly as the engines saw them (int32)
     response: Response
 
 
 class ResponseStore:
-    """Responses by id, least recently used dropped past `capacity`; a tenant sees only
-    its own (another tenant's id is "not found")."""
+    """Responses by id, least recently used dropped past `capacity` responses or
+    `max_tokens` stored tokens (a conversation's text is about as large as its tokens, so
+    the token budget bounds memory); a tenant sees only its own (another tenant's id is
+    "not found")."""
 
-    def __init__(self, capacity: int = 4096):
+    def __init__(self, capacity: int = 4096, max_tokens: int = 16_000_000):
         self.capacity = capacity
+        self.max_tokens = max_tokens
+        self.num_tokens = 0
         self._items: OrderedDict[str, StoredResponse] = OrderedDict()
         self._lock = threading.Lock()
 
-    def put(self, response_id: str, item: StoredResponse) -> None:
+    def put(
+        self,
+        response_id: str,
+        tenant: str,
+        messages: list[ChatMessage],
+        token_ids: list[int],
+        response: Response,
+    ) -> None:
+        item = StoredResponse(tenant, messages, array("i", token_ids), response)
         with self._lock:
+            old = self._items.pop(response_id, None)
+            self.num_tokens -= len(old.token_ids) if old else 0
             self._items[response_id] = item
-            self._items.move_to_end(response_id)
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
+            self.num_tokens += len(item.token_ids)
+            while len(self._items) > self.capacity or (
+                self.num_tokens > self.max_tokens and len(self._items) > 1
+            ):
+                _, dropped = self._items.popitem(last=False)
+                self.num_tokens -= len(dropped.token_ids)
 
     def get(self, response_id: str, tenant: str) -> StoredResponse:
         """Raises NotFoundError (404): unknown, evicted, or another tenant's."""

@@ -125,6 +125,6 @@ class Responses:
         continues = None
         if request.previous_response_id is not None:
             previous = self.store.get(request.previous_response_id, tenant)
-            history, continues = previous.messages, previous.token_ids
+            history, continues = previous.messages, list(previous.token_ids)
         chat, conversation = to_chat(request, history)
         return chat, ResponsesFormat(request, self.store, tenant, conversation, continues)

@@ -27,7 +27,7 @@ from app.api.responses import (
 )
 from app.formats import Head
 from app.request_meter import Choice
-from app.response_store import ResponseStore, StoredResponse
+from app.response_store import ResponseStore
 from app.tool_parser import Arguments, CallStart, Content, ToolCallParser, parse
 from engine.output import RequestOutput
 
@@ -125,12 +125,10 @@ class ResponsesFormat:
         if self.request.store:
             self.store.put(
                 response.id,
-                StoredResponse(
-                    self.tenant,
-                    [*self.conversation, _as_message(items)],
-                    [*self.prompt_ids, *token_ids],
-                    response,
-                ),
+                self.tenant,
+                [*self.conversation, _as_message(items)],
+                [*self.prompt_ids, *token_ids],
+                response,
             )
         return response
 

@@ -13,7 +13,7 @@ from app.api.replies import Usage
 from app.api.responses import ResponsesRequest
 from app.formats import Head
 from app.request_meter import Choice
-from app.response_store import ResponseStore, StoredResponse
+from app.response_store import ResponseStore
 from app.responses import Responses, input_messages, to_chat
 from engine.output import RequestOutput
 from engine.sequence import FinishReason
@@ -74,13 +74,23 @@ def test_the_chat_request_carries_tools_choice_format_and_instructions():
 def test_the_store_is_tenant_scoped_and_bounded():
     store = ResponseStore(capacity=2)
     for i in range(3):
-        store.put(f"r{i}", StoredResponse("acme", [], [i], None))  # type: ignore[arg-type]
+        store.put(f"r{i}", "acme", [], [i], None)  # type: ignore[arg-type]
     with pytest.raises(NotFoundError):
         store.get("r0", "acme")  # evicted
-    assert store.get("r2", "acme").token_ids == [2]
+    assert list(store.get("r2", "acme").token_ids) == [2]
     with pytest.raises(NotFoundError) as info:
         store.get("r2", "other-tenant")
     assert info.value.param == "previous_response_id"
+
+
+def test_the_store_keeps_within_its_token_budget():
+    store = ResponseStore(max_tokens=100)
+    for i in range(5):
+        store.put(f"r{i}", "acme", [], list(range(40)), None)  # type: ignore[arg-type]
+    assert store.num_tokens == 80 and len(store) == 2
+    store.get("r4", "acme")
+    with pytest.raises(NotFoundError):
+        store.get("r2", "acme")
 
 
 def test_bind_refuses_unknown_previous_ids_and_unsupported_fields():
@@ -136,7 +146,7 @@ def test_stream_events_build_the_same_response_as_the_whole_reply(seed):
         if e.type == "response.function_call_arguments.delta" and e.model_extra["output_index"] == 1
     )
     assert json.loads(args) == {"city": "Paris"}
-    assert responses.store.get("resp_1", "acme").token_ids == list(range(len(pieces)))
+    assert list(responses.store.get("resp_1", "acme").token_ids) == list(range(len(pieces)))
 
 
 def test_a_reply_cut_by_max_output_tokens_is_incomplete():
