@@ -40,7 +40,7 @@ def json_value(schema: dict[str, Any] | bool) -> str:
     """A Lark expression for one JSON value matching `schema` (`%json {...}`)."""
     body: dict[str, Any] = {} if schema is True else dict(schema) if schema else {"not": {}}
     body["x-guidance"] = {**JSON_STYLE, **body.get("x-guidance", {})}
-    return "%json " + json.dumps(body, sort_keys=True)
+    return "%json " + json.dumps(body)  # key order kept: properties come out as declared
 
 
 def json_grammar(schema: dict[str, Any] | bool) -> str:

@@ -17,10 +17,10 @@ from tests.helpers import chat
 
 SCHEMA = {
     "type": "object",
-    "properties": {
+    "properties": {  # not in alphabetical order: outputs keep the declared order
+        "ok": {"type": "boolean"},
         "colour": {"enum": ["red", "green", "blue"]},
         "count": {"type": "integer", "minimum": 0, "maximum": 99},
-        "ok": {"type": "boolean"},
     },
     "required": ["colour", "count", "ok"],
     "additionalProperties": False,
@@ -59,6 +59,7 @@ def test_json_schema_output_validates(engine, seed):
     (out,) = _run(engine, [chat(engine, "Name a colour.")], params)
     assert out.finish_reason == "stop"
     jsonschema.validate(json.loads(out.text), SCHEMA)
+    assert list(json.loads(out.text)) == list(SCHEMA["properties"])  # in declared order
 
 
 def test_plain_rows_are_untouched_by_structured_neighbours(engine):
