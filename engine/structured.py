@@ -16,19 +16,21 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from engine.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
-_BITS = torch.tensor([1 << i for i in range(31)] + [-(1 << 31)], dtype=torch.int32)
+assert sys.byteorder == "little", "the packed bitmask is read as little-endian words"
 
 
 # JSON as compact as a model writes it: one space after ':' and ',', no free whitespace (a
@@ -57,9 +59,10 @@ def bitmask_words(vocab_size: int) -> int:
 
 
 def allowed_tokens(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Unpack `bitmask` [rows, words] (int32) into a bool [rows, vocab_size] tensor."""
-    bits = (bitmask.unsqueeze(-1) & _BITS) != 0
-    return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size]
+    """Unpack `bitmask` [rows, words] (int32, CPU) into a bool [rows, vocab_size] tensor."""
+    # NOTE: little-endian words: byte b of word w holds tokens 32w + 8b ... 32w + 8b + 7
+    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=-1, bitorder="little")
+    return torch.from_numpy(bits[:, :vocab_size].view(np.bool_))
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
