@@ -11,7 +11,9 @@ complete, and argument fragments as they arrive. A whole reply is parsed by the 
 fragments are the non-streamed arguments, whatever the chunking.
 
 Arguments are streamed as raw text; only what cannot be the end of the call object is
-held back (a trailing `}`, whitespace, a partial `</tool_call>`).
+held back (a trailing `}`, whitespace, a partial `</tool_call>`). A reply cut by max_tokens
+keeps a call cut inside its arguments (truncated, as OpenAI's); one cut before its name is
+complete is dropped (it is markup, never content).
 """
 
 from __future__ import annotations
@@ -134,9 +136,7 @@ class ToolCallParser:
                 self._arguments(args, events)
                 return
             if name is None:
-                if final and body.strip():
-                    self._content(f"{OPEN}{body}", events)
-                return
+                return  # (at the end: a call cut before its name is dropped, not text)
             self._start(name, events)
         header = _HEADER.match(body)
         raw = body[header.end() :] if header else ""

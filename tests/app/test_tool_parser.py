@@ -54,6 +54,7 @@ def test_a_whole_reply_with_two_calls_and_braces_in_strings():
         '<tool_call>\n{"arguments": {"x": 1}, "name": "f"}\n</tool_call> and after',
         '<tool_call>\n{"name": "f", "arguments": {"x": "cut off mid-str',
         '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>\n\n',
+        '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>\n<tool_call>\n{"na',
     ],
 )
 def test_random_chunkings_reassemble_exactly(text):
@@ -71,6 +72,12 @@ def test_the_name_comes_before_any_argument_fragment():
     events = parser.feed('<tool_call>\n{"name": "get_weather", "arguments": {"ci')
     assert isinstance(events[0], CallStart) and events[0].name == "get_weather"
     assert all(isinstance(e, Arguments) for e in events[1:])
+
+
+def test_a_call_cut_before_its_name_is_dropped_not_content():
+    whole = '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>\n'
+    content, calls = parse(whole + '<tool_call>\n{"name": "sea')
+    assert content == "" and [c.name for c in calls] == ["f"]
 
 
 def test_text_that_is_not_a_call_stays_content():
