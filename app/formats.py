@@ -54,6 +54,7 @@ class _Format:
     """What both shapes share: the response's frame and the usage chunk."""
 
     id_prefix: str  # the response id is this + the request id
+    continues: list[int] | None = None  # token ids the prompt must start with (Responses)
     response_type: type[ChatCompletionResponse] | type[CompletionResponse]
     chunk_type: type[ChatCompletionChunk] | type[CompletionResponse]
 
@@ -76,8 +77,6 @@ class _Format:
 
     def note_prompt(self, prompt: list[int]) -> None:
         """The prompt as run (the Responses shape stores it; the others need nothing)."""
-
-    continues: list[int] | None = None  # token ids the prompt must start with (Responses)
 
     def usage(self, head: Head, usage: Usage, timings: Timings, state: Any = None) -> Any:
         """The stream's last chunk (with stream_options.include_usage): no choices."""
