@@ -2,9 +2,9 @@
 
 Order per row: penalties -> grammar mask (structured rows only) -> (greedy | temperature ->
 top-k -> top-p -> draw). Logprobs are reported from the model's raw distribution (before
-penalties, grammar and temperature), as the OpenAI API does. A row with a seed draws from a generator seeded by (seed, output position),
-so its tokens depend neither on what else shares the batch nor on which engine drew the
-earlier ones.
+penalties, grammar and temperature), as the OpenAI API does. A row with a seed draws from
+a generator seeded by (seed, output position), so its tokens depend neither on what else
+shares the batch nor on which engine drew the earlier ones.
 """
 
 from __future__ import annotations

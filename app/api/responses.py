@@ -23,6 +23,11 @@ from app.api.schemas import (
     _whole_number_as_int,
 )
 
+# Responses fields that change the output and are not implemented here (400 when set).
+_RESPONSES_UNSUPPORTED = ("background", "conversation", "max_tool_calls", "prompt", "top_logprobs")
+# `include` values that ask for nothing this server could leave out (it has no reasoning)
+_INCLUDABLE = {"reasoning.encrypted_content"}
+
 
 # ---------------------------------------------------------------------------- input
 class ContentPart(BaseModel):
@@ -156,9 +161,20 @@ class ResponsesRequest(BaseModel):
         return v
 
     def unsupported_fields(self) -> list[str]:
-        semantic = (*UNSUPPORTED_FIELDS, "reasoning", "include_obfuscation", "background")
+        """Fields that would change the output and are not implemented (a 400 each)."""
         extra = self.model_extra or {}
-        return [f for f in semantic if extra.get(f) not in (None, {}, False)]
+        semantic = (*UNSUPPORTED_FIELDS, *_RESPONSES_UNSUPPORTED)
+        out = [f for f in semantic if extra.get(f) not in (None, {}, [], False)]
+        reasoning = extra.get("reasoning")  # a model without reasoning: only "no reasoning"
+        settings = reasoning.values() if isinstance(reasoning, dict) else [reasoning]
+        if any(v not in (None, "none") for v in settings):
+            out.append("reasoning")
+        if extra.get("truncation") not in (None, "disabled"):
+            out.append("truncation")
+        include = extra.get("include") or []
+        if not isinstance(include, list) or set(include) - _INCLUDABLE:
+            out.append("include")
+        return out
 
     def ignored_fields(self) -> list[str]:
         return sorted(self.model_extra or {})

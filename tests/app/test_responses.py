@@ -97,9 +97,19 @@ def test_bind_refuses_unknown_previous_ids_and_unsupported_fields():
     responses = Responses()
     with pytest.raises(NotFoundError):
         responses.bind(req(previous_response_id="resp-nope"), "acme")
-    with pytest.raises(BadRequestError) as info:
-        responses.bind(req(reasoning={"effort": "high"}), "acme")
-    assert info.value.param == "reasoning"
+    for field, value in [
+        ("reasoning", {"effort": "high"}),
+        ("truncation", "auto"),
+        ("include", ["message.output_text.logprobs"]),
+        ("max_tool_calls", 2),
+        ("logit_bias", {"1": 3}),
+    ]:
+        with pytest.raises(BadRequestError) as info:
+            responses.bind(req(**{field: value}), "acme")
+        assert info.value.param == field
+    # values that ask for nothing: what agent clients send by default
+    harmless = {"reasoning": {"effort": None}, "truncation": "disabled", "metadata": {"a": "b"}}
+    responses.bind(req(include=["reasoning.encrypted_content"], store=False, **harmless), "acme")
 
 
 def _outputs(text: str, pieces: list[str], reason: FinishReason) -> list[RequestOutput]:
