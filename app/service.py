@@ -217,7 +217,7 @@ class ChatService:
         if grammar is not None:
             if params.ignore_eos:
                 msg = "ignore_eos cannot be combined with tools or response_format"
-                raise BadRequestError(msg, param="ignore_eos")
+                raise BadRequestError(msg, param="ignore_eos", code="unsupported_combination")
             params = params.model_copy(update={"grammar": grammar})
         return params
 

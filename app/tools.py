@@ -71,10 +71,14 @@ def plan_tools(request: ChatCompletionRequest) -> ToolPlan:
     tools = tuple(request.tools or ())
     names = [t.function.name for t in tools]
     if len(set(names)) != len(names):
-        raise BadRequestError("tool names must be unique", param="tools")
+        raise BadRequestError(
+            "tool names must be unique", param="tools", code="duplicate_tool_name"
+        )
     choice = request.tool_choice
     if choice is not None and choice != "none" and not tools:
-        raise BadRequestError("tool_choice needs tools", param="tool_choice")
+        raise BadRequestError(
+            "tool_choice needs tools", param="tool_choice", code="invalid_tool_choice"
+        )
     if isinstance(choice, NamedToolChoice):
         if choice.function.name not in names:
             raise BadRequestError(
@@ -146,10 +150,15 @@ def _check_tool_messages(messages: list[ChatMessage]) -> None:
                     raise BadRequestError(
                         "tool call arguments must be a JSON string",
                         param=f"messages[{i}].tool_calls",
+                        code="invalid_tool_message",
                     ) from None
                 called.add(call.id)
         elif m.tool_calls:
-            raise BadRequestError("only assistant messages carry tool_calls", param="messages")
+            raise BadRequestError(
+                "only assistant messages carry tool_calls",
+                param=f"messages[{i}].tool_calls",
+                code="invalid_tool_message",
+            )
         if m.role == "tool" and (m.tool_call_id is None or m.tool_call_id not in called):
             raise BadRequestError(
                 f"tool message {i} answers no earlier tool call (tool_call_id {m.tool_call_id!r})",

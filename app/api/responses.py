@@ -100,7 +100,7 @@ class TextFormat(BaseModel):
         populate_by_name=True,
         json_schema_extra={
             "if": {"properties": {"type": {"const": "json_schema"}}, "required": ["type"]},
-            "then": {"required": ["schema"]},
+            "then": {"required": ["schema"], "properties": {"schema": {"type": "object"}}},
         },
     )
 

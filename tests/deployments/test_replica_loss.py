@@ -177,9 +177,11 @@ def test_de_lost_twice_mid_stream_continues_token_identical(losing, expected, mo
         assert text.startswith('{"story": "') and len(ids) == MAX_TOKENS
     first, *moved = backend.decode_jobs
     assert first.handoff is not None and len(moved) == 2
-    assert [len(j.emitted) for j in moved] == [1 + 3, 1 + 3 + 4]  # the PE's token + streamed
+    if mode != "structured":  # (a structured output's fast-forwarded tokens come in groups)
+        assert [len(j.emitted) for j in moved] == [1 + 3, 1 + 3 + 4]  # PE's token + streamed
     assert all(j.handoff is None and j.target_replica is None for j in moved)
-    assert moved[1].emitted == tuple(ids[:8])
+    assert moved[1].emitted == tuple(ids[: len(moved[1].emitted)])
+    assert 0 < len(moved[0].emitted) < len(moved[1].emitted) < len(ids)
     assert _all_free(backend)
 
 
