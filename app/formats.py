@@ -29,6 +29,7 @@ from app.api.schemas import ChatCompletionRequest, CompletionRequest
 from app.logprobs import LogprobFormatter
 from app.request_meter import Choice
 from app.tool_parser import Arguments, CallStart, Content, ToolCallParser, parse
+from app.tools import calls_possible
 from engine.output import RequestOutput
 
 
@@ -94,7 +95,7 @@ class ChatFormat(_Format):
 
     def choice(self, index: int, choice: Choice, request: ChatCompletionRequest) -> ChatChoice:
         message, finish = AssistantMessage(content=choice.text), choice.finish_reason
-        if _calls_possible(request):
+        if calls_possible(request.tools, request.tool_choice):
             content, calls = parse(choice.text)
             message = AssistantMessage(
                 content=content or None,
@@ -113,7 +114,7 @@ class ChatFormat(_Format):
         )
 
     def stream_state(self, request: ChatCompletionRequest) -> dict[int, ToolCallParser] | None:
-        if not _calls_possible(request):
+        if not calls_possible(request.tools, request.tool_choice):
             return None
         return {i: ToolCallParser() for i in range(request.n)}
 
@@ -153,10 +154,6 @@ class ChatFormat(_Format):
                 ChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs)
             ],
         )
-
-
-def _calls_possible(request: ChatCompletionRequest) -> bool:
-    return bool(request.tools) and request.tool_choice != "none"
 
 
 def _tool_delta(events: list[Content | CallStart | Arguments]) -> DeltaMessage:

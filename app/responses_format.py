@@ -29,6 +29,7 @@ from app.formats import Head
 from app.request_meter import Choice
 from app.response_store import ResponseStore
 from app.tool_parser import Arguments, CallStart, Content, ToolCallParser, parse
+from app.tools import calls_possible
 from engine.output import RequestOutput
 
 
@@ -70,7 +71,7 @@ class ResponsesFormat:
         self.conversation = conversation
         self.continues = continues  # the stored tokens the prompt should start with
         self.prompt_ids: list[int] = []
-        self.calls_possible = bool(request.tools) and request.tool_choice != "none"
+        self.calls_possible = calls_possible(request.tools, request.tool_choice)
 
     def note_prompt(self, prompt: list[int]) -> None:
         self.prompt_ids = prompt

@@ -88,11 +88,6 @@ class ChatService:
             tok.model_dir / "tokenizer.json", self.model.vocab_size, tok.eos_token_ids
         )
 
-    @functools.cached_property
-    def native_tools(self) -> bool:
-        """The chat template renders `tools` itself (else the Hermes system prompt does)."""
-        return "tools" in (self.tokenizer.chat_template or "")
-
     # ------------------------------------------------------------------ the API
     async def respond(self, request: Request, caller: Caller | None = None) -> Any:
         """The whole response (`chat.completion`, `text_completion` or `response`)."""
@@ -125,9 +120,11 @@ class ChatService:
     chat_stream = complete_stream = stream
 
     # ------------------------------------------------------------------ prompts
-    def prompt(self, request: Request) -> list[int]:
+    def prompt(
+        self, request: ChatCompletionRequest | CompletionRequest, continues: list[int] | None = None
+    ) -> list[int]:
         if isinstance(request, ChatCompletionRequest):
-            return self.chat_prompt(request)
+            return self.chat_prompt(request, continues)
         return self.completion_prompt(request)
 
     def tool_plan(self, request: Request) -> ToolPlan:
@@ -164,7 +161,7 @@ class ChatService:
         stored tokens themselves wherever the rendering extends their text."""
         self._check_model(request.model)
         tools = tuple(request.tools or ())
-        messages, extra = template_messages(request.messages, tools, self.native_tools)
+        messages, extra = template_messages(request.messages, tools, self.tokenizer.renders_tools)
         try:
             text = self.tokenizer.apply_chat_template(messages, **extra)
         except ChatTemplateError as exc:
@@ -244,10 +241,7 @@ class ChatService:
             request, shape = self._bind(request, caller)
             plan = self.tool_plan(request)
             await self.check_grammar(plan, request)
-            if isinstance(request, ChatCompletionRequest):
-                prompt = self.chat_prompt(request, shape.continues)
-            else:
-                prompt = self.completion_prompt(request)
+            prompt = self.prompt(request, shape.continues)
             params = [self.params(request, prompt, i, plan.grammar) for i in range(request.n)]
             shape.note_prompt(prompt)
         except Exception as exc:

@@ -19,6 +19,7 @@ constrained, `strict` or not: a call the server returns always parses and valida
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,7 +60,12 @@ class ToolPlan:
 
     @property
     def calls_possible(self) -> bool:
-        return bool(self.tools) and self.choice != "none"
+        return calls_possible(self.tools, self.choice)
+
+
+def calls_possible(tools: Sequence[object] | None, choice: object) -> bool:
+    """Whether a reply may hold tool calls (its text is then parsed for them)."""
+    return bool(tools) and choice != "none"
 
 
 def plan_tools(request: ChatCompletionRequest) -> ToolPlan:

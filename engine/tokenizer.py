@@ -46,6 +46,8 @@ class Tokenizer:
         if template is None and (model_dir / "chat_template.jinja").is_file():
             template = (model_dir / "chat_template.jinja").read_text()
         self.chat_template: str | None = template
+        # the template renders a `tools` variable itself (Qwen2.5-style)
+        self.renders_tools = "tools" in (template or "")
         self._compiled: jinja2.Template | None = None
         self.eos_token_ids: list[int] = []
         if (

@@ -70,9 +70,8 @@ MAX_TOKENS = 1024  # never reached: a window ends first
 
 def _tools_prompt(engine: EngineCore, offered: tuple[Tool, ...], ask: str) -> list[int]:
     """The prompt the app builds for `ask` with `offered` tools (app.service.chat_prompt)."""
-    native = "tools" in (engine.tokenizer.chat_template or "")
     user = [ChatMessage(role="user", content=ask)]
-    messages, extra = template_messages(user, offered, native=native)
+    messages, extra = template_messages(user, offered, native=engine.tokenizer.renders_tools)
     return engine.tokenizer.encode_chat(messages, **extra)
 
 
