@@ -47,7 +47,7 @@ from app.usage_api import usage_page
 from deployments import tracing
 from deployments.metrics import Metrics
 from engine.config import ModelConfig
-from engine.loader import model_fingerprint
+from engine.loader import engine_model_id
 from engine.tokenizer import Tokenizer
 
 logger = logging.getLogger("app.ingress")
@@ -86,7 +86,7 @@ class Frontend:
             name,
             engine_config.resolve_max_model_len(model_config),
             model_config.vocab_size,
-            model_fingerprint(model_dir),
+            engine_model_id(engine_config),
             config.engine.block_size,
         )
         recovery = RecoveryPolicy(config.kvstore.load_failure, config.ingress.max_replica_retries)

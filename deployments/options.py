@@ -15,6 +15,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from engine import env
 from engine.config import DType, EngineConfig, SparseAttentionConfig, default_model_dir
+from engine.quant import Quantization
 from kvstore.transfer.base import TransportName
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20}
@@ -65,7 +66,14 @@ class ModelSection(Section):
 class EngineSection(Section):
     """Knobs shared by prefill and decode engines (each replica builds an EngineConfig)."""
 
-    dtype: DType = "float32"
+    dtype: DType = Field(default="float32", description="activations and dense weights")
+    quantization: Quantization = Field(
+        default="none", description="weight-only linears on CPU (int4: a GGUF's Q4_1 codes)"
+    )
+    quant_max_rows: int = Field(
+        default=4, ge=0, description="matmuls of more tokens use the dense bf16 copy"
+    )
+    kv_dtype: DType | None = Field(default=None, description="KV cache dtype (None: dtype)")
     device: str = Field(default="cpu", description="'cpu' or 'cuda' (Ray sets the visible GPU)")
     block_size: int = Field(default=64, ge=1)
     kv_cache_bytes: Bytes = Field(default=256 * 2**20, description="KV pool per engine")
@@ -93,6 +101,9 @@ class EngineSection(Section):
         return EngineConfig(
             model=model.path.expanduser(),
             dtype=self.dtype,
+            quantization=self.quantization,
+            quant_max_rows=self.quant_max_rows,
+            kv_dtype=self.kv_dtype,
             device=self.device,
             block_size=self.block_size,
             kv_cache_bytes=self.kv_cache_bytes,

@@ -14,6 +14,7 @@ import torch
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from engine import env
+from engine.quant import Quantization
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -198,7 +199,24 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: Path = Field(default_factory=default_model_dir, description="HF-style model dir")
-    dtype: DType = Field(default="float32", description="weights + KV dtype")
+    dtype: DType = Field(
+        default="float32", description="activations and dense weights (and KV unless kv_dtype)"
+    )
+    quantization: Quantization = Field(
+        default="none",
+        description="weight-only linears on CPU: int4 (groupwise; a GGUF's Q4_1 codes as they "
+        "are) or int8 (per row); needs dtype bfloat16",
+    )
+    quant_max_rows: int = Field(
+        default=4,
+        ge=0,
+        description="quantised kernel for matmuls of at most this many tokens; larger ones "
+        "(prefill, big decode batches) use the dense bf16 copy, which is faster there",
+    )
+    int4_group_size: Literal[32, 64, 128, 256] = Field(
+        default=32, description="group size when int4 quantises a dense checkpoint at load"
+    )
+    kv_dtype: DType | None = Field(default=None, description="KV cache dtype (None: dtype)")
     device: str = Field(default="cpu", description="'cpu' or 'cuda[:N]'")
     block_size: int = Field(default=64, ge=1, description="tokens per KV block")
     kv_cache_bytes: int = Field(default=1 << 30, gt=0, description="KV pool size in bytes")
@@ -226,6 +244,19 @@ class EngineConfig(BaseModel):
     sparse: SparseAttentionConfig = Field(default_factory=SparseAttentionConfig)
 
     @model_validator(mode="after")
+    def _check_quantization(self) -> EngineConfig:
+        if self.quantization == "none":
+            return self
+        if self.dtype != "bfloat16":
+            raise ValueError(
+                f"quantization {self.quantization} runs bf16 activations (its CPU kernels have "
+                "no fast float32 path): set dtype: bfloat16"
+            )
+        if not self.device.startswith("cpu"):
+            raise ValueError(f"quantization {self.quantization} is CPU-only (torch's kernels)")
+        return self
+
+    @model_validator(mode="after")
     def _check_sparse(self) -> EngineConfig:
         sbs = self.sparse.score_block_size
         if sbs is not None and self.block_size % sbs:
@@ -240,8 +271,21 @@ class EngineConfig(BaseModel):
     def torch_dtype(self) -> torch.dtype:
         return _TORCH_DTYPES[self.dtype]
 
+    @property
+    def kv_torch_dtype(self) -> torch.dtype:
+        return _TORCH_DTYPES[self.kv_dtype or self.dtype]
+
+    @property
+    def weights_id(self) -> str:
+        """What besides the checkpoint decides the KV an engine computes ('' for float32
+        dense, so existing block keys stay valid): a part of every block key."""
+        kv = self.kv_dtype or self.dtype
+        if (self.quantization, self.dtype, kv) == ("none", "float32", "float32"):
+            return ""
+        return f"{self.quantization}/{self.dtype}/kv-{kv}"
+
     def kv_bytes_per_block(self, model: ModelConfig) -> int:
-        itemsize = torch.empty((), dtype=self.torch_dtype).element_size()
+        itemsize = self.kv_torch_dtype.itemsize
         per_token = model.num_hidden_layers * 2 * model.num_kv_heads * model.head_size
         return per_token * self.block_size * itemsize
 
@@ -251,7 +295,7 @@ class EngineConfig(BaseModel):
             return 0
         from engine.kernels.sparse_attention import SparseSpec
 
-        itemsize = torch.empty((), dtype=self.torch_dtype).element_size()
+        itemsize = self.kv_torch_dtype.itemsize
         spec = SparseSpec((1.0,), 0, 1, 1, self.sparse.summary, self.sparse.global_view)  # width
         width = spec.summary_width
         per_sub = model.num_hidden_layers * width * model.num_kv_heads * model.head_size

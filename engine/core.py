@@ -19,7 +19,7 @@ from engine.cost_model import attention_work
 from engine.errors import InvalidRequestError
 from engine.kv_import import ImportStats
 from engine.kv_port import KVPort
-from engine.loader import generation_eos_ids, model_fingerprint
+from engine.loader import engine_model_id, generation_eos_ids
 from engine.output import OutputState, RequestOutput, SequenceKV
 from engine.request import EngineRequest
 from engine.runner import ModelRunner
@@ -42,7 +42,7 @@ class EngineCore:
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         self.model_config = ModelConfig.from_dir(config.model)
-        self.model_id = model_fingerprint(config.model)
+        self.model_id = engine_model_id(config)
         self.max_model_len = config.resolve_max_model_len(self.model_config)
         self.tokenizer = tokenizer or Tokenizer(config.model)
         num_blocks = config.resolve_num_blocks(self.model_config)

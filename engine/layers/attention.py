@@ -25,8 +25,8 @@ def write_kv(
     """Store k, v [T, KVH, D] into the cache at flat slots [T]."""
     _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
     flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
-    flat[0].index_copy_(0, slot_mapping, k)
-    flat[1].index_copy_(0, slot_mapping, v)
+    flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
 
 
 def paged_attention(
@@ -45,9 +45,11 @@ def paged_attention(
         sparse: set for sparse decode attention; `layer` picks its budget and summaries.
 
     Returns:
-        [T, H * D] attention output in q's dtype.
+        [T, H * D] attention output in q's dtype (attention runs in the cache's dtype).
     """
     write_kv(kv_cache, meta.slot_mapping, k, v)
+    out_dtype = q.dtype
+    q = q.to(kv_cache.dtype)
     if sparse is not None and meta.filled_sub_blocks is not None:
         ops.update_summaries(kv_cache, sparse.summaries[layer], meta.filled_sub_blocks, sparse.spec)
     num_tokens, num_heads, head_dim = q.shape
@@ -95,7 +97,7 @@ def paged_attention(
             enable_gqa=group > 1,
         )[0]
         out[rows] = attn.transpose(0, 1)
-    return out.view(num_tokens, num_heads * head_dim)
+    return out.view(num_tokens, num_heads * head_dim).to(out_dtype)
 
 
 def _sparse_decode(

@@ -86,6 +86,8 @@ class LlamaForCausalLM(nn.Module):
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # float32 while the matmuls run bf16 (see `use_mixed_precision`); None: the weights'
+        self.residual_dtype: torch.dtype | None = None
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -96,12 +98,24 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Hidden states [T, hidden] for a flat batch of tokens [T]."""
         x = self.embed_tokens(input_ids)
+        if self.residual_dtype is not None:
+            x = x.to(self.residual_dtype)
         ctx.rope = self.rotary.lookup(ctx.positions)
         for i, (layer, kv_cache) in enumerate(zip(self.layers, ctx.kv_caches, strict=True)):
             if ctx.before_layer is not None:
                 ctx.before_layer(i)
             x = layer(x, kv_cache, ctx)
         return self.norm(x)
+
+    def use_mixed_precision(self, matmul_dtype: torch.dtype) -> None:
+        """Run the linears (and attention) in `matmul_dtype` but keep the residual stream,
+        the norms and their weights in float32: summing 30 layers' outputs in bf16 is where
+        low-precision decoding loses the most (the int4 model's greedy answers drift)."""
+        self.residual_dtype = torch.float32
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.data = module.weight.data.float()
+                module.out_dtype = matmul_dtype
 
     def prepack_linears(self) -> int:
         """Switch every Linear to its oneDNN prepacked weight; returns how many switched.
