@@ -24,6 +24,7 @@ BENCHMARKS = (
     "sparse-attention",
     "kernels",
     "structured",
+    "quality",
 )
 
 
