@@ -34,6 +34,7 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None = None  # [num_decodes, max_blocks] long
     decode_context_len: int = 0  # longest decode context; keys are cut to this length
     decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, decode_context_len] bool
+    decode_only: bool = False  # every token is a decode, in order (decode_token_idx = arange)
     prefills: list[PrefillSpan] = field(default_factory=list)
     # Sparse attention only (None when dense):
     decode_context_lens: torch.Tensor | None = None  # [num_decodes] long, current token incl.

@@ -163,6 +163,7 @@ class ModelRunner:
             meta.decode_token_idx = torch.tensor(decode_idx, dtype=torch.long, device=dev)
             meta.decode_block_tables = torch.tensor(padded, dtype=torch.long, device=dev)
             meta.decode_context_len = max_len
+            meta.decode_only = not prefills
             if min(decode_lens) != max_len:
                 lens = torch.tensor(decode_lens, device=dev)
                 mask = torch.arange(max_len, device=dev).unsqueeze(0) < lens.unsqueeze(1)

@@ -55,30 +55,18 @@ def paged_attention(
     num_tokens, num_heads, head_dim = q.shape
     kv_heads = kv_cache.shape[3]
     group = num_heads // kv_heads
+    sparse_decode = sparse is not None and sparse.spec.fractions[layer] < 1
+    if meta.decode_only and not sparse_decode:  # a pure decode step: no scatter into `out`
+        attn = _dense_decode(q, kv_cache, meta, scale, sparse, layer)
+        return attn.reshape(num_tokens, num_heads * head_dim).to(out_dtype)
     out = torch.empty_like(q)
 
     # NOTE: a layer whose budget is the whole context reads it through the dense path.
-    if (
-        meta.decode_token_idx is not None
-        and sparse is not None
-        and sparse.spec.fractions[layer] < 1
-    ):
+    if meta.decode_token_idx is not None and sparse_decode:
+        assert sparse is not None
         out[meta.decode_token_idx] = _sparse_decode(q, kv_cache, meta, scale, sparse, layer)
     elif meta.decode_token_idx is not None:
-        if sparse is not None and sparse.stats is not None:
-            lens = meta.decode_context_lens
-            assert lens is not None
-            sparse.stats.tokens_read[layer] += lens.sum()
-            sparse.stats.tokens_context[layer] += lens.sum()
-        tables = meta.decode_block_tables
-        num_decodes = tables.shape[0]
-        # [B, max_blocks, bs, KVH, D] -> [B, KVH, L, D]
-        keys, values = _gather_kv(kv_cache, tables, meta.decode_context_len).transpose(2, 3)
-        queries = q[meta.decode_token_idx].view(num_decodes, kv_heads, group, head_dim)
-        attn = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=meta.decode_mask, scale=scale
-        )
-        out[meta.decode_token_idx] = attn.reshape(num_decodes, num_heads, head_dim)
+        out[meta.decode_token_idx] = _dense_decode(q, kv_cache, meta, scale, sparse, layer)
 
     for span in meta.prefills:
         table = span.block_table.unsqueeze(0)
@@ -98,6 +86,35 @@ def paged_attention(
         )[0]
         out[rows] = attn.transpose(0, 1)
     return out.view(num_tokens, num_heads * head_dim).to(out_dtype)
+
+
+def _dense_decode(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sparse: SparseContext | None,
+    layer: int,
+) -> torch.Tensor:
+    """Attention of the decode queries over their whole context: [B, H, D]."""
+    if sparse is not None and sparse.stats is not None:
+        lens = meta.decode_context_lens
+        assert lens is not None
+        sparse.stats.tokens_read[layer] += lens.sum()
+        sparse.stats.tokens_context[layer] += lens.sum()
+    tables = meta.decode_block_tables
+    assert tables is not None and meta.decode_token_idx is not None
+    num_decodes = tables.shape[0]
+    num_heads, head_dim = q.shape[1:]
+    kv_heads = kv_cache.shape[3]
+    # [B, max_blocks, bs, KVH, D] -> [B, KVH, L, D]
+    keys, values = _gather_kv(kv_cache, tables, meta.decode_context_len).transpose(2, 3)
+    rows = q if meta.decode_only else q[meta.decode_token_idx]
+    queries = rows.view(num_decodes, kv_heads, num_heads // kv_heads, head_dim)
+    attn = F.scaled_dot_product_attention(
+        queries, keys, values, attn_mask=meta.decode_mask, scale=scale
+    )
+    return attn.reshape(num_decodes, num_heads, head_dim)
 
 
 def _sparse_decode(

@@ -42,15 +42,17 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, 1, head_dim/2] for token positions [T] (once per step, all layers)."""
-        return (
-            self.cos.index_select(0, positions).unsqueeze(1),
-            self.sin.index_select(0, positions).unsqueeze(1),
-        )
+        """(cos, cos) and (-sin, sin) [T, 1, head_dim] for token positions [T], once per step
+        for all layers, so that `forward` is two multiplies and an add."""
+        cos = self.cos.index_select(0, positions)
+        sin = self.sin.index_select(0, positions)
+        return torch.cat((cos, cos), -1).unsqueeze(1), torch.cat((-sin, sin), -1).unsqueeze(1)
 
     @staticmethod
     def forward(rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """Rotate heads x [T, heads, D] by the step's (cos, sin) from `lookup`."""
-        cos, sin = rope
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+        """Rotate heads x [T, heads, D] by the step's tables from `lookup`: the rotate-half
+        form x * cos + rotate_half(x) * sin, where rotate_half(x) = (x2, x1) is a roll."""
+        cos, signed_sin = rope
+        xf = x.float()
+        half = x.shape[-1] // 2
+        return (xf * cos + xf.roll(half, dims=-1) * signed_sin).to(x.dtype)

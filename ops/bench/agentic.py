@@ -61,8 +61,9 @@ MODEL = "bench-model"
 NODES = ("pnode", "dnode0", "dnode1")
 LAYOUT = (  # what _deploy runs, as every report states it
     "one machine emulating 3 logical nodes: pnode (1 PE), dnode0 and dnode1 (1 DE each), one "
-    "thread per engine; every node's SNIC capped at {snic_mbps} MB/s (oracle: uncapped); KV "
-    "store without DRAM cache, NVMe tier in a temp directory"
+    "thread per engine (int4 weights, bf16 KV unless --app-args says otherwise); every node's "
+    "SNIC capped at {snic_mbps} MB/s (oracle: uncapped); KV store without DRAM cache, NVMe "
+    "tier in a temp directory"
 )
 KV_COUNTERS = ("read_timeouts", "blocks_from_write_buffer", "corrupt_or_missing", "persist_dropped")
 DEFAULT_SHAPE = BENCH_TRACE  # docs/BENCHMARKS.md's table; the sweep's `default` shape
@@ -174,11 +175,11 @@ async def replay(
 def _deploy(args: argparse.Namespace, mode: str, kv_dir: Path, port: int) -> str:
     cap = None if mode == "oracle" else int(args.snic_mbps * 1e6)
     policy = "dualpath" if mode == "oracle" else mode
-    kv_mib = args.kv_cache_mib
     app_args: dict[str, Any] = {
         "model": {"path": str(args.model), "served_model_name": MODEL},
-        "engine": {
-            "kv_cache_bytes": f"{kv_mib}MiB",
+        "engine": {  # the shipped default (serve_config.yaml): int4 weights, bf16 KV
+            "dtype": "bfloat16",
+            "quantization": "int4",
             "num_threads": 1,
             "max_num_batched_tokens": 2048,
         },
@@ -190,9 +191,16 @@ def _deploy(args: argparse.Namespace, mode: str, kv_dir: Path, port: int) -> str
             {"name": "dnode1", "decode": 1, "snic_bandwidth": cap},
         ],
     }
+    app_args = deep_merge(app_args, args.app_args)
+    # NOTE: --kv-cache-mib counts float32 KV; a bf16 pool of half the bytes holds as many
+    # tokens, so the trace puts the same pressure on the engines whatever the KV dtype.
+    engine = app_args["engine"]
+    kv_dtype = engine.get("kv_dtype") or engine.get("dtype", "float32")
+    kv_mib = max(1, args.kv_cache_mib * (4 if kv_dtype == "float32" else 2) // 4)
+    engine.setdefault("kv_cache_bytes", f"{kv_mib}MiB")
     if kv_mib > NIXL_STAGING_MIB:  # a PE stages a whole prompt's KV for its DE
-        app_args["transfer"] = {"nixl_staging_bytes": f"{kv_mib}MiB"}
-    return f"{deploy(APP, deep_merge(app_args, args.app_args), port)}/v1/completions"
+        app_args.setdefault("transfer", {"nixl_staging_bytes": f"{kv_mib}MiB"})
+    return f"{deploy(APP, app_args, port)}/v1/completions"
 
 
 def _cluster_stats() -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:

@@ -33,13 +33,16 @@ def test_engine_bench_writes_json_and_png(model_dir, tmp_path, monkeypatch):
     assert rc == 0
     report = json.loads((tmp_path / "bench-results" / "t.json").read_text())
     rows = {(r["workload"], r["impl"]): r for r in report["rows"]}
-    assert set(rows) >= {
-        ("decode bs1", "dualpath"),
-        ("decode bs2", "hf-transformers"),
-        ("prefill 128", "dualpath"),
-        ("prefill 128", "hf-transformers"),
-    }
-    ours = rows[("decode bs2", "dualpath")]
-    assert ours["tokens_per_s"] > 0 and ours["vs_hf"] > 0 and ours["roofline_frac"] > 0
-    assert report["meta"]["copy_bandwidth_gbps"] > 0
+    for workload in ("decode bs1", "decode bs2", "prefill 128"):
+        assert {(workload, impl) for impl in ("fp32", "int8", "int4", "hf fp32")} <= set(rows)
+    ours = rows[("decode bs2", "int4")]
+    assert ours["tokens_per_s"] > 0 and ours["vs_hf"] > 0 and ours["vs_fp32"] > 0
+    assert ours["roofline_frac"] > 0 and "status" in ours  # the targets are checked
+    meta = report["meta"]
+    assert meta["copy_bandwidth_gbps"] > 0
+    # int4 reads the GGUF's codes and fewer bytes per step than int8, which reads fewer than fp32
+    assert meta["quant_sources"]["int4"]["gguf"] == 120
+    assert (
+        meta["weight_bytes"]["int4"] < meta["weight_bytes"]["int8"] < meta["weight_bytes"]["fp32"]
+    )
     assert (tmp_path / "bench-results" / "t.png").stat().st_size > 10_000
