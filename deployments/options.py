@@ -71,7 +71,7 @@ class EngineSection(Section):
         default="none", description="weight-only linears on CPU (int4: a GGUF's Q4_1 codes)"
     )
     quant_max_rows: int = Field(
-        default=4, ge=0, description="matmuls of more tokens use the dense bf16 copy"
+        default=8, ge=0, description="matmuls of more tokens use the dense bf16 copy"
     )
     kv_dtype: DType | None = Field(default=None, description="KV cache dtype (None: dtype)")
     device: str = Field(default="cpu", description="'cpu' or 'cuda' (Ray sets the visible GPU)")

@@ -208,13 +208,17 @@ class EngineConfig(BaseModel):
         "are) or int8 (per row); needs dtype bfloat16",
     )
     quant_max_rows: int = Field(
-        default=4,
+        default=8,
         ge=0,
         description="quantised kernel for matmuls of at most this many tokens; larger ones "
         "(prefill, big decode batches) use the dense bf16 copy, which is faster there",
     )
     int4_group_size: Literal[32, 64, 128, 256] = Field(
         default=32, description="group size when int4 quantises a dense checkpoint at load"
+    )
+    quant_head: bool = Field(
+        default=False,
+        description="quantise the LM head too (it stays bf16 by default: the logits)",
     )
     kv_dtype: DType | None = Field(default=None, description="KV cache dtype (None: dtype)")
     device: str = Field(default="cpu", description="'cpu' or 'cuda[:N]'")
@@ -278,11 +282,17 @@ class EngineConfig(BaseModel):
     @property
     def weights_id(self) -> str:
         """What besides the checkpoint decides the KV an engine computes ('' for float32
-        dense, so existing block keys stay valid): a part of every block key."""
+        dense, so existing block keys stay valid): a part of every block key. Where int4
+        codes come from (the GGUF, or rounding at load) is added by `engine_model_id`."""
         kv = self.kv_dtype or self.dtype
         if (self.quantization, self.dtype, kv) == ("none", "float32", "float32"):
             return ""
-        return f"{self.quantization}/{self.dtype}/kv-{kv}"
+        quant = self.quantization
+        if quant == "int4":
+            quant += f"-g{self.int4_group_size}"
+        if quant != "none" and self.quant_head:
+            quant += "-head"
+        return f"{quant}/{self.dtype}/kv-{kv}"
 
     def kv_bytes_per_block(self, model: ModelConfig) -> int:
         itemsize = self.kv_torch_dtype.itemsize

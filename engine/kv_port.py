@@ -62,7 +62,7 @@ class KVPort:
         dtype = self.kv_cache.tensor.dtype
         for block in prefix.blocks:
             if block.dtype != dtype:
-                # NOTE: keys do not bind the KV dtype; converted KV would change the output.
+                # NOTE: keys name the KV dtype too; this catches a block that lies about it.
                 raise InvalidRequestError(f"stored KV block is {block.dtype}, this engine {dtype}")
             if tuple(block.shape) != shape:
                 raise InvalidRequestError(
@@ -83,6 +83,11 @@ class KVPort:
         if tuple(kv.data.shape) != expected:
             raise InvalidRequestError(
                 f"imported KV has shape {tuple(kv.data.shape)}, this engine needs {expected}"
+            )
+        if kv.data.dtype != self.kv_cache.tensor.dtype:
+            # NOTE: a converted copy would silently change the output; refuse, as for stored KV
+            raise InvalidRequestError(
+                f"imported KV is {kv.data.dtype}, this engine {self.kv_cache.tensor.dtype}"
             )
         if kv.num_de_blocks and (prefix is None or prefix.num_blocks < kv.num_de_blocks):
             raise InvalidRequestError("imported KV starts after blocks this engine lacks")

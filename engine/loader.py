@@ -102,9 +102,15 @@ def model_fingerprint(model_dir: Path) -> str:
 
 def engine_model_id(config: EngineConfig) -> str:
     """The model identity in block keys: the checkpoint, plus how it is run when that
-    changes the KV (quantisation, activation and KV dtypes). Front end and engines agree."""
+    changes the KV (quantisation and where its codes come from, activation and KV dtypes).
+    Front end and engines compute it the same way."""
+    from engine.gguf_weights import gguf_source
+
     fingerprint = model_fingerprint(config.model)
-    return f"{fingerprint}#{config.weights_id}" if config.weights_id else fingerprint
+    weights = config.weights_id
+    if config.quantization == "int4" and gguf_source(config.model) is not None:
+        weights = weights.replace(f"int4-g{config.int4_group_size}", "int4-gguf", 1)
+    return f"{fingerprint}#{weights}" if weights else fingerprint
 
 
 def generation_eos_ids(model_dir: Path) -> list[int]:
@@ -122,15 +128,17 @@ def quantize_linears(
     dtype: torch.dtype,
     group_size: int = 32,
     gguf: Path | None = None,
+    head: bool = False,
 ) -> dict[str, int]:
-    """Give every Linear but the LM head a weight-only `kind` quantised weight.
+    """Give every Linear but the LM head (unless `head`) a weight-only `kind` quantised weight.
 
     int4 takes the GGUF's Q4_1 codes as they are when `gguf` holds them (fused projections
     are concatenated by rows, as the dense loader does); other weights are quantised from
     their dense copy (round-to-nearest, groupwise int4 or per-row int8).
 
-    The LM head stays dense: one bf16 matmul over it is as fast as the int8 kernel at one
-    row and 3-4x faster at 8-32 (measured on the 49152x576 head), and the logits need it.
+    The LM head stays dense by default: one bf16 matmul over it is as fast as the int8
+    kernel at one row and 3-4x faster at 8 (measured on the 49152x576 head). int4 is 1.5x
+    faster than bf16 at one row, at a cost in logit precision (`engine.quant_head`).
 
     Returns:
         how many linears took each source: {"gguf": n, "quantised": n}.
@@ -139,9 +147,9 @@ def quantize_linears(
 
     codes = _gguf_codes(model, gguf) if kind == "int4" and gguf is not None else {}
     counts = {"gguf": 0, "quantised": 0}
-    head = getattr(model, "lm_head", None)
+    lm_head = None if head else getattr(model, "lm_head", None)
     for name, module in model.named_modules():
-        if not isinstance(module, Linear) or module is head:
+        if not isinstance(module, Linear) or module is lm_head:
             continue
         from_file = codes.get(name)
         if from_file is not None and tuple(from_file.codes.shape) == tuple(module.weight.shape):

@@ -59,11 +59,18 @@ def quantize_int4(w: torch.Tensor, group_size: int = 32) -> Int4Codes:
         raise ValueError(f"in_features {k} is not a multiple of the int4 group size {group_size}")
     groups = w.float().reshape(n, k // group_size, group_size)
     lo, hi = groups.amin(-1), groups.amax(-1)
-    scale = ((hi - lo) / 15).clamp_min(1e-8)
-    # NOTE: round the scale to what the kernel stores first, so the codes fit it exactly.
-    scale = scale.to(torch.bfloat16).float()
-    codes = ((groups - lo.unsqueeze(-1)) / scale.unsqueeze(-1)).round().clamp(0, 15)
-    return Int4Codes(codes.reshape(n, k).to(torch.uint8), scale, lo + 8 * scale, group_size)
+    mid = (lo + hi) / 2
+    # NOTE: the kernel stores scale and zero in bf16; a zero far from 0 moves by up to half
+    # its ulp, which can exceed a step. Widen the step by that slack, centre the grid and
+    # round the step up, so [lo, hi] stays inside the 16 codes and every value is within
+    # half a step of its code.
+    slack = mid.abs() * 2**-8
+    scale = ((hi - lo + 2 * slack) / 15).clamp_min(1e-8)
+    scale = (scale * (1 + 2**-7)).to(torch.bfloat16).float()
+    zero = (mid + scale / 2).to(torch.bfloat16).float()
+    base = zero - 8 * scale  # the weight code 0 stands for
+    codes = ((groups - base.unsqueeze(-1)) / scale.unsqueeze(-1)).round().clamp(0, 15)
+    return Int4Codes(codes.reshape(n, k).to(torch.uint8), scale, zero, group_size)
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,6 +50,7 @@ class ModelRunner:
                 config.torch_dtype,
                 config.int4_group_size,
                 gguf,
+                head=config.quant_head,
             )
             logger.info(
                 "quantised linears",

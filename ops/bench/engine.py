@@ -50,6 +50,7 @@ IMPLS: dict[str, dict[str, Any]] = {
     "bf16": {"dtype": "bfloat16"},
     "int8": {"dtype": "bfloat16", "quantization": "int8"},
     "int4": {"dtype": "bfloat16", "quantization": "int4"},
+    "int4-head": {"dtype": "bfloat16", "quantization": "int4", "quant_head": True},
 }
 HEADLINE = "int4"
 # (ratio to llama.cpp, ratio to HF) the headline must reach, per batch size (issue 22)

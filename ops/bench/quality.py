@@ -7,7 +7,7 @@ Text: Python's own documentation (`pydoc_data.topics`, sorted keys joined by spa
 token stream). `--windows` windows of `--context` + `--steps` + 1 tokens, evenly spread over
 the stream. Per window, positions 0..C+S-1 are prefilled in one pass; then the S positions
 after the context are scored by **teacher-forced decode** in batches of at most
-`quant_max_rows` (4) windows: step t feeds token C+t and predicts token C+t+1. Decode is
+`quant_max_rows` (8) windows: step t feeds token C+t and predicts token C+t+1. Decode is
 what serving runs with the weight-only int4/int8 kernels (prefill, with more rows, runs the
 dense bf16 copy of the same weights), so the headline numbers come from that path. The same
 positions are also read off the prefill pass (`ppl_prefill`), which shows how far the two

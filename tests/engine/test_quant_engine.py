@@ -30,7 +30,7 @@ MODES = {
     "int4-kv-bf16": {"dtype": "bfloat16", "quantization": "int4", "kv_dtype": "bfloat16"},
     "int8": {"dtype": "bfloat16", "quantization": "int8"},
 }
-MAX_ROWS = 4  # EngineConfig.quant_max_rows default
+MAX_ROWS = EngineConfig.model_fields["quant_max_rows"].default
 
 
 def build(model_dir, **knobs) -> EngineCore:
@@ -229,11 +229,6 @@ def test_float32_kv_is_refused_by_a_bf16_engine(tiny_model_dir):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="KVPort.import_kv checks keys and shape but not dtype: float32 handoff data under "
-    "a bf16 engine's keys is converted silently (check_prefix refuses the same block)",
-)
 def test_handoff_kv_of_another_dtype_is_refused(tiny_model_dir):
     engine = build(tiny_model_dir, **MODES["int4"])
     prompt = chat(engine, TEXT)
