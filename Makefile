@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 # CPU machines pin the local CPU wheel; set TORCH_SPEC="torch" on a CUDA machine.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: serve status chat test test-fast lint bench-engine bench-serve bench-agentic bench-agentic-sweep bench-admission dashboard fetch clean
+.PHONY: serve status chat test test-fast lint bench-engine bench-engine-peer bench-serve bench-agentic bench-agentic-sweep bench-admission dashboard fetch clean
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
@@ -67,6 +67,11 @@ lint: $(VENV)/.installed
 
 bench-engine: fetch
 	$(PY) -m ops bench engine
+
+# also llama.cpp on the same GGUF (opt-in, outside CI): the first run builds it once from
+# the llama-cpp-python sdist (~7 min on 2 cores) into ~/.cache/dualpath-serve/llamacpp/
+bench-engine-peer: fetch
+	$(PY) -m ops bench engine --peer llamacpp
 
 clean:
 	rm -rf $(VENV) .ci-cache bench-results
