@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 # CPU machines pin the local CPU wheel; set TORCH_SPEC="torch" on a CUDA machine.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: serve status chat test test-fast lint bench-engine bench-engine-peer bench-serve bench-agentic bench-agentic-sweep bench-admission dashboard fetch clean
+.PHONY: serve status chat test test-fast lint bench-engine bench-engine-peer bench-serve bench-serve-peer bench-agentic bench-agentic-sweep bench-admission dashboard fetch clean
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
@@ -35,6 +35,10 @@ status:
 
 bench-serve: fetch
 	$(PY) -m ops bench serve
+
+# opt-in, not in CI: our app vs llama-server -np 32 (builds llama.cpp once, several minutes)
+bench-serve-peer: fetch
+	$(PY) -m ops bench serve-peer
 
 bench-agentic: fetch
 	$(PY) -m ops bench agentic

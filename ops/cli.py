@@ -16,6 +16,7 @@ from ops.logging import setup_logging
 BENCHMARKS = (
     "engine",
     "serve",
+    "serve-peer",
     "agentic",
     "kv-hit",
     "admission",
