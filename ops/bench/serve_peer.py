@@ -202,7 +202,10 @@ async def _closed_loop(
     url: str, side: Side, prompts: list[list[int]], clients: int, max_tokens: int
 ) -> tuple[list[RequestRecord], float]:
     """`clients` clients share `prompts`, each sending its next when its previous is done."""
-    limits = httpx.Limits(max_connections=clients + 4)
+    # NOTE: no keep-alive, for both sides: llama-server (cpp-httplib) closes a connection
+    # after a few requests, and a reused one then fails with "Server disconnected". A new
+    # localhost connection per request costs well under a millisecond.
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=600, limits=limits) as http:
 
         async def client(mine: list[list[int]]) -> list[RequestRecord]:
