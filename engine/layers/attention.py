@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from engine.forward_context import AttentionMetadata, SparseContext
 from engine.kernels import ops
 
-# Decode attention in bf16/fp16 uses bmm + softmax from this many context tokens per step
-# (summed over the batch's sequences); below it, SDPA's kernel.
+# Decode attention over bf16/fp16 KV on CPU uses bmm + softmax from this many context tokens
+# per step (summed over the batch's sequences); below it, and on CUDA, SDPA's kernel.
 BMM_MIN_CONTEXT = 512
 
 
@@ -117,7 +117,8 @@ def _dense_decode(
     group = num_heads // kv_heads
     queries = rows.view(num_decodes, kv_heads, group, head_dim)
     context = meta.decode_context_len
-    if keys.dtype == torch.float32 or num_decodes * context < BMM_MIN_CONTEXT:
+    cpu_low_precision = keys.device.type == "cpu" and keys.dtype != torch.float32
+    if not cpu_low_precision or num_decodes * context < BMM_MIN_CONTEXT:
         attn = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=meta.decode_mask, scale=scale
         )
