@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from engine import EngineConfig, EngineCore, EngineRequest, InvalidRequestError, SamplingParams
+from engine.config import SparseAttentionConfig
 from engine.kv_import import PrefixKV
 from engine.quant import Int4Weight, Int8Weight
 from kvstore.block import decode_block, encode_block
@@ -292,3 +293,18 @@ def test_float32_kv_under_bf16_matmuls_gives_sensible_logits(tiny_model_dir, kno
     top2 = ref.topk(2).values
     assert top2[0] - top2[1] > 2 * tolerance  # the greedy token is decided beyond the noise
     assert got.argmax() == ref.argmax()
+
+
+def test_sparse_decode_attention_runs_over_bf16_kv(tiny_model_dir):
+    """Sparse attention's summaries follow the KV dtype, and a sparse int4 engine reads a
+    budget of its context while producing every token."""
+    sparse = SparseAttentionConfig(
+        num_sink_tokens=16, window_tokens=16, shallow_fraction=0.3, deep_fraction=0.3
+    )
+    engine = build(tiny_model_dir, **MODES["int4"], attention="sparse", sparse=sparse)
+    assert engine.runner.kv_cache.summaries.dtype == torch.bfloat16
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    tokens, _ = run(engine, EngineRequest("sparse", list(range(3, 200)), params))
+    assert len(tokens) == 24
+    stats = engine.runner.sparse_stats
+    assert 0 < stats.tokens_read.sum() < stats.tokens_context.sum()
