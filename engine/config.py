@@ -14,7 +14,7 @@ import torch
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 from engine import env
-from engine.quant import Quantization
+from engine.quant import Int4GroupSize, Quantization
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -213,7 +213,7 @@ class EngineConfig(BaseModel):
         description="quantised kernel for matmuls of at most this many tokens; larger ones "
         "(prefill, big decode batches) use the dense bf16 copy, which is faster there",
     )
-    int4_group_size: Literal[32, 64, 128, 256] = Field(
+    int4_group_size: Int4GroupSize = Field(
         default=32, description="group size when int4 quantises a dense checkpoint at load"
     )
     quant_head: bool = Field(

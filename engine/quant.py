@@ -18,12 +18,13 @@ a dense bf16 matmul is faster (prefill: see `engine/layers/linear.py`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 Quantization = Literal["none", "int8", "int4"]
-INT4_GROUP_SIZES = (32, 64, 128, 256)
+Int4GroupSize = Literal[32, 64, 128, 256]  # what the int4 kernel accepts
+INT4_GROUP_SIZES: tuple[int, ...] = get_args(Int4GroupSize)
 
 
 @dataclass(frozen=True)
