@@ -193,6 +193,49 @@ class SparseAttentionConfig(BaseModel):
         return tuple(self.shallow_fraction + i * step for i in range(num_layers))
 
 
+SpecMethod = Literal["off", "ngram", "suffix"]
+
+
+class SpeculativeConfig(BaseModel):
+    """Draft-free speculative decoding on decode engines (engine/spec)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: SpecMethod = Field(
+        default="off",
+        description="ngram: prompt lookup in the sequence's own tokens; suffix: suffix tree "
+        "over the sequence and its tenant's recent outputs, adaptive draft length",
+    )
+    num_speculative_tokens: int = Field(
+        default=6, ge=1, le=32, description="most tokens one sequence drafts per step"
+    )
+    prompt_lookup_min: int = Field(default=2, ge=1, description="ngram: shortest match")
+    prompt_lookup_max: int = Field(default=5, ge=1, description="ngram: longest match")
+    suffix_max_depth: int = Field(
+        default=24, ge=2, description="suffix: longest pattern (and tree depth) matched"
+    )
+    suffix_max_spec_factor: float = Field(
+        default=1.0, gt=0.0, description="suffix: draft at most factor x match length tokens"
+    )
+    suffix_min_token_prob: float = Field(
+        default=0.1, ge=0.0, le=1.0, description="suffix: stop a draft below this estimate"
+    )
+    suffix_cache_requests: int = Field(
+        default=64, ge=0, description="suffix: recent outputs kept per tenant (0: none)"
+    )
+    adaptive: bool = Field(
+        default=True,
+        description="draft only what pays: measured step cost vs acceptance per sequence "
+        "(False: always draft up to num_speculative_tokens)",
+    )
+
+    @model_validator(mode="after")
+    def _check_lookup(self) -> SpeculativeConfig:
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError("prompt_lookup_min must not exceed prompt_lookup_max")
+        return self
+
+
 class EngineConfig(BaseModel):
     """Knobs of one engine (one accelerator, or a CPU slice)."""
 
@@ -246,6 +289,7 @@ class EngineConfig(BaseModel):
         default="dense", description="decode attention: dense, or top-k block-sparse"
     )
     sparse: SparseAttentionConfig = Field(default_factory=SparseAttentionConfig)
+    speculative: SpeculativeConfig = Field(default_factory=SpeculativeConfig)
 
     @model_validator(mode="after")
     def _check_quantization(self) -> EngineConfig:

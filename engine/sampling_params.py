@@ -31,6 +31,11 @@ class SamplingParams(BaseModel):
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     logprobs: int | None = Field(default=None, ge=0, le=20, description="top-n logprobs")
     include_stop_str_in_output: bool = False
+    speculative: bool = Field(
+        default=True,
+        description="let the engine draft and verify tokens for this request when it "
+        "speculates (the output is the same either way; False opts out)",
+    )
     grammar: str | None = Field(
         default=None,
         description="an llguidance grammar (Lark, JSON schemas inline with %json) the output "
