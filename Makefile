@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 # CPU machines pin the local CPU wheel; set TORCH_SPEC="torch" on a CUDA machine.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: serve status chat test test-fast lint bench-engine bench-engine-peer bench-serve bench-serve-peer bench-agentic bench-agentic-sweep bench-admission dashboard fetch clean
+.PHONY: serve status chat test test-fast lint bench-engine bench-engine-peer bench-serve bench-serve-peer bench-agentic bench-agentic-sweep bench-admission bench-speculative dashboard fetch clean
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
@@ -76,6 +76,10 @@ bench-engine: fetch
 # the llama-cpp-python sdist (~7 min on 2 cores) into ~/.cache/dualpath-serve/llamacpp/
 bench-engine-peer: fetch
 	$(PY) -m ops bench engine --peer llamacpp
+
+# speculative decoding (off / ngram / suffix) on code-edit and control traces (~12 min)
+bench-speculative: fetch
+	$(PY) -m ops bench speculative
 
 clean:
 	rm -rf $(VENV) .ci-cache bench-results

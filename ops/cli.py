@@ -26,6 +26,7 @@ BENCHMARKS = (
     "kernels",
     "structured",
     "quality",
+    "speculative",
 )
 
 
