@@ -33,6 +33,9 @@ class ScheduledChunk:
     seq: Sequence
     start: int  # first token position computed in this step
     num_tokens: int
+    # speculative tokens after the sequence's last token (decode chunks only), computed in
+    # the same forward and kept only as far as the target model agrees (engine/spec)
+    draft: list[int] = field(default_factory=list)
 
     @property
     def samples(self) -> bool:
@@ -47,7 +50,7 @@ class StepPlan:
 
     @property
     def num_batched_tokens(self) -> int:
-        return sum(c.num_tokens for c in self.chunks)
+        return sum(c.num_tokens + len(c.draft) for c in self.chunks)
 
     @property
     def is_empty(self) -> bool:
@@ -109,6 +112,22 @@ class BatchScheduler:
             fit = min(num_tokens, MIN_CHUNK_TOKENS)  # progress, whatever the estimate says
         return fit
 
+    def _fit_draft(self, seq: Sequence, num_tokens: int, budget: int) -> list[int]:
+        """`seq.draft` cut to the step's budget and the free blocks; never a preemption.
+
+        NOTE: drafts ride on decode chunks only, and only while slots for them are free:
+        speculation is an optimisation, so it never evicts anyone's KV.
+        """
+        if not seq.draft or num_tokens != 1 or seq.is_prefilling:
+            return []
+        draft = seq.draft[: budget - num_tokens]
+        end = seq.num_computed_tokens + num_tokens
+        while draft and not self.block_manager.can_ensure_slots(seq, end + len(draft)):
+            draft = draft[: len(draft) // 2]
+        if draft:
+            self.block_manager.ensure_slots(seq, end + len(draft))
+        return draft
+
     def _quota_left(self, plan: StepPlan) -> float:
         if self.compute_quota_s is None:
             return float("inf")
@@ -147,8 +166,9 @@ class BatchScheduler:
             bm.ensure_slots(seq, end)
             if num_tokens < seq.num_tokens - seq.num_computed_tokens and num_tokens > 1:
                 quota_full = quota_full or self.compute_quota_s is not None
-            plan.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_tokens))
-            budget -= num_tokens
+            draft = self._fit_draft(seq, num_tokens, budget)
+            plan.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_tokens, draft))
+            budget -= num_tokens + len(draft)
 
         while (
             not plan.preempted

@@ -311,6 +311,15 @@ class EngineConfig(BaseModel):
             raise ValueError(f"sparse.score_block_size {sbs} must divide block_size")
         return self
 
+    @model_validator(mode="after")
+    def _check_speculative(self) -> EngineConfig:
+        if self.speculative.method != "off" and self.attention == "sparse":
+            raise ValueError(
+                "speculative decoding verifies drafts in dense decode attention; it is not "
+                "available with attention: sparse"
+            )
+        return self
+
     @property
     def score_block_size(self) -> int:
         return self.sparse.score_block_size or self.block_size

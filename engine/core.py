@@ -21,10 +21,13 @@ from engine.kv_import import ImportStats
 from engine.kv_port import KVPort
 from engine.loader import engine_model_id, generation_eos_ids
 from engine.output import OutputState, RequestOutput, SequenceKV
-from engine.request import EngineRequest
+from engine.request import EngineRequest, check_request
 from engine.runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.sequence import FinishReason, Sequence, SequenceStatus, TokenLogprob
+from engine.spec.policy import SpecStats
+from engine.spec.speculator import Speculator
+from engine.spec.verify import verify
 from engine.structured import GrammarCompiler
 from engine.tokenizer import Tokenizer
 from kvstore.keys import root_key
@@ -73,6 +76,12 @@ class EngineCore:
         self.last_plan: StepPlan | None = None  # the latest step's chunks (for tracing)
         self.import_totals = ImportStats()  # stored-KV imports so far (layer-wise overlap)
         self._arrivals = itertools.count()
+        # NOTE: above quant_max_rows rows a quantised engine's matmuls hand over to the
+        # dense kernel: slower for drafts, and rounded differently from a plain step.
+        quantised = config.quantization != "none"
+        self.speculator = Speculator(
+            config.speculative, self.max_model_len, config.quant_max_rows if quantised else None
+        )
         logger.info(
             "engine ready",
             extra={
@@ -114,7 +123,9 @@ class EngineCore:
 
     def _add(self, request: EngineRequest, prefill_only: bool) -> None:
         params, kv, prefix = request.params, request.kv, request.prefix
-        self._validate(request.request_id, request.prompt_token_ids, params, kv)
+        if request.request_id in self.seqs:
+            raise InvalidRequestError(f"request id {request.request_id!r} is already running")
+        check_request(request, self.model_config.vocab_size, self.max_model_len, self.block_manager)
         seq = Sequence(
             request_id=request.request_id,
             token_ids=list(request.prompt_token_ids),
@@ -195,13 +206,16 @@ class EngineCore:
     # ------------------------------------------------------------------ step
     def step(self) -> list[RequestOutput]:
         """Run one batch step; return what each sampled request produced."""
+        started = time.perf_counter()
+        self.speculator.draft(self.scheduler.running)
         plan = self.last_plan = self.scheduler.schedule()
+        for seq in self.scheduler.running:
+            seq.draft = []  # what fitted is in the plan's chunks
         if plan.is_empty:
             return []
         self.num_computed_total += plan.num_batched_tokens
-        started = time.perf_counter()
         try:
-            sampled, result = self.runner.run(plan)
+            sampled, logits = self.runner.run(plan)
         except Exception:
             # NOTE: a failing step must not wedge the engine (it would replan the same chunks
             # forever); its sequences end with "error" and everything else carries on.
@@ -215,25 +229,44 @@ class EngineCore:
             chunk.seq.prefix_kv = None  # imported (or cached locally): release the source
             self.block_manager.cache_full_blocks(chunk.seq)
             self.kv_port.collect_persist(chunk.seq)
-        if result is None:
+        if logits is None:
             return []
-        outputs = []
-        for seq, token_id, logprob in zip(sampled, result.token_ids, result.logprobs, strict=True):
-            seq.token_ids.append(token_id)
-            if seq.grammar is not None and not seq.grammar.accept(token_id):
-                logger.error(
-                    "sampled token breaks the grammar",
-                    extra={"request_id": seq.request_id, "error": seq.grammar.error},
-                )
-                outputs.append(self._fail(seq))
+        by_seq = {id(c.seq): c.draft for c in plan.chunks if c.samples}
+        drafts = [by_seq[id(seq)] for seq in sampled]
+        outputs, accepted = verify(sampled, logits, drafts, self.runner.sampler, self._accept)
+        for seq, draft, num_accepted in zip(sampled, drafts, accepted, strict=True):
+            if not draft:
                 continue
-            if logprob is not None:
-                seq.output_logprobs.append(logprob)
-            output = self._postprocess(seq, token_id, logprob)
-            if seq.prefill_only and not output.finished:
-                output.kv = self._hand_off(seq)
-            outputs.append(output)
+            self.speculator.record(seq, len(draft), num_accepted)
+            if num_accepted and not seq.is_finished:
+                # NOTE: only now are the accepted positions computed: blocks they fill get
+                # keys (and go to the KV store); a rejected position's KV never does.
+                self.block_manager.cache_full_blocks(seq)
+                self.kv_port.collect_persist(seq)
+        if all(c.num_tokens == 1 for c in plan.chunks):
+            self.speculator.observe_step(plan.num_batched_tokens, time.perf_counter() - started)
         return outputs
+
+    @property
+    def spec_stats(self) -> SpecStats:
+        """Speculative decoding so far (drafted, accepted, verify steps)."""
+        return self.speculator.stats
+
+    def _accept(self, seq: Sequence, token_id: int, logprob: TokenLogprob | None) -> RequestOutput:
+        """Append one sampled token to `seq` and produce its output (finishing it if due)."""
+        seq.token_ids.append(token_id)
+        if seq.grammar is not None and not seq.grammar.accept(token_id):
+            logger.error(
+                "sampled token breaks the grammar",
+                extra={"request_id": seq.request_id, "error": seq.grammar.error},
+            )
+            return self._fail(seq)
+        if logprob is not None:
+            seq.output_logprobs.append(logprob)
+        output = self._postprocess(seq, token_id, logprob)
+        if seq.prefill_only and not output.finished:
+            output.kv = self._hand_off(seq)
+        return output
 
     def _observe_cost(self, plan: StepPlan, seconds: float) -> None:
         """Fit the prefill cost model on steps that are mostly prefill."""
@@ -319,6 +352,8 @@ class EngineCore:
             num_output_tokens=seq.num_output_tokens,
             new_logprobs=logprobs,
             text=self.states[seq.request_id].text,
+            num_drafted_tokens=seq.num_drafted_tokens,
+            num_accepted_tokens=seq.num_accepted_tokens,
         )
         if reason is not None:
             self._finish(seq, reason)
@@ -328,6 +363,7 @@ class EngineCore:
         self.scheduler.remove(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        self.speculator.finish(seq)
         del self.seqs[seq.request_id]
         del self.states[seq.request_id]
 
@@ -361,40 +397,3 @@ class EngineCore:
         if missing:
             raise RuntimeError(f"requests {missing} were aborted before finishing")
         return [finals[rid] for rid in ids]
-
-    def _validate(
-        self, request_id: str, prompt: list[int], params: SamplingParams, kv: SequenceKV | None
-    ) -> None:
-        if request_id in self.seqs:
-            raise InvalidRequestError(f"request id {request_id!r} is already running")
-        if not prompt:
-            raise InvalidRequestError("prompt is empty", param="messages", code="empty_prompt")
-        vocab = self.model_config.vocab_size
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            raise InvalidRequestError(f"prompt has token ids outside [0, {vocab})", param="prompt")
-        if len(prompt) >= self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt has {len(prompt)} tokens; this model's context is "
-                f"{self.max_model_len} tokens including the reply",
-                param="messages",
-                code="context_length_exceeded",
-            )
-        bm = self.block_manager
-        worst = min(len(prompt) + params.max_tokens, self.max_model_len)
-        if bm.num_blocks_for(worst) > bm.num_blocks:
-            raise InvalidRequestError(
-                f"prompt + max_tokens ({worst} tokens) exceeds the KV cache "
-                f"({bm.num_blocks * bm.block_size} tokens)",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
-        if kv is not None and (
-            not 0 < kv.num_tokens <= len(prompt)
-            or kv.num_tokens == len(prompt)
-            and not kv.output_token_ids
-            or prompt[: kv.num_tokens] != kv.token_ids
-            or len(kv.output_token_ids) >= params.max_tokens
-        ):
-            raise InvalidRequestError(
-                "imported KV must cover a prefix of the prompt and leave a token to compute"
-            )

@@ -25,16 +25,22 @@ class PrefillSpan:
 class AttentionMetadata:
     """Where each new token's KV goes and what each query attends to.
 
-    Decode queries (one token each) are batched: their block tables are padded to the same
-    width and `decode_mask` hides the padding. Prefill chunks are handled one span each.
+    Decode queries (one token each, or a token and its draft) are batched: their block
+    tables are padded to the same width and `decode_mask` hides the padding. Prefill
+    chunks are handled one span each.
     """
 
     slot_mapping: torch.Tensor  # [num_tokens] long: flat slot of each new token's KV
     decode_token_idx: torch.Tensor | None = None  # [num_decodes] positions in the flat batch
     decode_block_tables: torch.Tensor | None = None  # [num_decodes, max_blocks] long
     decode_context_len: int = 0  # longest decode context; keys are cut to this length
-    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, decode_context_len] bool
+    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, query_len, context_len] bool
     decode_only: bool = False  # every token is a decode, in order (decode_token_idx = arange)
+    # Speculative verification: a decode "row group" per sequence of `decode_query_len`
+    # queries (its last token and its draft), shorter groups padded by repeating their last
+    # query; `decode_real_rows` picks the unpadded rows (None when nothing is padded).
+    decode_query_len: int = 1
+    decode_real_rows: torch.Tensor | None = None
     prefills: list[PrefillSpan] = field(default_factory=list)
     # Sparse attention only (None when dense):
     decode_context_lens: torch.Tensor | None = None  # [num_decodes] long, current token incl.

@@ -60,6 +60,8 @@ class RequestOutput:
     text: str = ""  # all text emitted so far, including new_text
     kv: SequenceKV | None = None  # prefill-only request handed off: its last output
     timings: FirstTokenTimings | None = None  # on the first output only
+    num_drafted_tokens: int = 0  # speculation for this request so far (running totals)
+    num_accepted_tokens: int = 0
 
 
 class OutputState:

@@ -17,7 +17,7 @@ from engine.kv_import import LayerwiseImport
 from engine.layers.linear import Linear, onednn_available
 from engine.loader import load_weights, quantize_linears
 from engine.models.registry import resolve_model_class
-from engine.sampler import Sampler, SampleResult
+from engine.sampler import Sampler
 from engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
@@ -91,8 +91,9 @@ class ModelRunner:
         self.last_import: LayerwiseImport | None = None
 
     @torch.inference_mode()
-    def run(self, plan: StepPlan) -> tuple[list[Sequence], SampleResult | None]:
-        """Execute one step; return the sequences that sampled and their new tokens."""
+    def run(self, plan: StepPlan) -> tuple[list[Sequence], torch.Tensor | None]:
+        """Execute one step; return the sequences that sample and their logits [R, V]
+        (float32): one row each, plus one per drafted token (verified by the caller)."""
         input_ids, ctx, sample_idx, sample_seqs = self._prepare(plan)
         pending = [pair for chunk in plan.chunks for pair in chunk.seq.pending_import]
         self.last_import = None
@@ -113,8 +114,7 @@ class ModelRunner:
             self.kv_cache.refresh_summaries([block_id for block_id, _ in pending])
         if not sample_seqs:
             return [], None
-        logits = self.model.compute_logits(hidden[sample_idx]).cpu()
-        return sample_seqs, self.sampler(logits, sample_seqs)
+        return sample_seqs, self.model.compute_logits(hidden[sample_idx]).float().cpu()
 
     def _prepare(
         self, plan: StepPlan
@@ -131,18 +131,25 @@ class ModelRunner:
         prefills: list[PrefillSpan] = []
         sample_idx: list[int] = []
         sample_seqs: list[Sequence] = []
+        # NOTE: a decode chunk with a draft is one decode "row group": its 1 + d queries
+        # share the sequence's block table and see the context up to themselves (a
+        # multi-query decode), so verification runs in the batched decode attention.
+        decode_groups: list[list[int]] = []  # per decode chunk: its query lengths
         for chunk in plan.chunks:
             seq, start, n = chunk.seq, chunk.start, chunk.num_tokens
             t = len(input_ids)
             end = start + n
-            table = seq.block_table[: -(-end // bs)]
+            d = len(chunk.draft)
+            table = seq.block_table[: -(-(end + d) // bs)]
             input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            input_ids.extend(chunk.draft)
+            positions.extend(range(start, end + d))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end + d))
             if n == 1:
-                decode_idx.append(t)
+                decode_idx.extend(range(t, t + 1 + d))
                 decode_tables.append(table)
-                decode_lens.append(end)
+                decode_groups.append(list(range(end, end + 1 + d)))
+                decode_lens.extend(range(end, end + 1 + d))
             else:
                 mask = None
                 if start > 0:  # chunk after a cached prefix: causal, offset by `start`
@@ -152,23 +159,14 @@ class ModelRunner:
                     PrefillSpan(t, n, end, torch.tensor(table, dtype=torch.long, device=dev), mask)
                 )
             if chunk.samples:
-                sample_idx.append(t + n - 1)
+                sample_idx.extend(range(t + n - 1, t + n + len(chunk.draft)))
                 sample_seqs.append(seq)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev), prefills=prefills
         )
         if decode_idx:
-            width = max(len(t) for t in decode_tables)
-            padded = [t + [0] * (width - len(t)) for t in decode_tables]
-            max_len = max(decode_lens)
-            meta.decode_token_idx = torch.tensor(decode_idx, dtype=torch.long, device=dev)
-            meta.decode_block_tables = torch.tensor(padded, dtype=torch.long, device=dev)
-            meta.decode_context_len = max_len
-            meta.decode_only = not prefills
-            if min(decode_lens) != max_len:
-                lens = torch.tensor(decode_lens, device=dev)
-                mask = torch.arange(max_len, device=dev).unsqueeze(0) < lens.unsqueeze(1)
-                meta.decode_mask = mask[:, None, None, :]
+            self._prepare_decode(meta, decode_idx, decode_tables, decode_groups)
+            meta.decode_only = not prefills and meta.decode_real_rows is None
         ctx = ForwardContext(
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
             rope=None,
@@ -179,6 +177,43 @@ class ModelRunner:
             self._prepare_sparse(ctx, positions, slots, decode_lens)
         ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
         return ids, ctx, torch.tensor(sample_idx, dtype=torch.long, device=dev), sample_seqs
+
+    def _prepare_decode(
+        self,
+        meta: AttentionMetadata,
+        decode_idx: list[int],
+        tables: list[list[int]],
+        groups: list[list[int]],
+    ) -> None:
+        """Batched decode metadata: one row group per sequence, `q_len` queries each (more
+        than 1 when a draft is verified); shorter groups repeat their last query."""
+        dev = self.device
+        q_len = max(len(g) for g in groups)
+        width = max(len(t) for t in tables)
+        max_len = max(g[-1] for g in groups)
+        idx: list[int] = []
+        lens: list[int] = []
+        real: list[int] = []
+        at = 0
+        for group in groups:
+            pad = q_len - len(group)
+            rows = decode_idx[at : at + len(group)]
+            at += len(group)
+            real.extend(range(len(idx), len(idx) + len(group)))
+            idx.extend(rows + rows[-1:] * pad)
+            lens.extend(group + group[-1:] * pad)
+        meta.decode_token_idx = torch.tensor(idx, dtype=torch.long, device=dev)
+        meta.decode_block_tables = torch.tensor(
+            [t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=dev
+        )
+        meta.decode_context_len = max_len
+        meta.decode_query_len = q_len
+        if len(real) != len(idx):
+            meta.decode_real_rows = torch.tensor(real, dtype=torch.long, device=dev)
+        if min(lens) != max_len:
+            lens_t = torch.tensor(lens, device=dev).view(len(groups), q_len, 1)
+            mask = torch.arange(max_len, device=dev).view(1, 1, -1) < lens_t
+            meta.decode_mask = mask[:, None, :, :]  # [S, 1, q_len, L]
 
     def _prepare_sparse(
         self, ctx: ForwardContext, positions: list[int], slots: list[int], decode_lens: list[int]

@@ -77,6 +77,10 @@ class Sequence:
     persist_from_block: int | None = None  # export full blocks from here on (None: never)
     priority: int = 0  # lower runs first among waiting requests (FIFO within a priority)
     grammar: GrammarState | None = None  # structured output: where the output is in it
+    draft: list[int] = field(default_factory=list)  # speculative tokens to verify next step
+    num_drafted_tokens: int = 0  # speculation so far: tokens drafted / accepted
+    num_accepted_tokens: int = 0
+    num_spec_rejections: int = 0  # verify steps that ended on a rejected draft token
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)

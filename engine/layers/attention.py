@@ -69,6 +69,10 @@ def paged_attention(
     if meta.decode_token_idx is not None and sparse_decode:
         assert sparse is not None
         out[meta.decode_token_idx] = _sparse_decode(q, kv_cache, meta, scale, sparse, layer)
+    elif meta.decode_token_idx is not None and meta.decode_real_rows is not None:
+        real = meta.decode_real_rows
+        attn = _dense_decode(q, kv_cache, meta, scale, sparse, layer)
+        out[meta.decode_token_idx[real]] = attn[real]
     elif meta.decode_token_idx is not None:
         out[meta.decode_token_idx] = _dense_decode(q, kv_cache, meta, scale, sparse, layer)
 
@@ -115,25 +119,44 @@ def _dense_decode(
     keys, values = _gather_kv(kv_cache, tables, meta.decode_context_len).transpose(2, 3)
     rows = q if meta.decode_only else q[meta.decode_token_idx]
     group = num_heads // kv_heads
-    queries = rows.view(num_decodes, kv_heads, group, head_dim)
+    q_len = meta.decode_query_len
+    mask = meta.decode_mask
+    if q_len == 1:
+        queries = rows.view(num_decodes, kv_heads, group, head_dim)
+    else:  # a sequence's queries side by side with its head group: [B, KVH, q_len * G, D]
+        queries = rows.view(num_decodes, q_len, kv_heads, group, head_dim).transpose(1, 2)
+        queries = queries.reshape(num_decodes, kv_heads, q_len * group, head_dim)
+        if mask is not None:
+            mask = mask.unsqueeze(3).expand(-1, -1, -1, group, -1).flatten(2, 3)
     context = meta.decode_context_len
     cpu_low_precision = keys.device.type == "cpu" and keys.dtype != torch.float32
+    # NOTE: the kernel choice ignores q_len, so a verify step picks the one a plain decode
+    # step of this batch would (its rows then round alike: greedy output stays the same).
     if not cpu_low_precision or num_decodes * context < BMM_MIN_CONTEXT:
-        attn = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=meta.decode_mask, scale=scale
-        )
-        return attn.reshape(num_decodes, num_heads, head_dim)
+        attn = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
+        return _decode_rows(attn, num_decodes, q_len, kv_heads, group, head_dim)
     # NOTE: CPU SDPA on bf16 is 1.8-3x slower than these three ops for a single query per
     # head group (measured, 1 thread: batch 8 x 128 tokens 167 vs 93 us, 32 x 128: 667 vs
     # 226); it wins only on tiny contexts, hence the threshold.
+    width = q_len * group
     flat_keys = keys.reshape(num_decodes * kv_heads, context, head_dim)
-    scores = torch.bmm(queries.reshape(-1, group, head_dim), flat_keys.transpose(1, 2))
-    scores = scores.view(num_decodes, kv_heads, group, context)
-    if meta.decode_mask is not None:
-        scores = scores.masked_fill(~meta.decode_mask, float("-inf"))
+    scores = torch.bmm(queries.reshape(-1, width, head_dim), flat_keys.transpose(1, 2))
+    scores = scores.view(num_decodes, kv_heads, width, context)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores.float() * scale, dim=-1).to(values.dtype)
-    attn = torch.bmm(probs.view(-1, group, context), values.reshape(-1, context, head_dim))
-    return attn.view(num_decodes, num_heads, head_dim)
+    attn = torch.bmm(probs.view(-1, width, context), values.reshape(-1, context, head_dim))
+    return _decode_rows(attn, num_decodes, q_len, kv_heads, group, head_dim)
+
+
+def _decode_rows(
+    attn: torch.Tensor, num_decodes: int, q_len: int, kv_heads: int, group: int, head_dim: int
+) -> torch.Tensor:
+    """[B, KVH, q_len * G, D] attention back to one row per query: [B * q_len, H, D]."""
+    if q_len == 1:
+        return attn.reshape(num_decodes, kv_heads * group, head_dim)
+    attn = attn.reshape(num_decodes, kv_heads, q_len, group, head_dim).transpose(1, 2)
+    return attn.reshape(num_decodes * q_len, kv_heads * group, head_dim)
 
 
 def _sparse_decode(

@@ -6,3 +6,42 @@ tokens and keeps the prefix the target model itself would have produced
 (`engine/spec/verify.py`). `engine/spec/policy.py` decides per step how many tokens each
 sequence drafts, from the measured cost of a step and the acceptance seen so far.
 """
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from engine.config import SpeculativeConfig
+
+
+class Drafter(Protocol):
+    """Proposes tokens to follow a sequence; learns from finished outputs (per tenant)."""
+
+    def propose(
+        self,
+        request_id: str,
+        tenant: bytes,
+        token_ids: list[int],
+        num_prompt_tokens: int,
+        max_tokens: int,
+    ) -> list[int]: ...
+
+    def finish(self, request_id: str, tenant: bytes, output_token_ids: list[int]) -> None: ...
+
+
+def make_drafter(config: SpeculativeConfig) -> Drafter | None:
+    """The configured drafter (None when speculation is off)."""
+    if config.method == "off":
+        return None
+    if config.method == "ngram":
+        from engine.spec.ngram import NgramDrafter
+
+        return NgramDrafter(config.prompt_lookup_min, config.prompt_lookup_max)
+    from engine.spec.suffix import SuffixDrafter
+
+    return SuffixDrafter(
+        max_depth=config.suffix_max_depth,
+        max_spec_factor=config.suffix_max_spec_factor,
+        min_token_prob=config.suffix_min_token_prob,
+        cache_requests=config.suffix_cache_requests,
+    )
