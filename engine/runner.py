@@ -162,7 +162,8 @@ class ModelRunner:
                 sample_idx.extend(range(t + n - 1, t + n + len(chunk.draft)))
                 sample_seqs.append(seq)
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev), prefills=prefills
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            prefills=prefills,
         )
         if decode_idx:
             self._prepare_decode(meta, decode_idx, decode_tables, decode_groups)

@@ -130,14 +130,17 @@ def _dense_decode(
             mask = mask.unsqueeze(3).expand(-1, -1, -1, group, -1).flatten(2, 3)
     context = meta.decode_context_len
     cpu_low_precision = keys.device.type == "cpu" and keys.dtype != torch.float32
-    # NOTE: the kernel choice ignores q_len, so a verify step picks the one a plain decode
-    # step of this batch would (its rows then round alike: greedy output stays the same).
     if not cpu_low_precision or num_decodes * context < BMM_MIN_CONTEXT:
+        if q_len > 1 and num_decodes == 1:
+            return _rowwise_decode(rows, keys, values, meta, scale, kv_heads, group)
         attn = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
         return _decode_rows(attn, num_decodes, q_len, kv_heads, group, head_dim)
     # NOTE: CPU SDPA on bf16 is 1.8-3x slower than these three ops for a single query per
     # head group (measured, 1 thread: batch 8 x 128 tokens 167 vs 93 us, 32 x 128: 667 vs
-    # 226); it wins only on tiny contexts, hence the threshold.
+    # 226); it wins only on tiny contexts, hence the threshold. Their result for a query
+    # does not depend on the key length it is padded to nor on how many queries share the
+    # call (0 of 300 random shapes differ; SDPA's did on 17 of 200), so a drafted row
+    # rounds exactly as the plain decode of its position.
     width = q_len * group
     flat_keys = keys.reshape(num_decodes * kv_heads, context, head_dim)
     scores = torch.bmm(queries.reshape(-1, width, head_dim), flat_keys.transpose(1, 2))
@@ -147,6 +150,34 @@ def _dense_decode(
     probs = torch.softmax(scores.float() * scale, dim=-1).to(values.dtype)
     attn = torch.bmm(probs.view(-1, width, context), values.reshape(-1, context, head_dim))
     return _decode_rows(attn, num_decodes, q_len, kv_heads, group, head_dim)
+
+
+def _rowwise_decode(
+    rows: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    kv_heads: int,
+    group: int,
+) -> torch.Tensor:
+    """One sequence's verify queries [q_len, H, D], each in its own SDPA call over exactly
+    its own context: SDPA's rounding depends on the padded key length and on the number of
+    queries in a call, so this is how a drafted row gets the very logits a plain decode of
+    its position gets (greedy speculation then keeps the output token for token)."""
+    assert meta.decode_real_rows is None
+    q_len, num_heads, head_dim = rows.shape
+    context = meta.decode_context_len
+    out = []
+    for j in range(q_len):
+        length = context - (q_len - 1 - j)
+        query = rows[j].view(1, kv_heads, group, head_dim)
+        out.append(
+            F.scaled_dot_product_attention(
+                query, keys[:, :, :length], values[:, :, :length], scale=scale
+            ).reshape(1, num_heads, head_dim)
+        )
+    return torch.cat(out)
 
 
 def _decode_rows(
