@@ -238,6 +238,8 @@ class ChoiceFlow:
                         output.num_cached_tokens = cached
                         emitted += output.new_token_ids
                         finished = output.finished
+                        if finished and output.num_drafted_tokens:
+                            span.set_attributes(_spec_attributes(output))
                         yield output
                 return
             except ReplicaLost as exc:
@@ -369,3 +371,18 @@ def _plan_attributes(plan: Plan) -> dict[str, Any]:
 def _raise_on_failure(output: RequestOutput) -> None:
     if output.finished and output.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
         raise EngineFailure(f"request {output.request_id} ended with {output.finish_reason}")
+
+
+def _spec_attributes(output: RequestOutput) -> dict[str, float]:
+    """Speculative decoding of a finished choice on its (last) decode engine."""
+    drafted, accepted, steps = (
+        output.num_drafted_tokens,
+        output.num_accepted_tokens,
+        output.num_spec_steps,
+    )
+    return {
+        "spec.drafted_tokens": drafted,
+        "spec.accepted_tokens": accepted,
+        "spec.acceptance_rate": accepted / drafted,
+        "spec.mean_accepted_length": 1 + accepted / steps if steps else 1.0,
+    }

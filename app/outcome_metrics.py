@@ -20,6 +20,12 @@ def observe_outcome(metrics: Metrics, record: AuditRecord, meter: Meter | None) 
     metrics.inc("dualpath_cost_total", record.cost, service_tier=tier, window=record.window or "")
     if meter is None:
         return
+    drafted, accepted, steps = meter.spec_counts()
+    if drafted:
+        tenant = record.tenant
+        metrics.inc("dualpath_spec_drafted_tokens_total", drafted, tenant=tenant)
+        metrics.inc("dualpath_spec_accepted_tokens_total", accepted, tenant=tenant)
+        metrics.inc("dualpath_spec_verify_steps_total", steps, tenant=tenant)
     ttft_s, tpot_s = meter.ttft_s, meter.tpot_s
     if ttft_s is not None:
         metrics.observe("dualpath_ttft_seconds", ttft_s, service_tier=tier)

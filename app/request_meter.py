@@ -28,6 +28,10 @@ class RequestMeter:
         self.queued_s = 0.0  # the admission wait before `start`
         self.first_s: float | None = None  # since start: the first output
         self.last_s = 0.0
+        # speculative decoding per choice: (drafted, accepted, verify steps), with what an
+        # engine the choice left (a moved decode restarts its counters) carried in `_spec_base`
+        self.spec = [(0, 0, 0)] * n
+        self._spec_base = [(0, 0, 0)] * n
 
     def admitted(self, queued_s: float) -> None:
         """The request waited `queued_s` in admission; it starts now."""
@@ -41,6 +45,11 @@ class RequestMeter:
             self.first_s = now
         self.last_s = now
         self.num_tokens[index] = output.num_output_tokens
+        counts = (output.num_drafted_tokens, output.num_accepted_tokens, output.num_spec_steps)
+        if counts < self.spec[index]:  # a fresh engine took the choice over
+            self._spec_base[index] = self.totals(index)
+            self.spec[index] = (0, 0, 0)
+        self.spec[index] = max(self.spec[index], counts)
         if output.finished:
             self.cached = max(self.cached, output.num_cached_tokens)
         # the first choice's first output: engine time to the first token on the PE (no
@@ -54,6 +63,16 @@ class RequestMeter:
             ):
                 if seconds is not None:
                     setattr(self.timings, name, seconds * 1e3)
+
+    def totals(self, index: int) -> tuple[int, int, int]:
+        """Choice `index`'s speculation so far: (drafted, accepted, verify steps)."""
+        base, now = self._spec_base[index], self.spec[index]
+        return (base[0] + now[0], base[1] + now[1], base[2] + now[2])
+
+    def spec_counts(self) -> tuple[int, int, int]:
+        """The request's speculation, all choices: (drafted, accepted, verify steps)."""
+        per_choice = [self.totals(i) for i in range(len(self.spec))]
+        return tuple(sum(c[k] for c in per_choice) for k in range(3))  # type: ignore[return-value]
 
     def usage(self) -> Usage:
         return Usage.of(self.num_prompt_tokens, sum(self.num_tokens), self.cached)

@@ -35,6 +35,22 @@ SPECS: dict[str, tuple[Kind, str, tuple[str, ...]]] = {
     "dualpath_read_path_total": ("counter", "plans by stored-KV read path", ("path",)),
     "dualpath_snic_queue_bytes": ("gauge", "storage NIC queue", ("node", "direction")),
     "dualpath_snic_bytes_total": ("counter", "storage NIC bytes moved", ("node", "direction")),
+    "dualpath_spec_drafted_tokens_total": (
+        "counter",
+        "speculative decoding: tokens drafted for served requests",
+        ("tenant",),
+    ),
+    "dualpath_spec_accepted_tokens_total": (
+        "counter",
+        "speculative decoding: drafted tokens the target model accepted",
+        ("tenant",),
+    ),
+    "dualpath_spec_verify_steps_total": (
+        "counter",
+        "speculative decoding: sequence-steps that verified a draft (mean accepted length "
+        "= 1 + accepted / steps)",
+        ("tenant",),
+    ),
     "dualpath_engine_running": ("gauge", "running requests", ("replica", "role", "node")),
     "dualpath_engine_waiting": ("gauge", "waiting requests", ("replica", "role", "node")),
     "dualpath_engine_free_blocks": ("gauge", "free KV blocks", ("replica", "role", "node")),

@@ -11,10 +11,16 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from engine import env
-from engine.config import DType, EngineConfig, SparseAttentionConfig, default_model_dir
+from engine.config import (
+    DType,
+    EngineConfig,
+    SparseAttentionConfig,
+    SpeculativeConfig,
+    default_model_dir,
+)
 from engine.quant import Quantization
 from kvstore.transfer.base import TransportName
 
@@ -94,6 +100,17 @@ class EngineSection(Section):
         default="dense", description="decode engines' attention (prefill is always dense)"
     )
     sparse: SparseAttentionConfig = Field(default_factory=SparseAttentionConfig)
+    speculative: SpeculativeConfig = Field(
+        default_factory=SpeculativeConfig,
+        description="decode engines' speculative decoding (ngram | suffix; prefill engines "
+        "never draft)",
+    )
+
+    @model_validator(mode="after")
+    def _check_speculative(self) -> EngineSection:
+        if self.speculative.method != "off" and self.attention == "sparse":
+            raise ValueError("engine.speculative needs dense attention (attention: dense)")
+        return self
 
     def engine_config(
         self, model: ModelSection, num_threads: int | None, prefill: bool = False
@@ -115,6 +132,7 @@ class EngineSection(Section):
             num_threads=self.num_threads or num_threads,
             attention="dense" if prefill else self.attention,
             sparse=self.sparse,
+            speculative=SpeculativeConfig() if prefill else self.speculative,
         )
 
 

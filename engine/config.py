@@ -217,6 +217,9 @@ class SpeculativeConfig(BaseModel):
     suffix_max_spec_factor: float = Field(
         default=1.0, gt=0.0, description="suffix: draft at most factor x match length tokens"
     )
+    suffix_max_spec_offset: float = Field(
+        default=4.0, ge=0.0, description="suffix: plus this many tokens (a short match's draft)"
+    )
     suffix_min_token_prob: float = Field(
         default=0.1, ge=0.0, le=1.0, description="suffix: stop a draft below this estimate"
     )

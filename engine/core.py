@@ -354,6 +354,7 @@ class EngineCore:
             text=self.states[seq.request_id].text,
             num_drafted_tokens=seq.num_drafted_tokens,
             num_accepted_tokens=seq.num_accepted_tokens,
+            num_spec_steps=seq.num_spec_steps,
         )
         if reason is not None:
             self._finish(seq, reason)

@@ -60,8 +60,10 @@ class RequestOutput:
     text: str = ""  # all text emitted so far, including new_text
     kv: SequenceKV | None = None  # prefill-only request handed off: its last output
     timings: FirstTokenTimings | None = None  # on the first output only
-    num_drafted_tokens: int = 0  # speculation for this request so far (running totals)
+    # speculation for this request on this engine so far (running totals)
+    num_drafted_tokens: int = 0
     num_accepted_tokens: int = 0
+    num_spec_steps: int = 0  # steps that verified a draft (mean accepted length: 1 + a/s)
 
 
 class OutputState:

@@ -80,7 +80,8 @@ class Sequence:
     draft: list[int] = field(default_factory=list)  # speculative tokens to verify next step
     num_drafted_tokens: int = 0  # speculation so far: tokens drafted / accepted
     num_accepted_tokens: int = 0
-    num_spec_rejections: int = 0  # verify steps that ended on a rejected draft token
+    num_spec_steps: int = 0  # steps that verified a draft of this sequence
+    num_spec_rejections: int = 0  # of those, the ones that ended on a rejected draft token
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)

@@ -39,6 +39,8 @@ class Meter(Protocol):
 
     def counts(self) -> tuple[int, int, int]: ...  # (hit, miss, output) tokens
 
+    def spec_counts(self) -> tuple[int, int, int]: ...  # (drafted, accepted, verify steps)
+
     @property
     def ttft_s(self) -> float | None: ...
 

@@ -95,6 +95,11 @@ class _Request(BaseModel):
     response_format: ResponseFormat | None = Field(
         default=None, description="json_object / json_schema: grammar-constrained output"
     )
+    speculative: bool = Field(
+        default=True,
+        description="extension: false opts this request out of speculative decoding on "
+        "engines that speculate (the output is the same either way)",
+    )
 
     @field_validator("*", mode="before")
     @classmethod
@@ -142,6 +147,7 @@ class _Request(BaseModel):
             presence_penalty=self.presence_penalty or 0.0,
             frequency_penalty=self.frequency_penalty or 0.0,
             logprobs=logprobs,
+            speculative=self.speculative,
         )
 
 

@@ -42,6 +42,7 @@ def make_drafter(config: SpeculativeConfig) -> Drafter | None:
     return SuffixDrafter(
         max_depth=config.suffix_max_depth,
         max_spec_factor=config.suffix_max_spec_factor,
+        max_spec_offset=config.suffix_max_spec_offset,
         min_token_prob=config.suffix_min_token_prob,
         cache_requests=config.suffix_cache_requests,
     )

@@ -70,6 +70,7 @@ class Speculator:
     def record(self, seq: Sequence, drafted: int, accepted: int) -> None:
         seq.num_drafted_tokens += drafted
         seq.num_accepted_tokens += accepted
+        seq.num_spec_steps += 1
         seq.num_spec_rejections += accepted < drafted
         self.stats.record(drafted, accepted, accepted + 1)
         self.policy.observe_verify(drafted, accepted)

@@ -26,6 +26,7 @@ off with all outputs identical; control, <= 5 % slower than off at every batch s
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import statistics
@@ -149,6 +150,7 @@ def build_engines(args: argparse.Namespace, num_kv_blocks: int) -> dict[str, Eng
                     method=method,
                     num_speculative_tokens=args.num_speculative_tokens,
                     adaptive=args.adaptive,
+                    **args.spec_args,
                 ),
             )
         )
@@ -349,6 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="interleaved runs (median)")
     parser.add_argument("--num-speculative-tokens", type=int, default=6)
     parser.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--spec-args", type=json.loads, default={}, help="JSON merged into engine.speculative"
+    )
     parser.add_argument("--name", default=None, help="JSON stem (default speculative-<time>)")
     parser.add_argument("--plot", type=Path, default=RESULTS_DIR / "speculative.png")
     args = parser.parse_args(argv)

@@ -77,3 +77,19 @@ def test_sparse_attention_reaches_decode_engines_only():
     assert decode.sparse.summary == "minmax" and decode.sparse.deep_fraction == 0.1
     with pytest.raises(ValidationError):
         AppConfig.model_validate({"engine": {"sparse": {"sumary": "mean"}}})
+
+
+def test_speculation_is_for_decode_engines_and_needs_dense_attention():
+    (app,) = yaml.safe_load((ROOT / "serve_config.yaml").read_text())["applications"]
+    engine = AppConfig.model_validate(app["args"]).engine
+    assert engine.speculative.method == "ngram"  # the shipped default
+    assert engine.engine_config(engine_model(), 1).speculative.method == "ngram"
+    assert engine.engine_config(engine_model(), 1, prefill=True).speculative.method == "off"
+    with pytest.raises(ValidationError, match="dense attention"):
+        AppConfig.model_validate(
+            {"engine": {"attention": "sparse", "speculative": {"method": "suffix"}}}
+        )
+
+
+def engine_model():
+    return AppConfig.model_validate({}).model
