@@ -207,7 +207,7 @@ class EngineCore:
     def step(self) -> list[RequestOutput]:
         """Run one batch step; return what each sampled request produced."""
         started = time.perf_counter()
-        self.speculator.draft(self.scheduler.running)
+        self.speculator.draft(self.scheduler.running, len(self.scheduler.waiting))
         plan = self.last_plan = self.scheduler.schedule()
         for seq in self.scheduler.running:
             seq.draft = []  # what fitted is in the plan's chunks

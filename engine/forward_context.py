@@ -41,6 +41,7 @@ class AttentionMetadata:
     # query; `decode_real_rows` picks the unpadded rows (None when nothing is padded).
     decode_query_len: int = 1
     decode_real_rows: torch.Tensor | None = None
+    decode_plain_context_len: int = 0  # the longest context without the drafts
     prefills: list[PrefillSpan] = field(default_factory=list)
     # Sparse attention only (None when dense):
     decode_context_lens: torch.Tensor | None = None  # [num_decodes] long, current token incl.

@@ -208,6 +208,7 @@ class ModelRunner:
             [t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=dev
         )
         meta.decode_context_len = max_len
+        meta.decode_plain_context_len = max(g[0] for g in groups)
         meta.decode_query_len = q_len
         if len(real) != len(idx):
             meta.decode_real_rows = torch.tensor(real, dtype=torch.long, device=dev)

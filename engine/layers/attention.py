@@ -130,7 +130,9 @@ def _dense_decode(
             mask = mask.unsqueeze(3).expand(-1, -1, -1, group, -1).flatten(2, 3)
     context = meta.decode_context_len
     cpu_low_precision = keys.device.type == "cpu" and keys.dtype != torch.float32
-    if not cpu_low_precision or num_decodes * context < BMM_MIN_CONTEXT:
+    # NOTE: decided on the context without drafts: the kernel a plain step would take
+    plain_context = meta.decode_plain_context_len or context
+    if not cpu_low_precision or num_decodes * plain_context < BMM_MIN_CONTEXT:
         if q_len > 1 and num_decodes == 1:
             return _rowwise_decode(rows, keys, values, meta, scale, kv_heads, group)
         attn = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
@@ -141,15 +143,28 @@ def _dense_decode(
     # does not depend on the key length it is padded to nor on how many queries share the
     # call (0 of 300 random shapes differ; SDPA's did on 17 of 200), so a drafted row
     # rounds exactly as the plain decode of its position.
-    width = q_len * group
-    flat_keys = keys.reshape(num_decodes * kv_heads, context, head_dim)
+    attn = _bmm_attention(queries, keys, values, mask, scale)
+    return _decode_rows(attn, num_decodes, q_len, kv_heads, group, head_dim)
+
+
+def _bmm_attention(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Queries [B, KVH, W, D] over keys/values [B, KVH, L, D] with bmm + softmax."""
+    batch, kv_heads, width, head_dim = queries.shape
+    context = keys.shape[2]
+    flat_keys = keys.reshape(batch * kv_heads, context, head_dim)
     scores = torch.bmm(queries.reshape(-1, width, head_dim), flat_keys.transpose(1, 2))
-    scores = scores.view(num_decodes, kv_heads, width, context)
+    scores = scores.view(batch, kv_heads, width, context)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores.float() * scale, dim=-1).to(values.dtype)
     attn = torch.bmm(probs.view(-1, width, context), values.reshape(-1, context, head_dim))
-    return _decode_rows(attn, num_decodes, q_len, kv_heads, group, head_dim)
+    return attn.view(batch, kv_heads, width, head_dim)
 
 
 def _rowwise_decode(
@@ -168,15 +183,17 @@ def _rowwise_decode(
     assert meta.decode_real_rows is None
     q_len, num_heads, head_dim = rows.shape
     context = meta.decode_context_len
+    low_precision = keys.device.type == "cpu" and keys.dtype != torch.float32
     out = []
     for j in range(q_len):
         length = context - (q_len - 1 - j)
         query = rows[j].view(1, kv_heads, group, head_dim)
-        out.append(
-            F.scaled_dot_product_attention(
-                query, keys[:, :, :length], values[:, :, :length], scale=scale
-            ).reshape(1, num_heads, head_dim)
-        )
+        k, v = keys[:, :, :length], values[:, :, :length]
+        if low_precision and length >= BMM_MIN_CONTEXT:  # a plain step here takes bmm
+            attn = _bmm_attention(query, k, v, None, scale)
+        else:
+            attn = F.scaled_dot_product_attention(query, k, v, scale=scale)
+        out.append(attn.reshape(1, num_heads, head_dim))
     return torch.cat(out)
 
 

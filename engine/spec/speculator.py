@@ -28,14 +28,21 @@ class Speculator:
     def enabled(self) -> bool:
         return self.drafter is not None
 
-    def draft(self, running: list[Sequence]) -> None:
-        """Set `seq.draft` on each decoding sequence the policy says drafting pays for."""
-        if self.drafter is None:
+    def draft(self, running: list[Sequence], num_waiting: int = 0) -> None:
+        """Set `seq.draft` on each decoding sequence the policy says drafting pays for.
+
+        NOTE: not while prompts are being prefilled (`num_waiting` or a prefilling running
+        sequence): that step is compute-bound, so drafts cost full price, and its matmuls
+        run the dense kernel, whose rounding depends on the row count.
+        """
+        if self.drafter is None or num_waiting:
             return
         cands: dict[str, Sequence] = {}
         base_rows = 0
         for seq in running:
-            if seq.is_prefilling or seq.status is not SequenceStatus.RUNNING:
+            if seq.is_prefilling:
+                return
+            if seq.status is not SequenceStatus.RUNNING:
                 continue
             base_rows += 1
             if seq.params.speculative and not seq.prefill_only and self._room(seq) > 0:

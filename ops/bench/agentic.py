@@ -61,9 +61,9 @@ MODEL = "bench-model"
 NODES = ("pnode", "dnode0", "dnode1")
 LAYOUT = (  # what _deploy runs, as every report states it
     "one machine emulating 3 logical nodes: pnode (1 PE), dnode0 and dnode1 (1 DE each), one "
-    "thread per engine (int4 weights, bf16 KV unless --app-args says otherwise); every node's "
-    "SNIC capped at {snic_mbps} MB/s (oracle: uncapped); KV store without DRAM cache, NVMe "
-    "tier in a temp directory"
+    "thread per engine (int4 weights, bf16 KV, ngram drafts unless --app-args says otherwise); "
+    "every node's SNIC capped at {snic_mbps} MB/s (oracle: uncapped); KV store without DRAM "
+    "cache, NVMe tier in a temp directory"
 )
 KV_COUNTERS = ("read_timeouts", "blocks_from_write_buffer", "corrupt_or_missing", "persist_dropped")
 DEFAULT_SHAPE = BENCH_TRACE  # docs/BENCHMARKS.md's table; the sweep's `default` shape
@@ -177,9 +177,10 @@ def _deploy(args: argparse.Namespace, mode: str, kv_dir: Path, port: int) -> str
     policy = "dualpath" if mode == "oracle" else mode
     app_args: dict[str, Any] = {
         "model": {"path": str(args.model), "served_model_name": MODEL},
-        "engine": {  # the shipped default (serve_config.yaml): int4 weights, bf16 KV
+        "engine": {  # the shipped default (serve_config.yaml): int4, bf16 KV, ngram drafts
             "dtype": "bfloat16",
             "quantization": "int4",
+            "speculative": {"method": "ngram"},
             "num_threads": 1,
             "max_num_batched_tokens": 2048,
         },

@@ -305,3 +305,38 @@ def _drain(engine: EngineCore):
 
 def _tokens(outs, rid: str) -> list[int]:
     return [t for o in outs if o.request_id == rid for t in o.new_token_ids]
+
+
+def test_bf16_drafted_rows_round_like_plain_decode_rows(tiny_model_dir):
+    """bf16 KV on CPU: verifying one sequence's draft gives each position the very logits
+    (bit for bit) a plain decode step gives it, on both sides of the SDPA / bmm threshold
+    (512 context tokens); SDPA alone rounds by key length and query count."""
+    base = dict(model=tiny_model_dir, num_threads=1, block_size=16, dtype="bfloat16")
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    prompt = [7 + i % 300 for i in range(470)]  # decodes from 471 to 534 context tokens
+
+    def logits_by_position(engine: EngineCore) -> dict[int, torch.Tensor]:
+        seen: dict[int, torch.Tensor] = {}
+        real = engine.runner.sampler
+
+        def spy(logits, seqs):
+            for row, seq in zip(logits, seqs, strict=True):
+                seen[seq.num_output_tokens] = row.clone()
+            return real(logits, seqs)
+
+        engine.runner.sampler = spy
+        engine.generate([prompt], params)
+        return seen
+
+    plain = EngineCore(EngineConfig(**base))
+    want = logits_by_position(plain)
+    ref = plain.generate([prompt], params)[0].new_token_ids
+    engine = EngineCore(
+        EngineConfig(**base, speculative=SpeculativeConfig(method="ngram", adaptive=False))
+    )
+    with_oracle(engine, [prompt], [ref], wrong_every=5)
+    got = logits_by_position(engine)
+    assert engine.spec_stats.accepted_tokens > 10
+    assert got.keys() == want.keys()
+    differ = [pos for pos in want if not torch.equal(got[pos], want[pos])]
+    assert not differ, f"positions whose logits differ: {differ}"
