@@ -97,6 +97,7 @@ def to_chat(
         temperature=request.temperature,
         top_p=request.top_p,
         seed=request.seed,
+        speculative=request.speculative,
         stream=request.stream,
         stream_options=StreamOptions(include_usage=True) if request.stream else None,
         service_tier=request.service_tier,

@@ -116,7 +116,8 @@ class BatchScheduler:
         """`seq.draft` cut to the step's budget and the free blocks; never a preemption.
 
         NOTE: drafts ride on decode chunks only, and only while slots for them are free:
-        speculation is an optimisation, so it never evicts anyone's KV.
+        speculation is an optimisation, so it never preempts a sequence (like any growth,
+        it may take a free block that still caches a prefix).
         """
         if not seq.draft or num_tokens != 1 or seq.is_prefilling:
             return []

@@ -214,6 +214,7 @@ class EngineCore:
         if plan.is_empty:
             return []
         self.num_computed_total += plan.num_batched_tokens
+        run_started = time.perf_counter()
         try:
             sampled, logits = self.runner.run(plan)
         except Exception:
@@ -221,7 +222,7 @@ class EngineCore:
             # forever); its sequences end with "error" and everything else carries on.
             logger.exception("step failed", extra={"request_ids": plan_ids(plan)})
             return [self._fail(chunk.seq) for chunk in plan.chunks]
-        self._observe_cost(plan, time.perf_counter() - started)
+        self._observe_cost(plan, time.perf_counter() - run_started)
         if self.runner.last_import is not None:
             self.import_totals.add(self.runner.last_import.stats)
         for chunk in plan.chunks:

@@ -140,6 +140,9 @@ class ResponsesRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="extension")
+    speculative: bool = Field(
+        default=True, description="extension: false opts out of speculative decoding"
+    )
     stream: bool = False
     store: bool = True
     previous_response_id: str | None = None

@@ -47,3 +47,12 @@ def test_the_speculative_extension_field_reaches_the_engine_params():
     assert ChatCompletionRequest.model_validate(body)._sampling(8, None, 0).speculative
     off = ChatCompletionRequest.model_validate({**body, "speculative": False})
     assert off._sampling(8, None, 0).speculative is False
+
+
+def test_the_responses_api_passes_the_opt_out_on():
+    from app.api.responses import ResponsesRequest
+    from app.responses import to_chat
+
+    request = ResponsesRequest.model_validate({"model": "m", "input": "hi", "speculative": False})
+    chat, _ = to_chat(request, [])
+    assert chat._sampling(8, None, 0).speculative is False

@@ -67,7 +67,12 @@ def serve_app(request, serve_port, model_dir, tmp_path_factory):
     traces = tmp_path_factory.mktemp(f"traces-{request.param}")
     args = {
         "model": {"path": str(model_dir), "served_model_name": MODEL},
-        "engine": {"kv_cache_bytes": "96MiB", "max_num_seqs": 32},
+        # decode engines speculate, as the shipped config does: every test below runs it
+        "engine": {
+            "kv_cache_bytes": "96MiB",
+            "max_num_seqs": 32,
+            "speculative": {"method": "ngram"},
+        },
         "transfer": {"transport": request.param, "nixl_staging_bytes": "64MiB"},
         "scheduler": {"report_interval_s": 0.2},
         "kvstore": {"path": str(tmp_path_factory.mktemp(f"kv-{request.param}"))},

@@ -141,3 +141,42 @@ def test_replaying_an_agentic_trace_reuses_each_sessions_context(serve_app, tmp_
         assert 30 <= second.prompt_tokens - first.prompt_tokens - len(first.ids) <= 50
         assert second.cached_tokens >= 256  # the agent's previous turn is reused
     assert summarize(results, wall)["tiers"]["default"]["statuses"] == {"200": 4}
+
+
+def test_speculative_decoding_keeps_the_reply_and_is_traced_and_counted(serve_app, engine):
+    """The decode engines draft (ngram): a reply that copies its prompt is the engine's own
+    greedy reply with and without the request's opt-out; the decode span carries the
+    request's acceptance and the per-tenant counters reach Prometheus."""
+    from engine.sampling_params import SamplingParams
+
+    text = "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n"
+    msgs = [{"role": "user", "content": f"Repeat this code exactly:\n{text}"}]
+    prompt = engine.tokenizer.encode_chat(msgs)
+    (want,) = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=48))
+    client = OpenAI(base_url=serve_app.openai_url, api_key="unused", max_retries=0)
+    replies = {}
+    for speculative in (True, False):
+        reply = client.chat.completions.create(
+            model=MODEL,
+            messages=msgs,
+            max_tokens=48,
+            temperature=0,
+            extra_body={"speculative": speculative},
+        )
+        assert reply.choices[0].message.content == want.text
+        replies[speculative] = reply.id
+    decode = {}
+    for speculative, rid in replies.items():
+        spans = wait_for_trace(serve_app.traces, rid, 4)
+        (decode[speculative],) = [s for s in spans if s["name"] == "decode"]
+    drafted = decode[True]["attributes"].get("spec.drafted_tokens", 0)
+    assert drafted > 0, decode[True]["attributes"]
+    assert 0 <= decode[True]["attributes"]["spec.acceptance_rate"] <= 1
+    assert "spec.drafted_tokens" not in decode[False]["attributes"]
+    deadline = time.time() + 30
+    while True:
+        metrics = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text
+        if "ray_dualpath_spec_drafted_tokens_total{" in metrics or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert "ray_dualpath_spec_accepted_tokens_total{" in metrics
