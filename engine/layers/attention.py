@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from engine.forward_context import AttentionMetadata, SparseContext
 from engine.kernels import ops
 
-# Decode attention over bf16/fp16 KV on CPU uses bmm + softmax from this many context tokens
-# per step (summed over the batch's sequences); below it, and on CUDA, SDPA's kernel.
+# Decode attention over bf16/fp16 KV on CPU uses bmm + softmax for a batch of several
+# sequences, and for one sequence from this many context tokens; below it, and on CUDA,
+# SDPA's kernel.
 BMM_MIN_CONTEXT = 512
 
 
@@ -130,19 +131,22 @@ def _dense_decode(
             mask = mask.unsqueeze(3).expand(-1, -1, -1, group, -1).flatten(2, 3)
     context = meta.decode_context_len
     cpu_low_precision = keys.device.type == "cpu" and keys.dtype != torch.float32
-    # NOTE: decided on the context without drafts: the kernel a plain step would take
+    # NOTE: decided on the context without drafts: the kernel a plain step would take.
+    # Several sequences take bmm at any length: SDPA's rounding would depend on what else
+    # is in the batch (the padded length), bmm's does not.
     plain_context = meta.decode_plain_context_len or context
-    if not cpu_low_precision or num_decodes * plain_context < BMM_MIN_CONTEXT:
+    if not cpu_low_precision or num_decodes == 1 and plain_context < BMM_MIN_CONTEXT:
         if q_len > 1 and num_decodes == 1:
             return _rowwise_decode(rows, keys, values, meta, scale, kv_heads, group)
         attn = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
         return _decode_rows(attn, num_decodes, q_len, kv_heads, group, head_dim)
     # NOTE: CPU SDPA on bf16 is 1.8-3x slower than these three ops for a single query per
     # head group (measured, 1 thread: batch 8 x 128 tokens 167 vs 93 us, 32 x 128: 667 vs
-    # 226); it wins only on tiny contexts, hence the threshold. Their result for a query
-    # does not depend on the key length it is padded to nor on how many queries share the
-    # call (0 of 300 random shapes differ; SDPA's did on 17 of 200), so a drafted row
-    # rounds exactly as the plain decode of its position.
+    # 226); it wins only for one sequence's short context, hence the threshold. Their
+    # result for a query does not depend on the key length it is padded to nor on how many
+    # queries share the call (0 of 300 random shapes differ; SDPA's did on 17 of 200): a
+    # sequence decodes the same whatever else is in the batch, and a drafted row rounds
+    # exactly as the plain decode of its position.
     attn = _bmm_attention(queries, keys, values, mask, scale)
     return _decode_rows(attn, num_decodes, q_len, kv_heads, group, head_dim)
 
