@@ -76,8 +76,7 @@ class EngineCore:
         self.last_plan: StepPlan | None = None  # the latest step's chunks (for tracing)
         self.import_totals = ImportStats()  # stored-KV imports so far (layer-wise overlap)
         self._arrivals = itertools.count()
-        # NOTE: above quant_max_rows rows a quantised engine's matmuls hand over to the
-        # dense kernel: slower for drafts, and rounded differently from a plain step.
+        # NOTE: past quant_max_rows rows a quantised engine's matmuls take the dense kernel
         quantised = config.quantization != "none"
         self.speculator = Speculator(
             config.speculative, self.max_model_len, config.quant_max_rows if quantised else None

@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "ops" / "dashboards" / "dualpath.json"
-ROWS = ["Requests & latency", "Admission", "KV cache & storage NIC", "Engines", "Billing"]
+ROWS = [
+    "Requests & latency",
+    "Admission",
+    "KV cache & storage NIC",
+    "Engines",
+    "Billing",
+    "Speculative decoding",
+]
 HISTOGRAMS = ["dualpath_ttft_seconds", "dualpath_tpot_seconds"]
 METRICS = [
     *(f"{h}_bucket" for h in HISTOGRAMS),
