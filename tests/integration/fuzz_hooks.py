@@ -23,6 +23,9 @@ RULE_CODES = {
     "duplicate_tool_name",
     "unsupported_combination",  # ignore_eos with a grammar
     "unsupported_parameter",  # a field that would change the output and is not implemented
+    # prompt (after templating: tool definitions included) + max_tokens beyond the model's
+    # context or the engines' KV pool: a limit of the running deployment, not of the schema
+    "context_length_exceeded",
 }
 ALLOWED = range(200, 400), {401, 403, 404, 409, 429}
 

@@ -65,20 +65,31 @@ def stream_one(base: str, i: int, started: threading.Event) -> tuple[list[int], 
     return ids, text, finish
 
 
-def busiest_de(serve) -> str:
-    """The actor name of the decode replica running the most requests right now."""
+def busiest_de(serve, timeout_s: float = 30.0) -> str:
+    """The actor name of the decode replica running the most requests right now.
+
+    NOTE: on 2 oversubscribed cores a report can be late; wait for a fresh one rather than
+    pick a replica from a stale view."""
     import ray
 
-    alive = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
-    reports = serve.get_deployment_handle("Scheduler", APP).engines.remote().result()
     name = f"SERVE_REPLICA::{APP}#{DE}#{{}}".format
-    fresh = [
-        r
-        for r in reports  # reported within the last 3 report intervals, and not killed since
-        if r.role == "decode" and time.time() - r.timestamp_s < 0.75 and name(r.replica_id) in alive
-    ]
+    deadline = time.time() + timeout_s
+    while True:
+        alive = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+        reports = serve.get_deployment_handle("Scheduler", APP).engines.remote().result()
+        fresh = [
+            r
+            for r in reports  # reported within the last 3 report intervals, not killed since
+            if r.role == "decode"
+            and time.time() - r.timestamp_s < 0.75
+            and name(r.replica_id) in alive
+            and r.num_running + r.num_waiting > 0
+        ]
+        if fresh or time.time() > deadline:
+            break
+        time.sleep(0.05)
+    assert fresh, "no decode replica reported running work"
     busiest = max(fresh, key=lambda r: r.num_running + r.num_waiting)
-    assert busiest.num_running + busiest.num_waiting > 0
     return name(busiest.replica_id)
 
 
