@@ -19,6 +19,7 @@ from engine.config import (
     EngineConfig,
     SparseAttentionConfig,
     SpeculativeConfig,
+    check_speculation_attention,
     default_model_dir,
 )
 from engine.quant import Quantization
@@ -108,8 +109,7 @@ class EngineSection(Section):
 
     @model_validator(mode="after")
     def _check_speculative(self) -> EngineSection:
-        if self.speculative.method != "off" and self.attention == "sparse":
-            raise ValueError("engine.speculative needs dense attention (attention: dense)")
+        check_speculation_attention(self.speculative, self.attention)
         return self
 
     def engine_config(

@@ -239,6 +239,16 @@ class SpeculativeConfig(BaseModel):
         return self
 
 
+def check_speculation_attention(speculative: SpeculativeConfig, attention: str) -> None:
+    """Drafts are verified in the dense decode path: refuse speculation with sparse
+    attention (the engine config, and the app's engine section at load)."""
+    if speculative.method != "off" and attention == "sparse":
+        raise ValueError(
+            "speculative decoding needs dense attention: drafts are verified in the dense "
+            "decode path (not available with attention: sparse)"
+        )
+
+
 class EngineConfig(BaseModel):
     """Knobs of one engine (one accelerator, or a CPU slice)."""
 
@@ -316,11 +326,7 @@ class EngineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_speculative(self) -> EngineConfig:
-        if self.speculative.method != "off" and self.attention == "sparse":
-            raise ValueError(
-                "speculative decoding verifies drafts in dense decode attention; it is not "
-                "available with attention: sparse"
-            )
+        check_speculation_attention(self.speculative, self.attention)
         return self
 
     @property

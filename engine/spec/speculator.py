@@ -58,11 +58,12 @@ class Speculator:
         if not limits:
             self.stats.declined_steps += 1
             return
-        proposed = {
-            key: self.drafter.propose(key, s.root_key, s.token_ids, s.num_prompt_tokens, n)
-            for key, n in limits.items()
-            if (s := cands[key])
-        }
+        proposed = {}
+        for key, n in limits.items():
+            seq = cands[key]
+            proposed[key] = self.drafter.propose(
+                key, seq.root_key, seq.token_ids, seq.num_prompt_tokens, n
+            )
         drafted = [_candidate(cands[k], len(d)) for k, d in proposed.items() if d]
         if not drafted:
             return
