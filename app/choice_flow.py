@@ -192,6 +192,8 @@ class ChoiceFlow:
                 if self._stage is not None:  # the prefill span ends; the choice goes on
                     tracing.fail(self._stage, exc)
                     self._end_stage()
+                if exc.role == "prefill":  # not planned onto again (its node may be gone)
+                    await self.cluster.lost(plan.prefill_replica)
                 await self._retry(exc, "prefill")
 
     async def handoff(self, from_pe: AsyncIterator[RequestOutput | KVHandoff]) -> KVHandoff | None:
@@ -247,11 +249,23 @@ class ChoiceFlow:
                     return
                 span.add_event("replica_lost", {"cause": str(exc), "emitted": len(emitted)})
                 await self._retry(exc, "decode")
-                # any live decode replica of the node; the lost one's KV is gone: recompute
-                moved = {"handoff": None, "target_replica": None, "prefix_blocks": ()}
-                job = replace(job, **moved, emitted=tuple(emitted))
+                # a live decode replica on any node (the lost one's may be gone with it); its
+                # KV is gone: the new DE recomputes prompt + emitted tokens
+                plan = await self._move_decode(plan, len(self.prompt) + self.params.max_tokens)
+                span.add_event("moved", {"node": plan.decode_node, "replica": plan.decode_replica})
+                moved = {"handoff": None, "target_replica": plan.decode_replica or None}
+                job = replace(job, **moved, prefix_blocks=(), emitted=tuple(emitted))
 
     # ------------------------------------------------------------------ helpers
+    async def _move_decode(self, plan: Plan, num_tokens: int) -> Plan:
+        """The plan with its DE replaced after a loss: the Scheduler's pick on any node, or
+        the same node with no pinned replica (Serve routes) if it has none."""
+        moved = await self.cluster.replace_decode(self.request_id, plan.decode_replica, num_tokens)
+        if moved is None:
+            return replace(plan, decode_replica="")
+        node, replica = moved
+        return replace(plan, decode_node=node, decode_replica=replica)
+
     def _prefill_job(self, plan: Plan, handles: list[Any], num_de_blocks: int) -> PrefillJob:
         return PrefillJob(
             plan.request_id,

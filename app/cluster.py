@@ -34,6 +34,20 @@ class Cluster(Protocol):
         """Fire and forget: a planned choice ended before its DE took it."""
         ...
 
+    async def replace_decode(
+        self, request_id: str, lost_replica: str, num_tokens: int
+    ) -> tuple[str, str] | None:
+        """A decode replica was lost under `request_id`: the Scheduler forgets it and picks a
+        live decode replica on any node for the request's `num_tokens` of KV; (node, replica),
+        or None if it cannot say (the choice then stays with the lost replica's node)."""
+        ...
+
+    async def lost(self, replica_id: str) -> None:
+        """An engine replica was lost: the Scheduler stops planning onto it at once (its node
+        may be gone, and with it every replica there; the Scheduler's node watch drops
+        those too)."""
+        ...
+
     async def load(self, node: str, keys: Sequence[bytes], request_id: str = "") -> list[Any]:
         """Read stored blocks into `node`'s DRAM: handles of the leading blocks that arrived."""
         ...
@@ -57,4 +71,9 @@ class ClusterStatus(Protocol):
 
 class ReplicaLost(RuntimeError):
     """An engine replica died or became unreachable mid-call (the cluster's translation of
-    its transport's error, e.g. Ray's actor errors): the request itself may be retried."""
+    its transport's error, e.g. Ray's actor errors): the request itself may be retried.
+    `role` says whose: "prefill", "decode", or "" (the Scheduler, a TrafficManager)."""
+
+    def __init__(self, message: str, role: str = ""):
+        super().__init__(message)
+        self.role = role

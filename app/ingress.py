@@ -41,7 +41,10 @@ class Ingress:
     def __init__(
         self, config: AppConfig, scheduler: DeploymentHandle, nodes: dict[str, NodeHandles]
     ):
-        cluster = ServeCluster(scheduler, nodes)
+        # a TrafficManager answers within its read timeout; one that never answers is gone
+        read_timeout_s = config.kvstore.read_timeout_s
+        load_timeout_s = None if read_timeout_s is None else read_timeout_s + 10.0
+        cluster = ServeCluster(scheduler, nodes, load_timeout_s)
         self.frontend = Frontend(config, cluster, cluster, Metrics("ray"))
 
     # ------------------------------------------------------------------ Python handle API

@@ -45,8 +45,16 @@ class ServeCluster:
     side's TrafficManagers, the PE and the DE (each logical node has its own deployments,
     keyed by node name)."""
 
-    def __init__(self, scheduler: DeploymentHandle, nodes: dict[str, NodeHandles]):
+    def __init__(
+        self,
+        scheduler: DeploymentHandle,
+        nodes: dict[str, NodeHandles],
+        load_timeout_s: float | None = None,
+    ):
         self.scheduler = scheduler
+        # NOTE: a node that died takes its TrafficManager along, and a call to a deployment
+        # with no replica left waits for one: a read must not wait for a host to come back
+        self.load_timeout_s = load_timeout_s
         self.prefill_engines = {
             n: h["prefill"].options(stream=True) for n, h in nodes.items() if "prefill" in h
         }
@@ -72,17 +80,35 @@ class ServeCluster:
         except Exception:  # shutting down: the plan expires by its TTL instead
             logger.debug("could not release the plan of %s", request_id, exc_info=True)
 
+    async def replace_decode(
+        self, request_id: str, lost_replica: str, num_tokens: int
+    ) -> tuple[str, str] | None:
+        try:
+            return await self._unary(
+                self.scheduler.replace_decode, request_id, lost=lost_replica, num_tokens=num_tokens
+            )
+        except Exception:  # the Scheduler restarting: stay on the node, Serve routes
+            logger.warning("no replacement decode replica for %s", request_id, exc_info=True)
+            return None
+
+    async def lost(self, replica_id: str) -> None:
+        try:
+            await self._unary(self.scheduler.forget, replica_id)
+        except Exception:  # the Scheduler restarting: its node watch drops the replica
+            logger.debug("could not report lost replica %s", replica_id, exc_info=True)
+
     async def lookup(self, block_keys: tuple[bytes, ...]) -> msg.StoredPrefix:
         return await self._unary(self.scheduler.lookup, block_keys)
 
     async def load(self, node: str, keys: Sequence[bytes], request_id: str = "") -> list[Any]:
         # the read's span (current here) is the parent of the TrafficManager's
-        return await self._unary(
+        read = self._unary(
             self.traffic[node].load,
             list(keys),
             trace=tracing.inject(),
             request_id=request_id or None,
         )
+        return await asyncio.wait_for(read, self.load_timeout_s)
 
     async def _unary(self, method: Any, arg: Any, **kwargs: Any) -> Any:
         response = as_own_request(method, arg, **kwargs)
@@ -92,7 +118,7 @@ class ServeCluster:
             response.cancel()  # client gone: stop the prefill too
             raise
         except RayActorError as exc:  # the replica died (or is unreachable) under the call
-            raise ReplicaLost(f"{method.deployment_name}: {type(exc).__name__}") from exc
+            raise _lost(method, exc) from exc
 
     def prefill(
         self, node: str, job: msg.PrefillJob
@@ -108,6 +134,15 @@ class ServeCluster:
             async for item in items:
                 yield item
         except RayActorError as exc:  # the replica died mid-stream: the flow moves the request
-            raise ReplicaLost(f"{method.deployment_name}: {type(exc).__name__}") from exc
+            raise _lost(method, exc) from exc
         finally:
             items.cancel()  # a no-op once finished; aborts the engine request otherwise
+
+
+def _lost(method: Any, exc: Exception) -> ReplicaLost:
+    name = method.deployment_name
+    role = next((r for p, r in _ROLES.items() if name.startswith(p)), "")
+    return ReplicaLost(f"{name}: {type(exc).__name__}", role)
+
+
+_ROLES = {"PrefillEngine": "prefill", "DecodeEngine": "decode"}

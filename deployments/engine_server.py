@@ -52,8 +52,10 @@ class EngineServer:
         fetch_blocks: BlockFetcher = local_blocks,
         persist: PersistSink | None = None,
         on_transfer_failure: KVFailurePolicy = KVFailurePolicy.RECOMPUTE,
+        ray_node_id: str = "",
     ):
         self.engine = engine
+        self.ray_node_id = ray_node_id
         self.mover = mover
         self.replica_id = replica_id
         self.node_id = node_id
@@ -104,6 +106,7 @@ class EngineServer:
             replica_id=self.replica_id,
             role=self.role,
             node_id=self.node_id,
+            ray_node_id=self.ray_node_id,
             block_size=config.block_size,
             max_num_seqs=config.max_num_seqs,
             timestamp_s=time.time(),

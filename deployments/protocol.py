@@ -194,6 +194,7 @@ class LoadReport:
     # the figures above (or finished already), so the Scheduler retires what it planned
     # for them (deployments/scheduler/view.py)
     arrived_ids: tuple[str, ...] = ()
+    ray_node_id: str = ""  # the Ray node the replica runs on ("" outside Ray)
 
     def routing_stats(self) -> dict[str, float]:
         return {
@@ -219,6 +220,7 @@ class NodeReport:
     # requests whose stored-KV loads this node took in during the last `ARRIVED_WINDOW_S`:
     # their reads are in `read_queue_bytes` (queued or in flight) or done
     started_ids: tuple[str, ...] = ()
+    ray_node_id: str = ""  # the Ray node the TrafficManager (and its DRAM tier) lives on
 
 
 @dataclass(slots=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import ray
 import torch
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -22,6 +23,11 @@ from kvstore.transfer.base import create_transport
 def replica_id() -> str:
     """This replica's unique id, as the router sees it."""
     return serve.get_replica_context().replica_id.unique_id
+
+
+def ray_node_id() -> str:
+    """The Ray node this process runs on ("" outside Ray): what the Scheduler watches."""
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 async def start_engine_server(
@@ -62,6 +68,7 @@ async def start_engine_server(
         fetch_blocks=fetch_blocks,
         persist=persist if server_cls.role == "decode" and persist_blocks else None,
         on_transfer_failure=config.transfer.on_failure,
+        ray_node_id=ray_node_id(),
     )
     await server.start()
     return server

@@ -1,5 +1,5 @@
-"""`python -m ops status`: one screen on a running app — deployments, engines and their load,
-each node's storage NIC and KV tiers, the admission queue.
+"""`python -m ops status`: one screen on a running app — deployments, the Ray node each replica
+runs on, engines and their load, each node's storage NIC and KV tiers, the admission queue.
 
     python -m ops status [--app dualpath] [--address auto] [--json]
 
@@ -48,6 +48,7 @@ def collect(app: str) -> dict[str, Any]:
             nodes[node] = serve.get_deployment_handle(name, app).stats.remote().result()
     admission = serve.get_app_handle(app).admission_stats.remote().result()
     return {
+        "replicas": _replica_placement(app),
         "app": app,
         "status": status.status.value,
         "deployments": deployments,
@@ -58,6 +59,60 @@ def collect(app: str) -> dict[str, Any]:
     }
 
 
+_STANDARD_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory", "TPU")
+
+
+def ray_node_label(resources: dict[str, float], node_id: str) -> str:
+    """How a Ray node is named on screen: the custom resources it offers (what `ray_resources`
+    pins logical nodes to, e.g. `pnode`; `head` for the head), else its short id."""
+    custom = sorted(
+        r
+        for r in resources
+        if r not in _STANDARD_RESOURCES and not r.startswith(("node:", "accelerator_type:"))
+    )
+    return ",".join(custom) or node_id[:8]
+
+
+def placement(
+    app: str, actors: list[dict[str, Any]], nodes: list[dict[str, Any]]
+) -> list[dict[str, str]]:
+    """Each live replica of `app` with its Ray node: `actors` as `ray.util.state.list_actors`
+    gives them (name, node_id, state), `nodes` as `ray.nodes()`."""
+    labels = {n["NodeID"]: ray_node_label(n.get("Resources", {}), n["NodeID"]) for n in nodes}
+    alive = {n["NodeID"]: n.get("Alive", False) for n in nodes}
+    prefix = f"SERVE_REPLICA::{app}#"
+    rows = []
+    for actor in actors:
+        name = actor.get("name") or ""
+        if not name.startswith(prefix) or actor.get("state") != "ALIVE":
+            continue
+        deployment, _, replica = name.removeprefix(prefix).partition("#")
+        node_id = actor.get("node_id") or ""
+        rows.append(
+            {
+                "deployment": deployment,
+                "replica": replica,
+                "ray_node": labels.get(node_id, node_id[:8]),
+                "ray_node_id": node_id,
+                "node_alive": str(alive.get(node_id, False)).lower(),
+            }
+        )
+    return sorted(rows, key=lambda r: (r["deployment"], r["replica"]))
+
+
+def _replica_placement(app: str) -> list[dict[str, str]]:
+    """`placement` of the running app; empty if the state API (the dashboard) is not up."""
+    import ray
+    from ray.util.state import list_actors
+
+    try:
+        actors = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000, detail=False)
+    except Exception:  # no dashboard on this cluster: the table is left out
+        return []
+    rows = [{"name": a.name, "node_id": a.node_id, "state": a.state} for a in actors]
+    return placement(app, rows, ray.nodes())
+
+
 def render(data: dict[str, Any], console: Console) -> None:
     console.print(f"[bold]{data['app']}[/bold]: {data['status']}")
     table = Table(title="deployments")
@@ -66,6 +121,14 @@ def render(data: dict[str, Any], console: Console) -> None:
     for name, state in sorted(data["deployments"].items()):
         table.add_row(name, state)
     console.print(table)
+
+    if data.get("replicas"):
+        table = Table(title="replicas: the Ray node each runs on")
+        for col in ("deployment", "replica", "ray node", "ray node id"):
+            table.add_column(col)
+        for r in data["replicas"]:
+            table.add_row(r["deployment"], r["replica"], r["ray_node"], r["ray_node_id"][:12])
+        console.print(table)
 
     table = Table(title=f"engines (policy {data['scheduler'].get('policy')})")
     for col in (

@@ -4,7 +4,12 @@ Scheduler does not know is asked for a full index resync."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
+
+import ray
 
 from deployments import tracing
 from deployments.metrics import Metrics
@@ -17,8 +22,11 @@ from deployments.protocol import (
     ReadCapacity,
     StoredPrefix,
 )
-from deployments.scheduler.policy import PolicyConfig, plan_and_note
+from deployments.scheduler.policy import PolicyConfig, plan_and_note, replace_decode
 from deployments.scheduler.view import ClusterView
+
+logger = logging.getLogger(__name__)
+NODE_WATCH_S = 1.0  # how often the Scheduler asks Ray which nodes died
 
 
 class Scheduler:
@@ -36,6 +44,42 @@ class Scheduler:
         self.read_paths: dict[str, int] = {}
         self.read_blocks: dict[str, int] = {}  # node -> hit blocks planned to be read there
         self.metrics = Metrics("ray")
+        self.lost_ray_nodes: set[str] = set()
+        self._watch: asyncio.Task[None] | None = None
+        with contextlib.suppress(RuntimeError):  # no event loop: a unit test, nothing to watch
+            self._watch = asyncio.get_running_loop().create_task(self._watch_ray_nodes())
+
+    async def _watch_ray_nodes(self) -> None:
+        """Drop what lived on Ray nodes that died (a host lost): their engines stop being
+        planned onto and their DRAM blocks stop counting as hits within about a second,
+        instead of after `stale_after_s` of silence."""
+        while True:
+            await asyncio.sleep(NODE_WATCH_S)
+            if not ray.is_initialized():
+                continue
+            try:
+                nodes = await asyncio.to_thread(ray.nodes)
+            except Exception:  # the GCS restarting: try again next time
+                logger.warning("could not list the Ray nodes", exc_info=True)
+                continue
+            dead = {n["NodeID"] for n in nodes if not n.get("Alive", True)}
+            replicas, lost = self.view.drop_ray_nodes(dead)
+            if replicas or lost:
+                new = dead - self.lost_ray_nodes
+                logger.warning(
+                    "Ray node(s) %s died: dropped engines %s and logical nodes %s",
+                    sorted(n[:12] for n in new),
+                    replicas,
+                    lost,
+                )
+            self.lost_ray_nodes |= dead
+
+    async def replace_decode(self, request_id: str, lost: str, num_tokens: int) -> tuple[str, str]:
+        """A live decode replica (any node) for a request whose DE was lost: (node, replica)."""
+        decode = replace_decode(
+            request_id, lost, num_tokens, self.view, time.time(), self.policy_config
+        )
+        return decode.node_id, decode.report.replica_id
 
     async def report(self, report: LoadReport) -> None:
         self.view.update(report, time.time())
@@ -49,6 +93,7 @@ class Scheduler:
         return self.view.update_node(report, time.time())
 
     async def forget(self, replica_id: str) -> None:
+        """A replica was lost (its caller saw it die): plan nothing more onto it."""
         self.view.remove(replica_id)
 
     async def plan(self, request: PlanRequest) -> Plan:

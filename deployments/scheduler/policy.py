@@ -123,6 +123,32 @@ def plan_and_note(
     return result
 
 
+def replace_decode(
+    request_id: str,
+    lost_replica: str,
+    num_tokens: int,
+    view: ClusterView,
+    now: float,
+    config: PolicyConfig | None = None,
+) -> EngineState:
+    """A live decode engine for a request whose DE was lost mid-decode (on any node: the lost
+    one's node may be gone), charged with the request's `num_tokens` of KV. The lost replica
+    leaves the view: a restarted replica is a new one and reports itself.
+
+    Raises:
+        NoEngineAvailable: no live decode engine.
+    """
+    cfg = config or PolicyConfig()
+    view.remove(lost_replica)
+    view.forget_request(request_id)
+    des = sorted(view.live("decode", now), key=lambda e: e.report.replica_id)
+    if not des:
+        raise NoEngineAvailable("no decode engine is ready")
+    decode = _pick_decode(des, num_tokens, cfg)
+    view.note_planned(decode.report.replica_id, request_id, num_tokens, now)
+    return decode
+
+
 def _pick_prefill(pes: list[EngineState], view: ClusterView, cfg: PolicyConfig) -> EngineState:
     short: list[EngineState] = []
     long: list[EngineState] = []

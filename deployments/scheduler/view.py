@@ -151,6 +151,26 @@ class ClusterView:
     def remove(self, replica_id: str) -> None:
         self.engines.pop(replica_id, None)
 
+    def drop_ray_nodes(self, dead: set[str]) -> tuple[list[str], list[str]]:
+        """Forget everything that lived on Ray nodes that died (a host lost): their engine
+        replicas, and the logical nodes whose TrafficManager ran there — the SNIC state and
+        every DRAM-tier entry of that node (those blocks are gone with its object store;
+        blocks on the shared NVMe directory stay hits). Returns (replicas, nodes) dropped.
+
+        A node that comes back is a new Ray node: its engines report afresh, and its
+        TrafficManager's first report is a full sync (`update_node`)."""
+        if not dead:
+            return [], []
+        replicas = [r for r, e in self.engines.items() if e.report.ray_node_id in dead]
+        for replica_id in replicas:
+            del self.engines[replica_id]
+            self.drained.discard(replica_id)
+        nodes = [n for n, s in self.nodes.items() if s.report.ray_node_id in dead]
+        for node_id in nodes:
+            del self.nodes[node_id]
+            self.index.drop_node(node_id)
+        return replicas, nodes
+
     def live(self, role: Role, now: float) -> list[EngineState]:
         return [
             e

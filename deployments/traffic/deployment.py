@@ -18,6 +18,7 @@ from deployments import tracing
 from deployments.metrics import Metrics
 from deployments.options import EngineReplicaOptions, KVStoreSection
 from deployments.protocol import TransferStats
+from deployments.replica import ray_node_id
 from deployments.traffic.node_store import NodeKVStore
 from engine.config import ModelConfig
 from kvstore.snic import StorageNIC
@@ -61,7 +62,7 @@ class TrafficManager:
                 read_timeout_s=kvstore.read_timeout_s,
                 block_nbytes=block_nbytes,
             )
-        self.node_store = NodeKVStore(node, store)
+        self.node_store = NodeKVStore(node, store, ray_node_id())
         self.node = node
         self.block_size = engine.engine.block_size
         self.metrics = Metrics("ray")

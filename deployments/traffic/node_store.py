@@ -29,8 +29,11 @@ from kvstore.store import TieredStore
 class NodeKVStore:
     """A node's KV store and view of KV traffic, fed by the engines' periodic reports."""
 
-    def __init__(self, node_id: str = "local", store: TieredStore[Any] | None = None):
+    def __init__(
+        self, node_id: str = "local", store: TieredStore[Any] | None = None, ray_node_id: str = ""
+    ):
         self.node_id = node_id
+        self.ray_node_id = ray_node_id
         self.store = store
         self.engines: dict[str, TransferStats] = {}
         self._started = RecentIds()  # loads whose reads are on the SNIC: started_ids
@@ -79,6 +82,7 @@ class NodeKVStore:
             events=tuple(events),
             full_sync=full_sync,
             started_ids=started,
+            ray_node_id=self.ray_node_id,
         )
 
     def record(self, stats: TransferStats) -> None:

@@ -43,6 +43,7 @@ class LocalBackend:
         self.prefill_server, self.decode_server = prefill, decode
         self.view = ClusterView()
         self.released: list[str] = []  # plans dropped before the DE took them
+        self.lost_replicas: list[str] = []  # replicas reported lost to the Scheduler
 
     async def plan(self, request: PlanRequest) -> Plan:
         for server in (self.prefill_server, self.decode_server):
@@ -51,6 +52,12 @@ class LocalBackend:
 
     def release(self, request_id: str) -> None:
         self.released.append(request_id)
+
+    async def replace_decode(self, request_id: str, lost_replica: str, num_tokens: int):
+        return None  # one decode engine: the moved choice stays on its node
+
+    async def lost(self, replica_id: str) -> None:
+        self.lost_replicas.append(replica_id)
 
     async def lookup(self, block_keys) -> StoredPrefix:
         return StoredPrefix()

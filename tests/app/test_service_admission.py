@@ -37,12 +37,19 @@ class GatedEngines:
         self.gates: dict[str, asyncio.Event] = {}
         self.stored = StoredPrefix()  # what the cluster index holds of every prompt
         self.released: list[str] = []  # plans dropped before the DE took them
+        self.lost_replicas: list[str] = []  # replicas reported lost to the Scheduler
 
     async def plan(self, request: PlanRequest) -> Plan:
         return Plan(request.request_id, "pe", "de", "n0", "n0")
 
     def release(self, request_id: str) -> None:
         self.released.append(request_id)
+
+    async def replace_decode(self, request_id: str, lost_replica: str, num_tokens: int):
+        return None  # one decode engine: the moved choice stays on its node
+
+    async def lost(self, replica_id: str) -> None:
+        self.lost_replicas.append(replica_id)
 
     async def lookup(self, block_keys) -> StoredPrefix:
         return self.stored

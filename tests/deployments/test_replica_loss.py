@@ -47,12 +47,12 @@ class LosingBackend(LocalBackend):
     async def prefill(self, node: str, job: PrefillJob) -> AsyncIterator[RequestOutput | KVHandoff]:
         if self.lose_pe_before_first:
             self.lose_pe_before_first -= 1
-            raise ReplicaLost("PrefillEngine: ActorDiedError")
+            raise ReplicaLost("PrefillEngine: ActorDiedError", "prefill")
         async for item in self.prefill_server.prefill(job):
             if isinstance(item, KVHandoff) and self.lose_pe_after_first:
                 self.lose_pe_after_first = False
                 self.prefill_server.mover.transport.release(item.descriptor)
-                raise ReplicaLost("PrefillEngine: ActorDiedError")
+                raise ReplicaLost("PrefillEngine: ActorDiedError", "prefill")
             yield item
 
     async def decode(self, node: str, job: DecodeJob) -> AsyncIterator[RequestOutput]:
@@ -63,7 +63,7 @@ class LosingBackend(LocalBackend):
             count = 0
             async for out in stream:
                 if count == limit:
-                    raise ReplicaLost("DecodeEngine: ActorDiedError")
+                    raise ReplicaLost("DecodeEngine: ActorDiedError", "decode")
                 count += 1
                 yield out
         finally:
@@ -188,8 +188,10 @@ def test_de_lost_twice_mid_stream_continues_token_identical(losing, expected, mo
 def test_pe_lost_before_the_first_token_is_planned_again(losing, expected):
     service, backend = losing
     backend.lose_pe_before_first = 2
+    backend.lost_replicas.clear()
     assert run(service, **PARAMS["seeded"]) == expected["seeded"]
     assert backend.lose_pe_before_first == 0
+    assert backend.lost_replicas == ["pe", "pe"]  # the Scheduler stops planning onto it
     assert _all_free(backend)
 
 
