@@ -38,11 +38,14 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
             "`python -m ops model fetch`) for the default model, or set args.model.path"
         )
     light = {"num_cpus": 0}
+    control = light | (
+        {"resources": config.control_ray_resources} if config.control_ray_resources else {}
+    )
     quiet = {"enable_access_log": False}  # periodic load reports would drown the logs
     scheduler = serve.deployment(
         Scheduler,
         name="Scheduler",
-        ray_actor_options=light,
+        ray_actor_options=control,
         logging_config=quiet,
         max_ongoing_requests=1000,
     ).bind(
@@ -90,5 +93,5 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
             ).bind(engine, scheduler, traffic, config.kvstore.enabled)
         nodes[node.name] = handles
     return serve.deployment(
-        Ingress, name="Ingress", ray_actor_options=light, max_ongoing_requests=1024
+        Ingress, name="Ingress", ray_actor_options=control, max_ongoing_requests=1024
     ).bind(config, scheduler, nodes)

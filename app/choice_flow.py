@@ -332,8 +332,10 @@ async def read_stored_kv(
     load_failure: KVFailurePolicy = KVFailurePolicy.RECOMPUTE,
 ) -> tuple[list[Any], int]:
     """Read the plan's hit blocks on both sides at once: the DE side reads the first
-    `num_de_blocks`, the PE side the rest. Returns the DRAM handles of the longest
-    contiguous prefix that arrived and how many of them the DE side holds.
+    `num_de_blocks`, the PE side the rest; runs the plan pulls from another node's DRAM are
+    asked of that node (`dram_only`: its object store, no SNIC read). Returns the DRAM
+    handles of the longest contiguous prefix that arrived and how many of them the DE side
+    holds.
 
     NOTE: a block missing or corrupt on either side ends the prefix there: the PE
     computes everything after it (recompute, never wrong KV). With `load_failure="fail"` a
@@ -343,12 +345,12 @@ async def read_stored_kv(
         return [], 0
     split = plan.num_de_blocks
 
-    async def read(side: str, node: str, part: list[bytes]) -> list[Any]:
-        if not part:
-            return []
-        with tracing.span("kv.read", side=side, node=node, blocks=len(part)) as span:
+    async def read(side: str, node: str, start: int, end: int, pull: bool) -> list[Any]:
+        part = keys[start:end]
+        name = "kv.pull" if pull else "kv.read"
+        with tracing.span(name, side=side, node=node, blocks=len(part)) as span:
             try:
-                got = await cluster.load(node, part, plan.request_id)
+                got = await cluster.load(node, part, plan.request_id, dram_only=pull)
             except Exception as exc:  # a TrafficManager restarting, a closed SNIC: recompute
                 logger.warning(
                     "stored-KV read on %s failed (%s)", node, load_failure, exc_info=True
@@ -363,13 +365,38 @@ async def read_stored_kv(
                 )
             return got
 
-    de_part, pe_part = await asyncio.gather(
-        read("de", plan.decode_node, keys[:split]),
-        read("pe", plan.prefill_node, keys[split : plan.num_hit_blocks]),
-    )
-    if len(de_part) < split:
-        return de_part, len(de_part)
-    return de_part + pe_part, split
+    sides = [
+        ("de", plan.decode_node, 0, split),
+        ("pe", plan.prefill_node, split, plan.num_hit_blocks),
+    ]
+    segments = [seg for side in sides for seg in _segments(*side, plan.pulls)]
+    parts = await asyncio.gather(*(read(*seg) for seg in segments))
+    handles: list[Any] = []
+    for (_, _, start, end, _), got in zip(segments, parts, strict=True):
+        handles += got
+        if len(got) < end - start:  # the prefix ends here: the PE computes the rest
+            return handles, min(len(handles), split)
+    return handles, split
+
+
+def _segments(
+    side: str, node: str, start: int, end: int, pulls: tuple[tuple[int, int, str], ...]
+) -> list[tuple[str, str, int, int, bool]]:
+    """Blocks [start, end) of one read side as consecutive (side, node, start, end, pulled)
+    segments: the runs the plan pulls from another node's DRAM, the rest on `node`."""
+    out: list[tuple[str, str, int, int, bool]] = []
+    at = start
+    for a, b, source in sorted(pulls):
+        a, b = max(a, start), min(b, end)
+        if a >= b:
+            continue
+        if at < a:
+            out.append((side, node, at, a, False))
+        out.append((side, source, a, b, True))
+        at = b
+    if at < end:
+        out.append((side, node, at, end, False))
+    return out
 
 
 def _plan_attributes(plan: Plan) -> dict[str, Any]:

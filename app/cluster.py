@@ -48,8 +48,11 @@ class Cluster(Protocol):
         those too)."""
         ...
 
-    async def load(self, node: str, keys: Sequence[bytes], request_id: str = "") -> list[Any]:
-        """Read stored blocks into `node`'s DRAM: handles of the leading blocks that arrived."""
+    async def load(
+        self, node: str, keys: Sequence[bytes], request_id: str = "", dram_only: bool = False
+    ) -> list[Any]:
+        """Read stored blocks into `node`'s DRAM: handles of the leading blocks that arrived.
+        `dram_only`: only what `node`'s DRAM holds (a pull by another node's engines)."""
         ...
 
     def prefill(self, node: str, job: PrefillJob) -> AsyncIterator[RequestOutput | KVHandoff]:

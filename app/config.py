@@ -68,6 +68,11 @@ class SchedulerSection(Section):
     tie_fraction: float = Field(
         default=0.1, ge=0, lt=1, description="read sides this close in finish time alternate"
     )
+    dram_pulls: bool = Field(
+        default=True,
+        description="a block in another node's DRAM is pulled from there (object store) when "
+        "that beats the reading node's SNIC queue",
+    )
     planned_ttl_s: float = Field(
         default=60.0, gt=0, description="planned work no report confirms is dropped after"
     )
@@ -81,6 +86,7 @@ class SchedulerSection(Section):
             prefill_tokens_per_s=self.prefill_tokens_per_s,
             forward_bytes_per_s=self.forward_bytes_per_s,
             tie_fraction=self.tie_fraction,
+            dram_pulls=self.dram_pulls,
         )
 
 
@@ -102,6 +108,11 @@ class AppConfig(Section):
     scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
     kvstore: KVStoreSection = Field(default_factory=KVStoreSection)
     nodes: list[NodeSection] = Field(default_factory=_default_nodes, min_length=1)
+    control_ray_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="pin the Ingress and the Scheduler to a Ray node (e.g. {head: 0.01}) so "
+        "losing a worker host never takes them along",
+    )
 
     @model_validator(mode="after")
     def _check_nodes(self) -> AppConfig:

@@ -100,13 +100,16 @@ class ServeCluster:
     async def lookup(self, block_keys: tuple[bytes, ...]) -> msg.StoredPrefix:
         return await self._unary(self.scheduler.lookup, block_keys)
 
-    async def load(self, node: str, keys: Sequence[bytes], request_id: str = "") -> list[Any]:
+    async def load(
+        self, node: str, keys: Sequence[bytes], request_id: str = "", dram_only: bool = False
+    ) -> list[Any]:
         # the read's span (current here) is the parent of the TrafficManager's
         read = self._unary(
             self.traffic[node].load,
             list(keys),
             trace=tracing.inject(),
             request_id=request_id or None,
+            dram_only=dram_only,
         )
         return await asyncio.wait_for(read, self.load_timeout_s)
 

@@ -118,6 +118,9 @@ class Plan:
     read_path: ReadPath = ReadPath.NONE
     num_hit_blocks: int = 0
     num_de_blocks: int = 0
+    # runs [start, end) of hit blocks that the side reading them pulls from another node's
+    # DRAM (that node's object store) instead of reading them through its own SNIC
+    pulls: tuple[tuple[int, int, str], ...] = ()
 
     @property
     def pe_read_blocks(self) -> int:

@@ -76,6 +76,7 @@ class TieredStore(Generic[V]):
             "blocks_from_dram": 0,
             "blocks_from_write_buffer": 0,
             "blocks_from_nvme": 0,
+            "blocks_pulled": 0,  # served from this node's DRAM to loads on other nodes
             "load_misses": 0,
             "corrupt_or_missing": 0,
             "persisted": 0,
@@ -90,11 +91,15 @@ class TieredStore(Generic[V]):
         keys: Sequence[bytes],
         cancel: threading.Event | None = None,
         on_queued: Callable[[], None] | None = None,
+        dram_only: bool = False,
     ) -> list[V]:
         """The longest servable prefix of `keys`, as DRAM handles, in order. Once `cancel`
         is set (the request is gone), or `read_timeout_s` has passed (a stalled disk), it
         stops waiting and drops its reads still queued on the SNIC, returning what it has
-        (the rest is recomputed). `on_queued` runs once its reads are on the SNIC's queue."""
+        (the rest is recomputed). `on_queued` runs once its reads are on the SNIC's queue.
+
+        `dram_only`: a pull by another node (it fetches the handles through the object
+        store): only what this node's DRAM (or write buffer) holds, never an SNIC read."""
         handles: list[V | None] = []
         reads: dict[int, Future[torch.Tensor | None]] = {}
         known: dict[int, bool] = {}
@@ -105,6 +110,8 @@ class TieredStore(Generic[V]):
                 handle = self.dram.get(key)
                 if handle is None and (handle := self._buffered.get(key)) is not None:
                     buffered += 1
+                if handle is None and dram_only:
+                    break
                 if handle is None:
                     # NOTE: no index check: on a shared directory another node may have
                     # written the block; the read itself finds out (a miss ends the prefix).
@@ -120,6 +127,8 @@ class TieredStore(Generic[V]):
                     )
                 handles.append(handle)
             self.counters["blocks_from_write_buffer"] += buffered
+            if dram_only:
+                self.counters["blocks_pulled"] += len(handles)
         if on_queued is not None:
             on_queued()
         out: list[V] = []

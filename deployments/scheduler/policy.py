@@ -15,7 +15,7 @@ The DualPath paper's algorithm (§6.1), applied per request:
             preferred, fewest running requests first; otherwise the fewest tokens. Only
             engines with free blocks for prompt + max_tokens qualify; when none has room
             anywhere, the one holding the fewest tokens queues the import. Before all
-            this, a decode node whose DRAM or write buffer holds the prompt's newest
+            this (without `dram_pulls`), a decode node whose DRAM or write buffer holds the prompt's newest
             blocks (their NVMe write lags) takes it while it stays within Z of the least
             loaded other node plus the tokens it saves from recompute.
   read side by when the read would finish on each side: the bytes ahead of it on that
@@ -24,6 +24,10 @@ The DualPath paper's algorithm (§6.1), applied per request:
             the decode side adds forwarding the KV to the PE (`forward_bytes_per_s`).
             Within `tie_fraction` of each other the sides alternate. Blocks only one side
             can read (in one node's DRAM or write buffer) stay on that side.
+  pulls     (`dram_pulls`) a block in another live node's DRAM is pulled from there
+            through the object store (the compute network, `forward_bytes_per_s`) when
+            that beats the side's own SNIC queue — always for a block not on NVMe yet.
+            `Plan.pulls` names the runs and their source nodes.
             `dualpath_split` splits one request's blocks where both sides finish first
             (the paper's future work); `single_path` always reads on the PE side (the
             classic PD baseline); `round_robin` ignores load (the paper's ablation).
@@ -38,6 +42,7 @@ from typing import Literal
 
 from deployments.protocol import Plan, PlanRequest, ReadPath
 from deployments.scheduler.view import ClusterView, EngineState
+from kvstore.index import IndexEntry
 
 PolicyName = Literal["dualpath", "dualpath_split", "single_path", "round_robin"]
 
@@ -56,6 +61,7 @@ class PolicyConfig:
     snic_bytes_per_s: float = 1e9  # an uncapped SNIC's rate until one is measured
     forward_bytes_per_s: float = 25e9  # DE -> PE forwarding of KV the decode side read
     tie_fraction: float = 0.1  # read sides this close in finish time count as equal
+    dram_pulls: bool = True  # blocks in another node's DRAM may be pulled from there
 
 
 def plan(
@@ -98,6 +104,7 @@ def plan(
         read_path=path,
         num_hit_blocks=num_hits,
         num_de_blocks=num_de_blocks,
+        pulls=sides.pulls(num_de_blocks),
     )
 
 
@@ -115,10 +122,14 @@ def plan_and_note(
     view.note_planned(result.decode_replica, rid, decode_tokens, now)
     block_bytes = _block_bytes(view.engines[result.prefill_replica])
     keys = request.block_keys
-    de_keys = keys[: result.num_de_blocks]
-    pe_keys = keys[result.num_de_blocks : result.num_hit_blocks]
-    for node, part in ((result.decode_node, de_keys), (result.prefill_node, pe_keys)):
-        view.note_read(node, rid, _snic_blocks(view, node, part) * block_bytes, now)
+    pulled = {i for start, end, _ in result.pulls for i in range(start, end)}
+    sides = (
+        (result.decode_node, range(result.num_de_blocks)),
+        (result.prefill_node, range(result.num_de_blocks, result.num_hit_blocks)),
+    )
+    for node, part in sides:
+        own = tuple(keys[i] for i in part if i not in pulled)
+        view.note_read(node, rid, _snic_blocks(view, node, own) * block_bytes, now)
     view.rr_counter += 1
     return result
 
@@ -172,8 +183,8 @@ def _holders(
 ) -> dict[str, int]:
     """Decode nodes that would lengthen the hit, with the tokens they save: their DRAM (or
     write buffer: blocks whose NVMe write still lags) holds blocks past what the PE node
-    alone can read."""
-    if cfg.name == "single_path" or not keys:
+    alone can read. With `dram_pulls` every node reaches them: locality saves nothing."""
+    if cfg.name == "single_path" or cfg.dram_pulls or not keys:
         return {}
     pe = prefill.node_id
     alone = view.index.longest_prefix(keys, None, {pe})
@@ -239,6 +250,12 @@ class _ReadSides:
     pe_rate: float = 1.0
     de_rate: float = 1.0
     block_bytes: int = 0
+    # per block, the node each side would pull it from ("" = its own DRAM or SNIC), and
+    # the pulled bytes as the SNIC bytes above: [s] of blocks [s, n) / [0, s)
+    pe_src: tuple[str, ...] = ()
+    de_src: tuple[str, ...] = ()
+    pe_pull_after: tuple[int, ...] = (0,)
+    de_pull_before: tuple[int, ...] = (0,)
 
     @classmethod
     def of(
@@ -252,33 +269,67 @@ class _ReadSides:
     ) -> _ReadSides:
         pe, de = prefill.node_id, decode.node_id
         both = cfg.name != "single_path" and pe != de
-        entries = view.index.locate(keys, {pe, de} if both else {pe}, now)
+        live = set(view.nodes) if cfg.dram_pulls else set()
+        entries = view.index.locate(keys, ({pe, de} if both else {pe}) | live, now)
         if not entries:
             return cls(0, 0, 0, (), ())
-        pe_ok = [e.on_nvme or pe in e.dram_nodes for e in entries]
-        de_ok = [both and (e.on_nvme or de in e.dram_nodes) for e in entries]
+        block = _block_bytes(prefill)
+        pe_node, de_node = view.node(pe), view.node(de)
+        pe_queue_s = pe_node.read_queue_s(cfg.snic_bytes_per_s) if pe_node else 0.0
+        de_queue_s = de_node.read_queue_s(cfg.snic_bytes_per_s) if de_node else 0.0
+        pe_rate = pe_node.rate(cfg.snic_bytes_per_s) if pe_node else cfg.snic_bytes_per_s
+        de_rate = de_node.rate(cfg.snic_bytes_per_s) if de_node else cfg.snic_bytes_per_s
+        pull_s = block / cfg.forward_bytes_per_s
+        pe_pays = pull_s < pe_queue_s + block / pe_rate
+        de_pays = pull_s < de_queue_s + block / de_rate
+        pe_src = [_pull_source(e, pe, live, pe_pays) for e in entries]
+        de_src = [_pull_source(e, de, live, de_pays) for e in entries]
+        pe_ok = [e.on_nvme or pe in e.dram_nodes or bool(pe_src[i]) for i, e in enumerate(entries)]
+        de_ok = [
+            both and (e.on_nvme or de in e.dram_nodes or bool(de_src[i]))
+            for i, e in enumerate(entries)
+        ]
         de_run = next((i for i, ok in enumerate(de_ok) if not ok), len(entries))
         # past the decode side's readable run, every block must be readable on the PE side
         pe_run = next((i for i, ok in enumerate(pe_ok[de_run:]) if not ok), len(entries))
         num_hits = min(len(entries), de_run + pe_run)
         lo = max((i + 1 for i in range(num_hits) if not pe_ok[i]), default=0)
         hi = min(de_run, num_hits)
-        block = _block_bytes(prefill)
-        pe_bytes = [0 if pe in e.dram_nodes else block for e in entries[:num_hits]]
-        de_bytes = [0 if de in e.dram_nodes else block for e in entries[:num_hits]]
-        pe_node, de_node = view.node(pe), view.node(de)
+        hits = range(num_hits)
+        pe_bytes = [0 if pe in entries[i].dram_nodes or pe_src[i] else block for i in hits]
+        de_bytes = [0 if de in entries[i].dram_nodes or de_src[i] else block for i in hits]
+        pe_pulls = [block if pe_src[i] else 0 for i in hits]
+        de_pulls = [block if de_src[i] else 0 for i in hits]
         return cls(
             num_hits,
             lo,
             hi,
             tuple(itertools.accumulate(reversed(pe_bytes), initial=0))[::-1],
             tuple(itertools.accumulate(de_bytes, initial=0)),
-            pe_node.read_queue_s(cfg.snic_bytes_per_s) if pe_node else 0.0,
-            de_node.read_queue_s(cfg.snic_bytes_per_s) if de_node else 0.0,
-            pe_node.rate(cfg.snic_bytes_per_s) if pe_node else cfg.snic_bytes_per_s,
-            de_node.rate(cfg.snic_bytes_per_s) if de_node else cfg.snic_bytes_per_s,
+            pe_queue_s,
+            de_queue_s,
+            pe_rate,
+            de_rate,
             block,
+            tuple(pe_src[:num_hits]),
+            tuple(de_src[:num_hits]),
+            tuple(itertools.accumulate(reversed(pe_pulls), initial=0))[::-1],
+            tuple(itertools.accumulate(de_pulls, initial=0)),
         )
+
+    def pulls(self, s: int) -> tuple[tuple[int, int, str], ...]:
+        """Runs `(start, end, node)` of hit blocks pulled from another node's DRAM when the
+        decode side reads blocks [0, s)."""
+        sources = [*self.de_src[:s], *self.pe_src[s : self.num_hits]]
+        runs: list[tuple[int, int, str]] = []
+        for i, src in enumerate(sources):
+            if not src:
+                continue
+            if runs and runs[-1][1] == i and runs[-1][2] == src and i != s:
+                runs[-1] = (runs[-1][0], i + 1, src)
+            else:
+                runs.append((i, i + 1, src))
+        return tuple(runs)
 
     def finish_s(self, s: int, cfg: PolicyConfig) -> tuple[float, float]:
         """When the PE side and the decode side (its KV forwarded) would have read their
@@ -286,6 +337,9 @@ class _ReadSides:
         pe_bytes, de_bytes = self.pe_after[s], self.de_before[s]
         pe = self.pe_queue_s + pe_bytes / self.pe_rate if pe_bytes else 0.0  # DRAM: no wait
         de = self.de_queue_s + de_bytes / self.de_rate if de_bytes else 0.0
+        # pulls from other nodes' DRAM run beside the SNIC reads, at the forwarding rate
+        pe = max(pe, self.pe_pull_after[s] / cfg.forward_bytes_per_s)
+        de = max(de, self.de_pull_before[s] / cfg.forward_bytes_per_s)
         return pe, de + s * self.block_bytes / cfg.forward_bytes_per_s
 
     def choose(self, view: ClusterView, cfg: PolicyConfig) -> int:
@@ -301,6 +355,16 @@ class _ReadSides:
             view.tie_counter += 1
             return self.lo if view.tie_counter % 2 else self.hi
         return self.hi if on_de < on_pe else self.lo
+
+
+def _pull_source(entry: IndexEntry, side: str, live: set[str], pays: bool) -> str:
+    """The node `side` pulls this block from ("" = none): another live node's DRAM, when the
+    block is not in the side's own DRAM and either not on NVMe or the pull `pays`."""
+    if side in entry.dram_nodes or not (entry.dram_nodes & live):
+        return ""
+    if entry.on_nvme and not pays:
+        return ""
+    return min(entry.dram_nodes & live)
 
 
 def _snic_blocks(view: ClusterView, node: str, keys: tuple[bytes, ...]) -> int:

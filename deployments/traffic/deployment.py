@@ -76,13 +76,18 @@ class TrafficManager:
         keys: Sequence[bytes],
         trace: dict[str, str] | None = None,
         request_id: str | None = None,
+        dram_only: bool = False,
     ) -> list[Any]:
         """DRAM handles of the longest servable prefix of `keys`; `request_id` lets the
-        Scheduler's view match these reads with the ones it planned."""
-        with tracing.span("kv.snic_read", trace, node=self.node, blocks=len(keys)) as span:
+        Scheduler's view match these reads with the ones it planned. `dram_only`: a pull by
+        another node's engines (they fetch the handles through the object store)."""
+        name = "kv.dram_pull" if dram_only else "kv.snic_read"
+        with tracing.span(name, trace, node=self.node, blocks=len(keys)) as span:
             cancel = threading.Event()
             try:
-                handles = await asyncio.to_thread(self.node_store.load, keys, cancel, request_id)
+                handles = await asyncio.to_thread(
+                    self.node_store.load, keys, cancel, request_id, dram_only
+                )
             except asyncio.CancelledError:  # the caller left: its queued SNIC reads go too
                 cancel.set()
                 raise

@@ -43,19 +43,24 @@ class NodeKVStore:
         keys: Sequence[bytes],
         cancel: threading.Event | None = None,
         request_id: str | None = None,
+        dram_only: bool = False,
     ) -> list[Any]:
         """DRAM handles of the longest servable prefix of `keys` (reads through the SNIC);
         setting `cancel` (the request is gone) drops its reads still queued. Once its reads
         are on the SNIC's queue, `request_id` is named in the node's reports (`started_ids`),
-        so the Scheduler stops counting them as only planned."""
+        so the Scheduler stops counting them as only planned. `dram_only`: another node pulls
+        what this node's DRAM holds (no SNIC read)."""
         if self.store is None or not keys:
             if request_id is not None:
                 self._started.note(request_id, time.time())
             return []
         if request_id is None:
-            return self.store.load(keys, cancel)
+            return self.store.load(keys, cancel, dram_only=dram_only)
         return self.store.load(
-            keys, cancel, on_queued=lambda: self._started.note(request_id, time.time())
+            keys,
+            cancel,
+            on_queued=lambda: self._started.note(request_id, time.time()),
+            dram_only=dram_only,
         )
 
     def persist(self, items: Sequence[tuple[bytes, torch.Tensor]]) -> int:

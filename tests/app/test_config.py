@@ -25,7 +25,10 @@ def deployment_names(config: AppConfig) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("name", ["serve_config.yaml", "serve_config.gpu.yaml"])
+SHIPPED = ["serve_config.yaml", "serve_config.gpu.yaml", "serve_config.cluster.yaml"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_configs_validate_and_override_real_deployments(name):
     (app,) = yaml.safe_load((ROOT / name).read_text())["applications"]
     config = AppConfig.model_validate(app["args"])
@@ -33,7 +36,7 @@ def test_shipped_configs_validate_and_override_real_deployments(name):
     assert overrides <= deployment_names(config)
 
 
-@pytest.mark.parametrize("name", ["serve_config.yaml", "serve_config.gpu.yaml"])
+@pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_configs_bind_loopback_or_require_keys(name):
     """reliability-tests G11: the default binds 127.0.0.1; a config that listens beyond this
     machine must not run the API open (it names tenants or a keys file)."""
@@ -45,6 +48,15 @@ def test_shipped_configs_bind_loopback_or_require_keys(name):
         assert host == "127.0.0.1"
     if host not in ("127.0.0.1", "localhost", "::1"):
         assert auth.tenants or auth.keys_file is not None, f"{name} exposes an open API"
+
+
+def test_the_cluster_config_pins_every_logical_node_and_the_control_plane():
+    """Each logical node on its own Ray node (custom resource = node name), the Ingress and
+    the Scheduler on the head: a lost worker host takes no control-plane replica along."""
+    (app,) = yaml.safe_load((ROOT / "serve_config.cluster.yaml").read_text())["applications"]
+    config = AppConfig.model_validate(app["args"])
+    assert all(set(n.ray_resources) == {n.name} for n in config.nodes)
+    assert set(config.control_ray_resources) == {"head"}
 
 
 def test_nodes_need_a_prefill_and_a_decode_engine_and_unique_names():

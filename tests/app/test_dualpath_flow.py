@@ -90,8 +90,8 @@ class ClusterBackend:
     async def lookup(self, block_keys) -> StoredPrefix:
         return StoredPrefix(self.view.index.longest_prefix(block_keys))
 
-    async def load(self, node: str, keys, request_id: str = "") -> list:
-        return await asyncio.to_thread(self.nodes[node].load, keys, None, request_id)
+    async def load(self, node: str, keys, request_id: str = "", dram_only: bool = False) -> list:
+        return await asyncio.to_thread(self.nodes[node].load, keys, None, request_id, dram_only)
 
     async def prefill(self, node: str, job: PrefillJob) -> AsyncIterator[RequestOutput | KVHandoff]:
         assert node == "pnode"

@@ -62,7 +62,7 @@ class LocalBackend:
     async def lookup(self, block_keys) -> StoredPrefix:
         return StoredPrefix()
 
-    async def load(self, node: str, keys, request_id: str = "") -> list:
+    async def load(self, node: str, keys, request_id: str = "", dram_only: bool = False) -> list:
         return []
 
     async def prefill(self, node: str, job: PrefillJob) -> AsyncIterator[RequestOutput | KVHandoff]:

@@ -54,7 +54,7 @@ class GatedEngines:
     async def lookup(self, block_keys) -> StoredPrefix:
         return self.stored
 
-    async def load(self, node: str, keys, request_id: str = "") -> list:
+    async def load(self, node: str, keys, request_id: str = "", dram_only: bool = False) -> list:
         return []
 
     async def prefill(self, node: str, job: PrefillJob) -> AsyncIterator[RequestOutput]:

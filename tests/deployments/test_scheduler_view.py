@@ -139,13 +139,41 @@ def test_split_uses_the_same_estimate_and_dram_blocks_cost_nothing():
 # ---------------------------------------------------------------- write lag and locality
 def test_blocks_in_the_decode_nodes_write_buffer_are_read_on_the_decode_side():
     """No hit lost to write lag: the newest blocks are still in the DE node's write buffer
-    (announced as its DRAM); the PE node cannot read them, so the decode side reads all."""
+    (announced as its DRAM). Without cross-node pulls the PE node cannot read them, so the
+    decode side reads all; single_path loses them."""
     view = two_node_view(pe_queue=0, de_queue=50 * BLOCK_BYTES, stored=6)
     view.index.apply(IndexEvent(k, "dram", True, "dnode", BLOCK_BYTES) for k in keys(8)[6:])
-    p = plan(turn("r"), view, 0.0, DUALPATH)
-    assert (p.num_hit_blocks, p.read_path, p.num_de_blocks) == (8, "de", 8)
-    single = plan(turn("r"), view, 0.0, PolicyConfig("single_path"))
+    no_pulls = PolicyConfig("dualpath", dram_pulls=False)
+    p = plan(turn("r"), view, 0.0, no_pulls)
+    assert (p.num_hit_blocks, p.read_path, p.num_de_blocks, p.pulls) == (8, "de", 8, ())
+    single = plan(turn("r"), view, 0.0, PolicyConfig("single_path", dram_pulls=False))
     assert (single.num_hit_blocks, single.read_path) == (6, "pe")  # classic PD: PE node only
+
+
+def test_the_pe_side_pulls_blocks_another_node_holds_in_dram():
+    """Cross-node DRAM pulls (issue 24): the same write-lagged blocks reach the PE through
+    the object store, so the PE side's idle SNIC reads the rest and no hit is lost."""
+    view = two_node_view(pe_queue=0, de_queue=50 * BLOCK_BYTES, stored=6)
+    view.index.apply(IndexEvent(k, "dram", True, "dnode", BLOCK_BYTES) for k in keys(8)[6:])
+    p = plan_and_note(turn("r"), view, 0.0, DUALPATH)
+    assert (p.num_hit_blocks, p.read_path, p.pulls) == (8, "pe", ((6, 8, "dnode"),))
+    pnode = view.node("pnode")
+    assert pnode is not None and pnode.planned_read_bytes == 6 * BLOCK_BYTES  # pulls: no SNIC
+    single = plan(turn("r"), view, 0.0, PolicyConfig("single_path"))
+    assert (single.num_hit_blocks, single.pulls) == (8, ((6, 8, "dnode"),))
+
+
+def test_a_block_on_nvme_is_pulled_only_when_that_beats_the_snic_queue():
+    """Blocks both on NVMe and in the other node's DRAM: an idle SNIC reads them itself
+    (pulling costs the compute network), a long queue makes the pull the faster way."""
+    view = two_node_view(pe_queue=0, de_queue=0, stored=8)
+    view.index.apply(IndexEvent(k, "dram", True, "dnode", BLOCK_BYTES) for k in keys(8))
+    slow_net = PolicyConfig("single_path", forward_bytes_per_s=1e3)
+    assert plan(turn("r"), view, 0.0, slow_net).pulls == ()
+    busy = two_node_view(pe_queue=10**9, de_queue=10**9, stored=8)
+    busy.index.apply(IndexEvent(k, "dram", True, "dnode", BLOCK_BYTES) for k in keys(8))
+    p = plan(turn("r"), busy, 0.0, PolicyConfig("single_path"))
+    assert p.pulls == ((0, 8, "dnode"),)
 
 
 def test_a_decode_node_holding_the_newest_blocks_gets_the_turn_unless_overloaded():
@@ -160,7 +188,12 @@ def test_a_decode_node_holding_the_newest_blocks_gets_the_turn_unless_overloaded
         view.index.apply(IndexEvent(k, "dram", True, "dnode1", BLOCK_BYTES) for k in keys(8)[6:])
         return view
 
-    p = plan(turn("r"), cluster(de1_context=100), 0.0, DUALPATH)
+    no_pulls = PolicyConfig("dualpath", dram_pulls=False)
+    p = plan(turn("r"), cluster(de1_context=100), 0.0, no_pulls)
     assert (p.decode_replica, p.num_hit_blocks) == ("de1", 8)
-    busy = plan(turn("r"), cluster(de1_context=50_000), 0.0, DUALPATH)
+    busy = plan(turn("r"), cluster(de1_context=50_000), 0.0, no_pulls)
     assert (busy.decode_replica, busy.num_hit_blocks) == ("de0", 6)
+    # with cross-node pulls the holder saves no recompute: balance decides, nothing is lost
+    pulled = plan(turn("r"), cluster(de1_context=100), 0.0, DUALPATH)
+    assert (pulled.decode_replica, pulled.num_hit_blocks) == ("de0", 8)
+    assert pulled.pulls == ((6, 8, "dnode1"),)

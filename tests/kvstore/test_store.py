@@ -341,3 +341,19 @@ def test_a_stalled_disk_read_ends_the_prefix_at_the_deadline(make_store, monkeyp
     assert 0.4 <= took < 2.0
     assert [torch.equal(g, block(i)) for i, g in enumerate(got)] == [True] * 3
     assert store.counters["read_timeouts"] == 1
+
+
+def test_a_dram_only_load_serves_a_pull_without_touching_the_snic(make_store):
+    """Another node pulls what this node's DRAM holds (issue 24): the DRAM run is served,
+    the first block only on NVMe ends it, and no byte crosses this node's SNIC."""
+    store = make_store(dram_blocks=2)
+    blocks = [block(i) for i in range(4)]
+    for i, b in enumerate(blocks):
+        assert store.persist(key(i), b)
+    store.flush()  # DRAM keeps the last two; all four are on NVMe
+    read_before = store.snic.metrics().bytes_read_total
+    assert store.load([key(0), key(1)], dram_only=True) == []  # NVMe only: not a pull
+    got = store.load([key(2), key(3), key(0)], dram_only=True)
+    assert [torch.equal(g, w) for g, w in zip(got, blocks[2:], strict=True)] == [True, True]
+    assert store.snic.metrics().bytes_read_total == read_before
+    assert store.counters["blocks_pulled"] == 2
