@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 # CPU machines pin the local CPU wheel; set TORCH_SPEC="torch" on a CUDA machine.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: serve status chat test test-fast lint bench-engine bench-engine-peer bench-serve bench-serve-peer bench-agentic bench-agentic-sweep bench-admission bench-speculative dashboard fetch clean
+.PHONY: serve status chat test test-fast lint bench-engine bench-engine-peer bench-serve bench-serve-peer bench-agentic bench-agentic-sweep bench-admission bench-speculative dashboard fetch clean cluster-up cluster-down
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
@@ -53,6 +53,12 @@ bench-admission: fetch
 # needs a `prometheus` binary (Debian: apt install prometheus); writes docs/dashboard.png
 dashboard: fetch
 	$(PY) -m ops dashboard
+
+# a 4-raylet Ray cluster on this machine (head + pnode, dnode0, dnode1), then the app on it
+cluster-up: fetch
+	$(PY) -m ops cluster up --deploy serve_config.cluster.yaml
+cluster-down:
+	$(PY) -m ops cluster down
 
 chat: fetch
 	$(PY) -m ops chat

@@ -130,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     bench.set_defaults(func=_cmd_bench)
 
+    from ops.cluster import add_parsers as add_cluster_parsers
     from ops.dashboards.render import add_parsers as add_dashboard_parsers
     from ops.kvtool import add_parsers as add_kv_parsers
     from ops.replay import add_parsers as add_replay_parsers
@@ -147,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_replay_parsers(sub)
     add_dashboard_parsers(sub)
     add_sim_parsers(sub)
+    add_cluster_parsers(sub)
     return parser
 
 

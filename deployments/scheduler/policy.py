@@ -15,9 +15,10 @@ The DualPath paper's algorithm (§6.1), applied per request:
             preferred, fewest running requests first; otherwise the fewest tokens. Only
             engines with free blocks for prompt + max_tokens qualify; when none has room
             anywhere, the one holding the fewest tokens queues the import. Before all
-            this (without `dram_pulls`), a decode node whose DRAM or write buffer holds the prompt's newest
-            blocks (their NVMe write lags) takes it while it stays within Z of the least
-            loaded other node plus the tokens it saves from recompute.
+            this (without `dram_pulls`), a decode node whose DRAM or write buffer holds
+            the prompt's newest blocks (their NVMe write lags) takes it while it stays
+            within Z of the least loaded other node plus the tokens it saves from
+            recompute.
   read side by when the read would finish on each side: the bytes ahead of it on that
             node's SNIC (queued, in flight, and planned but not yet started), plus its
             own bytes (blocks already in that node's DRAM cost none), at that SNIC's rate;
