@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+import socket
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
@@ -76,7 +77,7 @@ def make_provider(section: TracingSection, service: str) -> TracerProvider | Non
         return None
     provider = TracerProvider(
         sampler=ParentBased(TraceIdRatioBased(section.sample_ratio)),
-        resource=Resource.create({"service.name": service}),
+        resource=Resource.create({"service.name": service, **_host_attributes()}),
     )
     provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=1000))
     return provider
@@ -198,6 +199,20 @@ def _clean(attributes: Mapping[str, Any]) -> dict[str, Any]:
     return clean
 
 
+def _host_attributes() -> dict[str, str]:
+    """Where this process runs: its host, and its Ray node when it is a Ray worker (the spans
+    of one request come from processes on several Ray nodes of a cluster)."""
+    attributes = {"host.name": socket.gethostname()}
+    try:
+        import ray
+
+        if ray.is_initialized():
+            attributes["ray.node_id"] = ray.get_runtime_context().get_node_id()
+    except Exception:  # not under Ray, or its runtime context is not ready: host only
+        pass
+    return attributes
+
+
 # ---------------------------------------------------------------------- file exporter
 def span_record(s: ReadableSpan) -> dict[str, Any]:
     """One finished span as the JSON object the file exporter writes."""
@@ -209,6 +224,7 @@ def span_record(s: ReadableSpan) -> dict[str, Any]:
         "parent_id": f"{s.parent.span_id:016x}" if s.parent is not None else None,
         "name": s.name,
         "service": s.resource.attributes.get("service.name", ""),
+        "ray_node_id": s.resource.attributes.get("ray.node_id", ""),
         "kind": s.kind.name,
         "start_ns": s.start_time,
         "end_ns": s.end_time,
