@@ -25,10 +25,11 @@ from app.api.errors import BadRequestError, model_not_found
 from app.api.replies import Cost, Usage
 from app.api.responses import GenerateRequest, ResponsesRequest
 from app.api.schemas import ChatCompletionRequest, CompletionRequest
-from app.choice_flow import ChoiceFlow, ModelInfo, RecoveryPolicy, stored_prefix
+from app.choice_flow import ChoiceFlow, ModelInfo, RecoveryPolicy
 from app.choices import Indexed, merge_choices
 from app.cluster import Cluster
 from app.formats import ChatFormat, CompletionFormat, Head
+from app.kv_reads import stored_prefix
 from app.logprobs import LogprobFormatter
 from app.request_meter import Choice, RequestMeter
 from app.responses import Responses

@@ -1,15 +1,13 @@
 """Scheduler deployment: holds the ClusterView (engines, node SNICs, KV index), answers
 plan(). One replica per app; its state is soft: engines and nodes re-report, and a node the
-Scheduler does not know is asked for a full index resync."""
+Scheduler does not know is asked for a full index resync. It watches the Ray nodes: what
+lived on one that died leaves the view at once (node_watch.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
-
-import ray
 
 from deployments import tracing
 from deployments.metrics import Metrics
@@ -22,11 +20,10 @@ from deployments.protocol import (
     ReadCapacity,
     StoredPrefix,
 )
+from deployments.scheduler.counters import PlanCounters
+from deployments.scheduler.node_watch import watch_ray_nodes
 from deployments.scheduler.policy import PolicyConfig, plan_and_note, replace_decode
 from deployments.scheduler.view import ClusterView
-
-logger = logging.getLogger(__name__)
-NODE_WATCH_S = 1.0  # how often the Scheduler asks Ray which nodes died
 
 
 class Scheduler:
@@ -41,38 +38,13 @@ class Scheduler:
             tracing.setup_tracing(tracing_section, "dualpath.scheduler")
         self.view = ClusterView(stale_after_s, planned_ttl_s)
         self.policy_config = policy_config or PolicyConfig()
-        self.read_paths: dict[str, int] = {}
-        self.read_blocks: dict[str, int] = {}  # node -> hit blocks planned to be read there
+        self.counters = PlanCounters()
         self.metrics = Metrics("ray")
         self.lost_ray_nodes: set[str] = set()
         self._watch: asyncio.Task[None] | None = None
         with contextlib.suppress(RuntimeError):  # no event loop: a unit test, nothing to watch
-            self._watch = asyncio.get_running_loop().create_task(self._watch_ray_nodes())
-
-    async def _watch_ray_nodes(self) -> None:
-        """Drop what lived on Ray nodes that died (a host lost): their engines stop being
-        planned onto and their DRAM blocks stop counting as hits within about a second,
-        instead of after `stale_after_s` of silence."""
-        while True:
-            await asyncio.sleep(NODE_WATCH_S)
-            if not ray.is_initialized():
-                continue
-            try:
-                nodes = await asyncio.to_thread(ray.nodes)
-            except Exception:  # the GCS restarting: try again next time
-                logger.warning("could not list the Ray nodes", exc_info=True)
-                continue
-            dead = {n["NodeID"] for n in nodes if not n.get("Alive", True)}
-            replicas, lost = self.view.drop_ray_nodes(dead)
-            if replicas or lost:
-                new = dead - self.lost_ray_nodes
-                logger.warning(
-                    "Ray node(s) %s died: dropped engines %s and logical nodes %s",
-                    sorted(n[:12] for n in new),
-                    replicas,
-                    lost,
-                )
-            self.lost_ray_nodes |= dead
+            watch = watch_ray_nodes(self.view, self.lost_ray_nodes)
+            self._watch = asyncio.get_running_loop().create_task(watch)
 
     async def replace_decode(self, request_id: str, lost: str, num_tokens: int) -> tuple[str, str]:
         """A live decode replica (any node) for a request whose DE was lost: (node, replica)."""
@@ -100,13 +72,7 @@ class Scheduler:
         with tracing.span("scheduler.plan", request.trace, policy=self.policy_config.name) as span:
             result = plan_and_note(request, self.view, time.time(), self.policy_config)
             span.set_attributes({"read_path": result.read_path, "engines": len(self.view.engines)})
-        self.read_paths[result.read_path] = self.read_paths.get(result.read_path, 0) + 1
-        for node, blocks in (
-            (result.prefill_node, result.pe_read_blocks),
-            (result.decode_node, result.num_de_blocks),
-        ):
-            if blocks:
-                self.read_blocks[node] = self.read_blocks.get(node, 0) + blocks
+        self.counters.add(result, request.block_keys, self.view)
         self.metrics.inc("dualpath_read_path_total", path=result.read_path)
         return result
 
@@ -157,8 +123,8 @@ class Scheduler:
         return {
             "policy": self.policy_config.name,
             "drained": sorted(self.view.drained),
-            "read_paths": dict(self.read_paths),
-            "read_blocks": dict(self.read_blocks),
+            **self.counters.stats(),
+            "lost_ray_nodes": len(self.lost_ray_nodes),
             "index": self.view.index.stats(),
             "nodes": {
                 n: {

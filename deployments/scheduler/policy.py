@@ -122,17 +122,25 @@ def plan_and_note(
     decode_tokens = request.num_prompt_tokens + request.max_tokens
     view.note_planned(result.decode_replica, rid, decode_tokens, now)
     block_bytes = _block_bytes(view.engines[result.prefill_replica])
-    keys = request.block_keys
+    for node, blocks in snic_reads(result, request.block_keys, view):
+        view.note_read(node, rid, blocks * block_bytes, now)
+    view.rr_counter += 1
+    return result
+
+
+def snic_reads(result: Plan, keys: tuple[bytes, ...], view: ClusterView) -> list[tuple[str, int]]:
+    """(node, blocks) each read side of a plan reads through its own SNIC: its part of the
+    hit blocks less those in its DRAM and those pulled from another node's DRAM."""
     pulled = {i for start, end, _ in result.pulls for i in range(start, end)}
     sides = (
         (result.decode_node, range(result.num_de_blocks)),
         (result.prefill_node, range(result.num_de_blocks, result.num_hit_blocks)),
     )
+    reads = []
     for node, part in sides:
         own = tuple(keys[i] for i in part if i not in pulled)
-        view.note_read(node, rid, _snic_blocks(view, node, own) * block_bytes, now)
-    view.rr_counter += 1
-    return result
+        reads.append((node, _snic_blocks(view, node, own)))
+    return reads
 
 
 def replace_decode(

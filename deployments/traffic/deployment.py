@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 from collections.abc import Sequence
@@ -78,16 +79,14 @@ class TrafficManager:
         request_id: str | None = None,
         dram_only: bool = False,
     ) -> list[Any]:
-        """DRAM handles of the longest servable prefix of `keys`; `request_id` lets the
-        Scheduler's view match these reads with the ones it planned. `dram_only`: a pull by
-        another node's engines (they fetch the handles through the object store)."""
-        name = "kv.dram_pull" if dram_only else "kv.snic_read"
-        with tracing.span(name, trace, node=self.node, blocks=len(keys)) as span:
+        """DRAM handles of the longest servable prefix of `keys` (`request_id`: see NodeKVStore);
+        `dram_only`: another node's engines pull what this node's DRAM holds."""
+        span_name = "kv.dram_pull" if dram_only else "kv.snic_read"
+        with tracing.span(span_name, trace, node=self.node, blocks=len(keys)) as span:
             cancel = threading.Event()
+            load = functools.partial(self.node_store.load, keys, cancel, request_id, dram_only)
             try:
-                handles = await asyncio.to_thread(
-                    self.node_store.load, keys, cancel, request_id, dram_only
-                )
+                handles = await asyncio.to_thread(load)
             except asyncio.CancelledError:  # the caller left: its queued SNIC reads go too
                 cancel.set()
                 raise
@@ -129,12 +128,9 @@ class TrafficManager:
         m, node = self.metrics, self.node
         m.set("dualpath_snic_queue_bytes", snic.read_queue_bytes, node=node, direction="read")
         m.set("dualpath_snic_queue_bytes", snic.write_queue_bytes, node=node, direction="write")
-        totals = {
-            "read": snic.bytes_read_total,
-            "write": snic.bytes_written_total,
-            "dram": store.counters["blocks_from_dram"] * self.block_size,
-            "nvme": store.counters["blocks_from_nvme"] * self.block_size,
-        }
+        blocks = store.counters
+        totals = {"read": snic.bytes_read_total, "write": snic.bytes_written_total}
+        totals |= {t: blocks[f"blocks_from_{t}"] * self.block_size for t in ("dram", "nvme")}
         for name, total in totals.items():
             delta, self._seen[name] = total - self._seen.get(name, 0), total
             if name in ("read", "write"):

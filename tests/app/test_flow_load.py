@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from app.choice_flow import read_stored_kv
+from app.kv_reads import read_stored_kv
 from deployments.protocol import Plan
 
 
