@@ -1,15 +1,22 @@
-"""Shared by the benchmarks that run the real app: Ray + Serve up and down, a free port,
-and deploy-and-wait."""
+"""Shared by the benchmarks that run the real app: Ray + Serve up and down (one local Ray, or
+a real multi-raylet cluster on this machine), a free port, and deploy-and-wait."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
+
+if TYPE_CHECKING:
+    from ops.cluster import WorkerSpec
 
 
 def free_port() -> int:
@@ -41,6 +48,48 @@ def serve_session(num_cpus: int = 2, **ray_init: Any) -> Iterator[int]:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@contextmanager
+def cluster_session(workers: Sequence[WorkerSpec], head_num_cpus: float = 0) -> Iterator[int]:
+    """A real Ray cluster on this machine for one benchmark run: a head and one raylet per
+    worker (ops.cluster.LocalCluster, each worker offering the custom resource {name: 1}),
+    this process its driver, Serve's HTTP proxy on the head only; all torn down again.
+
+    Args:
+        workers: the worker nodes.
+        head_num_cpus: CPUs the head offers (0: only what asks for none, such as the
+            Serve controller, the proxy and the app's control plane, runs there).
+
+    Returns:
+        (yields) the local port Serve's HTTP proxy listens on. On exit, also after an error,
+        Serve is shut down, then the driver's Ray, then every process of the cluster; its
+        state dir (a fresh temp dir, never a user's cluster) is removed.
+    """
+    import ray
+    from ray import serve
+
+    from ops.cluster import LocalCluster
+
+    state_dir = Path(tempfile.mkdtemp(prefix="dps-bench-cluster-"))
+    auth_mode = os.environ.get("RAY_AUTH_MODE")
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # the cluster's raylets run with token auth
+    cluster = LocalCluster(state_dir=state_dir, head_num_cpus=head_num_cpus)
+    try:
+        cluster.up(workers)
+        ray.init(address=cluster.address, log_to_driver=False)
+        try:
+            port = free_port()
+            serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+            yield port
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    finally:
+        cluster.down()
+        shutil.rmtree(state_dir, ignore_errors=True)
+        if auth_mode is None:  # a local `ray.init` after this one must not expect a token
+            os.environ.pop("RAY_AUTH_MODE", None)
 
 
 def deploy(
