@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 # CPU machines pin the local CPU wheel; set TORCH_SPEC="torch" on a CUDA machine.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: serve status chat test test-fast lint bench-engine bench-engine-peer bench-serve bench-serve-peer bench-agentic bench-agentic-sweep bench-admission bench-speculative dashboard fetch clean cluster-up cluster-down
+.PHONY: serve status chat test test-fast lint bench-engine bench-engine-peer bench-serve bench-serve-peer bench-agentic bench-agentic-sweep bench-admission bench-speculative dashboard fetch clean cluster-up cluster-down test-cluster
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
@@ -59,6 +59,11 @@ cluster-up: fetch
 	$(PY) -m ops cluster up --deploy serve_config.cluster.yaml
 cluster-down:
 	$(PY) -m ops cluster down
+
+# tests/cluster: real multi-raylet Ray clusters on this machine (their own pytest process;
+# `make test` leaves them out), ~N min on 2 cores — last result in docs/BENCHMARKS.md
+test-cluster: fetch
+	RAY_AUTH_MODE=token $(PY) -m pytest -q tests/cluster
 
 chat: fetch
 	$(PY) -m ops chat

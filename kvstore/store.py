@@ -207,6 +207,7 @@ class TieredStore(Generic[V]):
         with self._lock:
             return {
                 "node_id": self.node_id,
+                "block_nbytes": self.block_nbytes,
                 "dram": self.dram.stats(),
                 "nvme": self.nvme.stats() if self.nvme is not None else None,
                 "pending_writes": len(self._pending_writes),

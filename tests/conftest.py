@@ -4,6 +4,7 @@ that keep Ray to tests marked `integration` and the real model to tests marked `
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,13 @@ def engine(model_dir: Path) -> EngineCore:
     eng = EngineCore(EngineConfig(model=model_dir, num_threads=2, kv_cache_bytes=256 << 20))
     yield eng
     assert not eng.has_unfinished(), "a test left requests running"
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """tests/cluster start multi-node Ray clusters and connect this process to them as a
+    driver: they run in a pytest process of their own (`make test-cluster` sets
+    DUALPATH_CLUSTER_TESTS=1), never beside the integration suite's local Ray."""
+    here = Path(__file__).parent
+    if collection_path == here / "cluster" and not os.environ.get("DUALPATH_CLUSTER_TESTS"):
+        return True
+    return None
