@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -15,6 +16,7 @@ from ray.serve import context as serve_context
 from ray.serve.handle import DeploymentHandle
 
 from app.cluster import ReplicaLost
+from app.roster import Roster
 from deployments import protocol as msg
 from deployments import tracing
 from engine.output import RequestOutput
@@ -55,6 +57,7 @@ class ServeCluster:
         # NOTE: a node that died takes its TrafficManager along, and a call to a deployment
         # with no replica left waits for one: a read must not wait for a host to come back
         self.load_timeout_s = load_timeout_s
+        self.roster = Roster()  # fed by the capacity poll (`engines`)
         self.prefill_engines = {
             n: h["prefill"].options(stream=True) for n, h in nodes.items() if "prefill" in h
         }
@@ -67,7 +70,9 @@ class ServeCluster:
         return await self._unary(self.scheduler.plan, request)
 
     async def engines(self) -> list[msg.LoadReport]:
-        return await self.scheduler.engines.remote()
+        reports = await self.scheduler.engines.remote()
+        self.roster.update((r.replica_id for r in reports), time.time())
+        return reports
 
     async def read_capacity(self) -> msg.ReadCapacity:
         return await self.scheduler.read_capacity.remote()
@@ -133,13 +138,35 @@ class ServeCluster:
 
     async def _stream(self, method: Any, arg: Any) -> AsyncIterator[Any]:
         items = as_own_request(method, arg)
+        target = getattr(arg, "target_replica", None)
         try:
-            async for item in items:
+            while True:
+                try:
+                    item = await self._next(items, target, method)
+                except StopAsyncIteration:
+                    return
                 yield item
         except RayActorError as exc:  # the replica died mid-stream: the flow moves the request
             raise _lost(method, exc) from exc
         finally:
             items.cancel()  # a no-op once finished; aborts the engine request otherwise
+
+    async def _next(self, items: Any, target: str | None, method: Any) -> Any:
+        """The stream's next item; ReplicaLost if its replica leaves the Scheduler's view
+        meanwhile (its Ray node died: the call may never be routed, nor answered)."""
+        step = asyncio.ensure_future(anext(items))
+        try:
+            while True:
+                done, _ = await asyncio.wait({step}, timeout=GUARD_S)
+                if done:
+                    return step.result()
+                if target and self.roster.left(target, time.time()):
+                    raise _lost(method, RuntimeError(f"replica {target} left the cluster"))
+        finally:
+            step.cancel()
+
+
+GUARD_S = 1.0  # a stream item taking longer than this checks that its replica is still there
 
 
 def _lost(method: Any, exc: Exception) -> ReplicaLost:
