@@ -61,7 +61,7 @@ cluster-down:
 	$(PY) -m ops cluster down
 
 # tests/cluster: real multi-raylet Ray clusters on this machine (their own pytest process;
-# `make test` leaves them out), ~N min on 2 cores — last result in docs/BENCHMARKS.md
+# `make test` leaves them out), ~7 min on 2 cores — last result in docs/BENCHMARKS.md
 test-cluster: fetch
 	RAY_AUTH_MODE=token $(PY) -m pytest -q tests/cluster
 

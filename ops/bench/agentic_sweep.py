@@ -285,7 +285,7 @@ def write_sweep(
     overrides: dict[str, int],
 ) -> Path:
     """bench-results/<name>.json (meta, per-shape verdicts, rows) and <name>.png."""
-    from ops.bench.agentic import LAYOUT
+    from ops.bench._agentic_report import LAYOUT
 
     grouped = _by_shape(shapes, rows)
     meta = {

@@ -9,21 +9,20 @@ from pathlib import Path
 import pytest
 
 from app.config import AppConfig
-from ops.bench._report import write_report
-from ops.bench.agentic import (
+from ops.bench._agentic_report import (
     COLUMNS,
     KV_COUNTERS,
     LAYOUTS,
     NODES,
     TurnRecord,
-    _plot,
     add_vs_single,
-    app_args,
     layouts_of,
-    parse_args,
     report_meta,
     summarize,
 )
+from ops.bench._agentic_report import plot as _plot
+from ops.bench._report import write_report
+from ops.bench.agentic import app_args, parse_args
 
 EMULATED, CLUSTER = LAYOUTS["emulated"], LAYOUTS["cluster"]
 
