@@ -25,13 +25,13 @@ The DualPath paper's algorithm (§6.1), applied per request:
             the decode side adds forwarding the KV to the PE (`forward_bytes_per_s`).
             Within `tie_fraction` of each other the sides alternate. Blocks only one side
             can read (in one node's DRAM or write buffer) stay on that side.
+            `dualpath_split` splits one request's blocks where both sides finish first
+            (the paper's future work); `single_path` always reads on the PE side (the
+            classic PD baseline); `round_robin` ignores load (the paper's ablation).
   pulls     (`dram_pulls`) a block in another live node's DRAM is pulled from there
             through the object store (the compute network, `forward_bytes_per_s`) when
             that beats the side's own SNIC queue — always for a block not on NVMe yet.
             `Plan.pulls` names the runs and their source nodes.
-            `dualpath_split` splits one request's blocks where both sides finish first
-            (the paper's future work); `single_path` always reads on the PE side (the
-            classic PD baseline); `round_robin` ignores load (the paper's ablation).
 """
 
 from __future__ import annotations
