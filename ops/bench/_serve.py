@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 if TYPE_CHECKING:
-    from ops.cluster import WorkerSpec
+    from ops.cluster import LocalCluster, WorkerSpec
 
 
 def free_port() -> int:
@@ -52,9 +52,19 @@ def serve_session(num_cpus: int = 2, **ray_init: Any) -> Iterator[int]:
 
 @contextmanager
 def cluster_session(workers: Sequence[WorkerSpec], head_num_cpus: float = 0) -> Iterator[int]:
-    """A real Ray cluster on this machine for one benchmark run: a head and one raylet per
-    worker (ops.cluster.LocalCluster, each worker offering the custom resource {name: 1}),
-    this process its driver, Serve's HTTP proxy on the head only; all torn down again.
+    """A real Ray cluster on this machine for one benchmark run (`cluster_driver`); yields
+    the local port Serve's HTTP proxy listens on."""
+    with cluster_driver(workers, head_num_cpus) as (_, port):
+        yield port
+
+
+@contextmanager
+def cluster_driver(
+    workers: Sequence[WorkerSpec], head_num_cpus: float = 0
+) -> Iterator[tuple[LocalCluster, int]]:
+    """A head and one raylet per worker (ops.cluster.LocalCluster, each worker offering the
+    custom resource {name: 1}), this process its driver, Serve's HTTP proxy on the head
+    only; all torn down again.
 
     Args:
         workers: the worker nodes.
@@ -62,16 +72,17 @@ def cluster_session(workers: Sequence[WorkerSpec], head_num_cpus: float = 0) -> 
             Serve controller, the proxy and the app's control plane, runs there).
 
     Returns:
-        (yields) the local port Serve's HTTP proxy listens on. On exit, also after an error,
-        Serve is shut down, then the driver's Ray, then every process of the cluster; its
-        state dir (a fresh temp dir, never a user's cluster) is removed.
+        (yields) the cluster (to kill and rejoin its nodes) and the local port Serve's HTTP
+        proxy listens on. On exit, also after an error, Serve is shut down, then the
+        driver's Ray, then every process of the cluster; its state dir (a fresh temp dir,
+        never a user's cluster) is removed.
     """
     import ray
     from ray import serve
 
     from ops.cluster import LocalCluster
 
-    state_dir = Path(tempfile.mkdtemp(prefix="dps-bench-cluster-"))
+    state_dir = Path(tempfile.mkdtemp(prefix="dps-cluster-"))
     auth_mode = os.environ.get("RAY_AUTH_MODE")
     os.environ.setdefault("RAY_AUTH_MODE", "token")  # the cluster's raylets run with token auth
     cluster = LocalCluster(state_dir=state_dir, head_num_cpus=head_num_cpus)
@@ -81,7 +92,7 @@ def cluster_session(workers: Sequence[WorkerSpec], head_num_cpus: float = 0) -> 
         try:
             port = free_port()
             serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-            yield port
+            yield cluster, port
         finally:
             serve.shutdown()
             ray.shutdown()

@@ -1,6 +1,6 @@
-"""A real Ray cluster on this machine for the tests in this directory: a head and named
-worker raylets started with `ray start` (ops.cluster.LocalCluster), this test process its
-driver, Serve's proxy on the head. Each module starts its own cluster and tears it down.
+"""Helpers for the tests in this directory. Each module starts its own real Ray cluster on
+this machine with `ops.bench._serve.cluster_driver` (a head and named worker raylets, each
+a `ray start`; this test process its driver; Serve's proxy on the head) and tears it down.
 
 These run in their own pytest process (`make test-cluster`): a driver connects to one Ray
 cluster per process, and the integration suite starts a local one of its own.
@@ -10,45 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
-import pytest
-
-from ops.cluster import LocalCluster, WorkerSpec
+from ops.bench._serve import deploy as serve_deploy
 
 # NOTE: Ray reads its auth mode once, when it is first imported: before any test imports it
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 MODEL = "smol"
-
-
-@contextmanager
-def ray_cluster(tmp: Path, workers: list[WorkerSpec], head_num_cpus: float = 0) -> Iterator[Any]:
-    """The cluster up, this process its driver and Serve started (HTTP on the head only);
-    yields (cluster, Serve's port). Everything is torn down on exit, also after a failure."""
-    import ray
-    from ray import serve
-
-    from ops.bench._serve import free_port
-
-    cluster = LocalCluster(state_dir=tmp / "cluster", head_num_cpus=head_num_cpus)
-    try:
-        cluster.up(workers)
-        ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR")
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-        yield cluster, port
-    finally:
-        try:
-            if ray.is_initialized():
-                serve.shutdown()
-                ray.shutdown()
-        finally:
-            cluster.down()
 
 
 def app_args(model_dir: Path, root: Path, nodes: list[dict[str, Any]], **extra: Any) -> dict:
@@ -71,24 +40,9 @@ def app_args(model_dir: Path, root: Path, nodes: list[dict[str, Any]], **extra: 
     return args
 
 
-def deploy(name: str, args: dict[str, Any], port: int, timeout_s: float = 300) -> str:
+def deploy(name: str, args: dict[str, Any], port: int) -> str:
     """Deploy under `/name`; the base URL once /health is 200 (every engine reported)."""
-    from ray import serve
-
-    from app.builder import build_app
-
-    serve.run(build_app({**args, "name": name}), name=name, route_prefix=f"/{name}")
-    base = f"http://127.0.0.1:{port}/{name}"
-    wait_for(lambda: httpx.get(f"{base}/health", timeout=5).status_code == 200, timeout_s, "health")
-    return base
-
-
-def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str) -> None:
-    deadline = time.time() + timeout_s
-    while not predicate():
-        if time.time() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.25)
+    return serve_deploy(name, {**args, "name": name}, port, 300, route_prefix=f"/{name}")
 
 
 def audit_lines(root: Path) -> list[dict[str, Any]]:

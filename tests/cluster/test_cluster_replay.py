@@ -18,8 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from openai import OpenAI
 
+from ops.bench._serve import cluster_driver
 from ops.cluster import WorkerSpec
-from tests.cluster.conftest import MODEL, app_args, deploy, ray_cluster, spans, wait_for
+from tests.cluster.conftest import MODEL, app_args, deploy, spans
+from tests.helpers import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.cluster]
 AGENTS = 4
@@ -84,7 +86,7 @@ def node_stats(app: str) -> tuple[dict[str, dict], dict]:
 def cluster(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("replay")
     workers = [WorkerSpec(n, num_cpus=1) for n in WORKERS]
-    with ray_cluster(tmp, workers, head_num_cpus=3) as (c, port):
+    with cluster_driver(workers, head_num_cpus=3) as (c, port):
         yield c, port, tmp
 
 
@@ -128,5 +130,5 @@ def test_three_ray_nodes_match_one_and_read_what_was_planned(cluster, model_dir)
                 by_trace.setdefault(s["trace_id"], set()).add(s["ray_node_id"])
         return any(len(ids) >= 3 for ids in by_trace.values())
 
-    wait_for(crosses_nodes, 30, "a trace across three Ray nodes")
+    wait_until(crosses_nodes, "a trace across three Ray nodes", timeout_s=30, interval_s=0.25)
     serve.delete("three")

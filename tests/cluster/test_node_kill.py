@@ -17,8 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from openai import OpenAI
 
+from ops.bench._serve import cluster_driver
 from ops.cluster import WorkerSpec
-from tests.cluster.conftest import MODEL, app_args, audit_lines, deploy, ray_cluster, wait_for
+from tests.cluster.conftest import MODEL, app_args, audit_lines, deploy
+from tests.helpers import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.cluster]
 APP = "nodekill"
@@ -83,7 +85,7 @@ def busiest_node(serve) -> str:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("nodekill")
-    with ray_cluster(tmp, [WorkerSpec(n, num_cpus=2) for n in WORKERS]) as (c, port):
+    with cluster_driver([WorkerSpec(n, num_cpus=2) for n in WORKERS]) as (c, port):
         yield c, port, tmp
 
 
@@ -104,7 +106,12 @@ def test_five_node_kills_and_a_scheduler_kill_lose_nothing(cluster, model_dir):
     n = len(TOPICS)
     with ThreadPoolExecutor(STREAMS + ARRIVING) as pool:
         for kill in range(KILLS):
-            wait_for(lambda: all_up(serve), 240, "both nodes' engines reporting")
+            wait_until(
+                lambda: all_up(serve),
+                "both nodes' engines reporting",
+                timeout_s=240,
+                interval_s=0.25,
+            )
             first = n + kill * (STREAMS + ARRIVING)
             started = [threading.Event() for _ in range(STREAMS)]
             futures = {
@@ -121,7 +128,12 @@ def test_five_node_kills_and_a_scheduler_kill_lose_nothing(cluster, model_dir):
             results += [(i, f.result(timeout=600)) for i, f in futures.items()]
             timings.append(time.time() - t0)
             c.join(victim)
-        wait_for(lambda: all_up(serve), 240, "the last node's engines reporting")
+        wait_until(
+            lambda: all_up(serve),
+            "the last node's engines reporting",
+            timeout_s=240,
+            interval_s=0.25,
+        )
 
         # the Scheduler's replica killed mid-traffic: Serve restarts it, it resyncs
         first = n + KILLS * (STREAMS + ARRIVING)
@@ -151,7 +163,7 @@ def test_five_node_kills_and_a_scheduler_kill_lose_nothing(cluster, model_dir):
         stats = serve.get_deployment_handle("Scheduler", APP).stats.remote().result()
         return stats["index"]["blocks"] > 0 and all_up(serve)
 
-    wait_for(resynced, 60, "the Scheduler's index resync")
+    wait_until(resynced, "the Scheduler's index resync", timeout_s=60, interval_s=0.25)
     lookup = serve.get_deployment_handle("Scheduler", APP)
     assert lookup.stats.remote().result()["index"]["nvme_blocks"] > 0
 
@@ -166,5 +178,5 @@ def test_five_node_kills_and_a_scheduler_kill_lose_nothing(cluster, model_dir):
         fresh = [e for e in reports if time.time() - e.timestamp_s < 2.0]
         return len(fresh) == 4 and all(e.num_free_blocks == e.num_total_blocks for e in fresh)
 
-    wait_for(idle, 60, "every KV block free")
+    wait_until(idle, "every KV block free", timeout_s=60, interval_s=0.25)
     serve.delete(APP)
